@@ -1,0 +1,45 @@
+# Quick start: `make demo` (set up, train the report's best network) and `make test` (set up, run the tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Use the project's shared copy of MNIST when it sits beside the checkout and nothing else is set;
+# otherwise mnistlab looks in its cache and downloads.
+export MNISTLAB_DATA ?= $(if $(wildcard ../shared/data/mnist/SHA256SUMS),$(abspath ../shared/data/mnist),)
+
+.PHONY: install install-dev demo test lint reproduce bench clean
+
+# The stamp files make `make install` a no-op when nothing it depends on changed.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.lock
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/mnistlab train --config seed-b-fixed --out runs/demo --force
+
+test: install-dev
+	$(BIN)/python -m pytest
+
+lint: install-dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+reproduce: install
+	$(BIN)/mnistlab reproduce --out runs/reproduce
+
+bench: install
+	$(BIN)/python benchmarks/epoch_speed.py
+
+clean:
+	rm -rf $(VENV) runs build dist src/*.egg-info

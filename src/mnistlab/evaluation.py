@@ -1,0 +1,80 @@
+"""Accuracy, loss, per-class accuracy and the confusion matrix of a model on a split."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mnistlab.data import Split, batches, to_float
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    loss: float
+    per_class_accuracy: list[float]
+    confusion_matrix: list[list[int]]  # rows: true digit, columns: predicted digit
+
+    def to_dict(self) -> dict:
+        return {
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "per_class_accuracy": self.per_class_accuracy,
+            "confusion_matrix": self.confusion_matrix,
+        }
+
+
+@torch.inference_mode()
+def predict_scores(
+    model: nn.Module,
+    images: torch.Tensor,
+    normalize: tuple[float, float] | None = None,
+    batch_size: int = 2000,
+) -> torch.Tensor:
+    """The model's outputs for uint8 images (N, 28, 28), computed in large batches."""
+    was_training = model.training
+    model.eval()
+    outputs = [
+        model(to_float(images[i : i + batch_size], normalize)) for i in range(0, len(images), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.empty(0, 10)
+
+
+@torch.inference_mode()
+def loss_and_accuracy(
+    model: nn.Module,
+    split: Split,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    normalize: tuple[float, float] | None = None,
+) -> tuple[float, float]:
+    """Mean loss and accuracy over a split: one host synchronisation at the end, not per batch."""
+    total_loss = torch.zeros((), device=split.images.device)
+    correct = torch.zeros((), dtype=torch.int64, device=split.images.device)
+    was_training = model.training
+    model.eval()
+    for batch in batches(split, 2000):
+        out = model(to_float(batch.images, normalize))
+        total_loss += loss_fn(out, batch.labels) * len(batch)
+        correct += (out.argmax(1) == batch.labels).sum()
+    model.train(was_training)
+    n = max(len(split), 1)
+    return total_loss.item() / n, correct.item() / n
+
+
+def evaluate_model(
+    model: nn.Module,
+    split: Split,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    normalize: tuple[float, float] | None = None,
+) -> Evaluation:
+    """Full evaluation of a model on a split."""
+    loss, accuracy = loss_and_accuracy(model, split, loss_fn, normalize)
+    predicted = predict_scores(model, split.images, normalize).argmax(1).cpu()
+    truth = split.labels.cpu()
+    confusion = torch.bincount(truth * 10 + predicted, minlength=100).reshape(10, 10)
+    per_class = confusion.diagonal() / confusion.sum(1).clamp(min=1)
+    return Evaluation(accuracy, loss, per_class.tolist(), confusion.tolist())
