@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(BIN)/mnistlab train --config seed-b-fixed --out runs/demo --force
+	$(BIN)/mnistlab train --config seed-b --out runs/demo --force
 
 test: install-dev
 	$(BIN)/python -m pytest

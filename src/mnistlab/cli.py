@@ -10,6 +10,15 @@ from collections.abc import Sequence
 from mnistlab.errors import MnistlabError
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the empty ones (None, False) that would only add noise."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _add_common(p: argparse.ArgumentParser, data: bool = True, device: bool = True) -> None:
     if data:
         p.add_argument(
@@ -23,9 +32,11 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True, device: bool = Tr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _Formatter
     parser = argparse.ArgumentParser(
-        prog="mnistlab", description="Train, compare, explain and use MNIST digit classifiers.", formatter_class=fmt
+        prog="mnistlab",
+        description="Train, compare, explain and use MNIST digit classifiers.",
+        formatter_class=fmt,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -41,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _add_common(p)
 
-    p = sub.add_parser("evaluate", help="test accuracy, loss, per-class accuracy, confusion matrix", formatter_class=fmt)
+    p = sub.add_parser(
+        "evaluate", help="test accuracy, loss, per-class accuracy, confusion matrix", formatter_class=fmt
+    )
     p.add_argument("model", help="a run directory or a model file (.safetensors with its .json)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(p)

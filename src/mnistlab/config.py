@@ -110,9 +110,7 @@ def _check_type(value: Any, default: Any, where: str) -> Any:
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, list):
-        ok = isinstance(value, list) and all(
-            isinstance(v, type(default[0])) and not isinstance(v, bool) for v in value
-        )
+        ok = isinstance(value, list) and all(isinstance(v, type(default[0])) and not isinstance(v, bool) for v in value)
     else:
         ok = isinstance(value, type(default))
     if not ok:
@@ -134,9 +132,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
             section = {}
             for k, v in value.items():
                 if k not in names:
-                    raise MnistlabError(
-                        f"{source}: unknown key {key}.{k} (known: {', '.join(sorted(names))})"
-                    )
+                    raise MnistlabError(f"{source}: unknown key {key}.{k} (known: {', '.join(sorted(names))})")
                 section[k] = _check_type(v, getattr(defaults, k), f"{source}: {key}.{k}")
             kwargs[key] = cls(**section)
         elif key in ("name", "description"):

@@ -396,4 +396,3 @@ def batches(split: Split, batch_size: int, generator: torch.Generator | None = N
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         yield Split(split.images[idx], split.labels[idx])
-

@@ -37,9 +37,7 @@ def predict_scores(
     """The model's outputs for uint8 images (N, 28, 28), computed in large batches."""
     was_training = model.training
     model.eval()
-    outputs = [
-        model(to_float(images[i : i + batch_size], normalize)) for i in range(0, len(images), batch_size)
-    ]
+    outputs = [model(to_float(images[i : i + batch_size], normalize)) for i in range(0, len(images), batch_size)]
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0, 10)
 

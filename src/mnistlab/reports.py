@@ -77,8 +77,7 @@ def _report(runs: list[Run], out: Path) -> str:
         "5,000-image validation split; accuracy and loss are on the 10,000-image test set. "
         "Command: `mnistlab reproduce`.",
         "",
-        "| config | optimizer | output | final test acc | best test acc (epoch) | final test loss "
-        "| s/epoch (train) |",
+        "| config | optimizer | output | final test acc | best test acc (epoch) | final test loss | s/epoch (train) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows.values():

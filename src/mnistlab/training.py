@@ -65,17 +65,21 @@ class Run:
         return self.epochs[-1]
 
 
-def prepare_run_dir(out_dir: str | Path, force: bool) -> Path:
-    """An empty run directory; an existing non-empty one is only replaced with `force`."""
+def check_run_dir(out_dir: str | Path, force: bool) -> Path:
+    """Refuse, before any work, to overwrite an existing non-empty run directory without `force`."""
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise MnistlabError(f"{out} already exists and is not empty (use --force to overwrite, or --out)")
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise MnistlabError(f"{out} already exists and is not empty (use --force to overwrite, or --out)")
+    return out
+
+
+def make_run_dir(out: Path) -> Path:
+    """An empty run directory, replacing what was there (checked by `check_run_dir` first)."""
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+    out.mkdir(parents=True)
     return out
 
 
@@ -93,11 +97,13 @@ def train(
     `data` lets callers that train several configs (reproduce) load the dataset once.
     """
     dev = resolve_device(device)
-    run_dir = prepare_run_dir(out_dir, force) if out_dir is not None else None
+    run_dir = check_run_dir(out_dir, force) if out_dir is not None else None
     t = config.training
     if data is None:
         data = load_data(config.data.dataset, data_dir, config.data.val_size, t.seed, dev)
     data = data.to(dev)
+    if run_dir is not None:
+        make_run_dir(run_dir)  # only now: a failed start leaves no half-made run directory
     normalize = (data.mean, data.std) if config.data.normalize else None
 
     torch.manual_seed(t.seed)  # model initialisation
@@ -182,7 +188,10 @@ def _write_run(run: Run, run_dir: Path, normalize: tuple[float, float] | None, d
 
 
 def _epoch_line(r: dict[str, Any], total: int) -> str:
-    parts = [f"epoch {r['epoch']}/{total}", f"train loss {r['train_loss']:.4f} acc {100 * r['train_accuracy']:.2f}%"]
+    parts = [
+        f"epoch {r['epoch']}/{total}",
+        f"train loss {r['train_loss']:.4f} acc {100 * r['train_accuracy']:.2f}%",
+    ]
     if "val_loss" in r:
         parts.append(f"val loss {r['val_loss']:.4f} acc {100 * r['val_accuracy']:.2f}%")
     parts.append(f"test loss {r['test_loss']:.4f} acc {100 * r['test_accuracy']:.2f}%")

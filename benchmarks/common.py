@@ -1,0 +1,58 @@
+"""Shared by the benchmark scripts: machine description and writing a section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+HEADER = (
+    "# Benchmarks\n\nEvery figure here was written by a script in `benchmarks/`; each section names its command. "
+    "Timings are medians of repeated runs within one process, so the pipelines compared share the machine's "
+    "state at that moment.\n"
+)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {sys.version.split()[0]}"
+    )
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def write_section(name: str, markdown: str) -> None:
+    """Replace (or append) the section between `<!-- begin NAME -->` and `<!-- end NAME -->`."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    text = DOC.read_text() if DOC.exists() else HEADER
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)

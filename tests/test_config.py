@@ -1,0 +1,94 @@
+"""Configs: shipped ones load and describe the report's networks; bad files give clear errors."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+import torch
+
+from mnistlab.config import config_from_dict, load_config, shipped_configs
+from mnistlab.errors import MnistlabError
+from mnistlab.models import build_model, count_parameters
+
+SEED = {
+    # name: (hidden sizes, activations, softmax output, optimizer)
+    "seed-a": ([512], ["relu"], True, "sgd"),
+    "seed-b": ([512], ["relu"], True, "adam"),
+    "seed-c": ([512, 64], ["relu", "tanh"], True, "sgd"),
+    "seed-a-fixed": ([512], ["relu"], False, "sgd"),
+    "seed-b-fixed": ([512], ["relu"], False, "adam"),
+    "seed-c-fixed": ([512, 64], ["relu", "tanh"], False, "sgd"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEED))
+def test_seed_configs_match_the_report(name):
+    hidden, activations, softmax, optimizer = SEED[name]
+    c = load_config(name)
+    assert (c.model.hidden, c.model.activations, c.model.softmax_output) == (hidden, activations, softmax)
+    assert (c.optimizer.name, c.optimizer.lr) == (optimizer, 0.001)
+    assert (c.training.batch_size, c.training.epochs, c.training.loss) == (64, 10, "cross-entropy")
+    assert c.data.normalize is False  # ToTensor semantics: pixels in [0, 1]
+
+
+@pytest.mark.parametrize("name", sorted(SEED))
+def test_each_config_builds_the_right_shapes(name):
+    hidden, _, softmax, _ = SEED[name]
+    model = build_model(load_config(name).model)
+    widths = [784, *hidden, 10]
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == list(pairwise(widths))
+    assert count_parameters(model) == sum(a * b + b for a, b in pairwise(widths))
+    out = model(torch.rand(5, 28, 28))
+    assert out.shape == (5, 10)
+    if softmax:
+        torch.testing.assert_close(out.sum(1), torch.ones(5))
+        assert (out >= 0).all()
+    else:
+        assert (out < 0).any()  # logits, not probabilities
+
+
+def test_all_shipped_configs_load():
+    for name in shipped_configs():
+        assert load_config(name).description
+
+
+def test_toml_round_trip(tmp_path):
+    c = load_config("seed-c").with_overrides({"training.epochs": 3, "optimizer.lr": 0.5})
+    path = tmp_path / "mine.toml"
+    path.write_text(c.to_toml())
+    again = load_config(path)
+    assert again == c
+    assert (again.training.epochs, again.optimizer.lr) == (3, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"model": {"hiden": [5]}}, "unknown key model.hiden"),
+        ({"training": {"epochs": "ten"}}, "training.epochs: expected int"),
+        ({"model": {"hidden": [5], "activations": ["relu", "tanh"]}}, "same length"),
+        ({"model": {"activations": ["swish"]}}, "unknown 'swish'"),
+        ({"optimizer": {"name": "lbfgs"}}, "unknown 'lbfgs'"),
+        ({"optimizer": {"lr": -1}}, "lr must be positive"),
+        ({"colour": "red"}, "unknown key 'colour'"),
+    ],
+)
+def test_bad_configs_are_clear_errors(data, message):
+    with pytest.raises(MnistlabError, match=message):
+        config_from_dict(data, source="mine.toml")
+
+
+def test_unknown_name_and_bad_toml(tmp_path):
+    with pytest.raises(MnistlabError, match=r"no config named 'seed-z'.*seed-a"):
+        load_config("seed-z")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    with pytest.raises(MnistlabError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_unknown_override_key():
+    with pytest.raises(MnistlabError, match="unknown config key"):
+        load_config("seed-a").with_overrides({"training.epoch": 3})
