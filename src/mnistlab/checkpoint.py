@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -140,3 +140,38 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     model.to(device).eval()
     normalize = tuple(meta["normalize"]) if meta.get("normalize") else None
     return LoadedModel(model, model_config, normalize, meta.get("metadata", {}), weights)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    """One file holding tensors and a JSON state (in the safetensors header), replaced atomically.
+
+    Keeping both in one file means a crash can never pair new weights with an old state.
+    """
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "mnistlab-checkpoint", "state": json.dumps(state)})
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, state) from a checkpoint written by `save_checkpoint`."""
+    if not path.is_file():
+        raise MnistlabError(f"{path.parent}: no {path.name}, so there is nothing to resume (incomplete run?)")
+    _refuse_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        state = json.loads(metadata["state"])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise MnistlabError(f"{path}: not a valid mnistlab checkpoint ({exc})") from None
+    return tensors, state

@@ -41,14 +41,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a config and write a run directory", formatter_class=fmt)
-    p.add_argument("--config", required=True, help="a shipped config name (see `mnistlab configs`) or a TOML file")
-    p.add_argument("--epochs", type=int, default=None, help="override training.epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="override training.batch_size")
-    p.add_argument("--lr", type=float, default=None, help="override optimizer.lr")
-    p.add_argument("--seed", type=int, default=None, help="override training.seed")
-    p.add_argument("--val-size", type=int, default=None, help="override data.val_size (0: no validation split)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--config", help="a shipped config name (see `mnistlab configs`) or a TOML file")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    p.add_argument("--epochs", type=int, help="override training.epochs (with --resume: the new total)")
+    p.add_argument("--batch-size", type=int, help="override training.batch_size")
+    p.add_argument("--seed", type=int, help="override training.seed")
+    p.add_argument("--val-size", type=int, help="override data.val_size (0: no validation split)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", help="cross-entropy, nll, mse or hinge")
+    g.add_argument("--label-smoothing", type=float, help="label smoothing for cross-entropy")
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--optimizer", help="sgd, adam, adamw, rmsprop, adagrad or adadelta")
+    g.add_argument("--lr", type=float, help="override optimizer.lr (the peak lr with onecycle)")
+    g.add_argument("--momentum", type=float, help="momentum for sgd and rmsprop")
+    g.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (sgd)")
+    g.add_argument("--weight-decay", type=float, help="weight decay (decoupled for adamw)")
+    g.add_argument("--scheduler", help="none, step, cosine or onecycle (stepped every batch)")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length (onecycle: its rising phase)")
+    g = p.add_argument_group("early stopping")
+    g.add_argument(
+        "--early-stopping", type=int, metavar="PATIENCE", help="stop after PATIENCE epochs without improvement"
+    )
+    g.add_argument("--monitor", help="val_loss or val_accuracy (the config's default: val_loss)")
+    g.add_argument("--min-delta", type=float, help="the smallest change that counts as an improvement")
+    p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard (needs tensorboard)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _add_common(p)
 
@@ -59,12 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(p)
 
-    p = sub.add_parser("reproduce", help="run the report's six seed configs and write a report", formatter_class=fmt)
-    p.add_argument("--out", default="runs/reproduce", help="folder for the runs and report.md")
-    p.add_argument("--epochs", type=int, default=None, help="override the configs' 10 epochs")
+    p = sub.add_parser(
+        "reproduce", help="run the report's six seed configs (or a study) with a report", formatter_class=fmt
+    )
+    p.add_argument("--study", default="seed", help="seed (the report's six networks), losses or optimizers")
+    p.add_argument("--out", help="folder for the runs and report.md (default: runs/reproduce, runs/study-<name>)")
+    p.add_argument("--epochs", type=int, help="override the configs' 10 epochs")
     p.add_argument("--force", action="store_true", help="overwrite existing runs in --out")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors and the report's path")
     _add_common(p)
+
+    p = sub.add_parser("compare", help="compare run directories in a Markdown report", formatter_class=fmt)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
+    p.add_argument("--out", default="runs/compare", help="folder for report.md and its plots")
 
     sub.add_parser("configs", help="list the shipped configs", formatter_class=fmt)
     return parser
@@ -72,21 +97,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> None:
     from mnistlab.config import load_config
-    from mnistlab.training import train
+    from mnistlab.training import resume, train
 
-    config = load_config(args.config).with_overrides(
-        {
-            "training.epochs": args.epochs,
-            "training.batch_size": args.batch_size,
-            "optimizer.lr": args.lr,
-            "training.seed": args.seed,
-            "data.val_size": args.val_size,
-        }
+    overrides = {
+        "training.epochs": args.epochs,
+        "training.batch_size": args.batch_size,
+        "training.seed": args.seed,
+        "data.val_size": args.val_size,
+        "training.loss": args.loss,
+        "training.label_smoothing": args.label_smoothing,
+        "optimizer.name": args.optimizer,
+        "optimizer.lr": args.lr,
+        "optimizer.momentum": args.momentum,
+        "optimizer.nesterov": args.nesterov,
+        "optimizer.weight_decay": args.weight_decay,
+        "training.scheduler": args.scheduler,
+        "training.warmup_epochs": args.warmup_epochs,
+        "training.early_stopping": args.early_stopping,
+        "training.monitor": args.monitor,
+        "training.min_delta": args.min_delta,
+    }
+    common = {"data_dir": args.data_dir, "device": args.device, "quiet": args.quiet, "tensorboard": args.tensorboard}
+    if args.resume:
+        changed = [k for k, v in overrides.items() if v is not None and k != "training.epochs"]
+        if changed or args.out or args.force:
+            raise MnistlabError("--resume continues a run as it was configured; only --epochs may change")
+        config = load_config(args.config) if args.config else None
+        run = resume(args.resume, args.epochs, config=config, **common)
+    elif not args.config:
+        raise MnistlabError("give --config NAME|FILE to start a run, or --resume RUN_DIR to continue one")
+    else:
+        config = load_config(args.config).with_overrides(overrides)
+        run = train(config, args.out or f"runs/{config.name}", force=args.force, **common)
+    saved = run.best if run.config.training.early_stopping else run.final
+    print(
+        f"test accuracy {100 * saved['test_accuracy']:.2f}%, test loss {saved['test_loss']:.4f} "
+        f"(model of epoch {saved['epoch']} of {len(run.epochs)}; stopped by {run.stop_reason})"
     )
-    out = args.out or f"runs/{config.name}"
-    run = train(config, out, args.data_dir, args.device, args.quiet, args.force)
-    final = run.final
-    print(f"test accuracy {100 * final['test_accuracy']:.2f}%, test loss {final['test_loss']:.4f}")
     print(f"outputs in {run.run_dir}/ (curves: {run.run_dir}/curves.png)")
 
 
@@ -108,8 +155,16 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _reproduce(args: argparse.Namespace) -> None:
     from mnistlab.reports import reproduce
 
-    report = reproduce(args.out, args.epochs, args.data_dir, args.device, args.quiet, args.force)
+    out = args.out or ("runs/reproduce" if args.study == "seed" else f"runs/study-{args.study}")
+    report = reproduce(out, args.epochs, args.data_dir, args.device, args.quiet, args.force, args.study)
     print(f"report: {report}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from mnistlab.reports import compare
+
+    command = "mnistlab compare " + " ".join(args.runs)
+    print(f"report: {compare(args.runs, args.out, command=command)}")
 
 
 def _configs(args: argparse.Namespace) -> None:
@@ -121,7 +176,13 @@ def _configs(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {load_config(name).description}")
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "reproduce": _reproduce, "configs": _configs}
+COMMANDS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "reproduce": _reproduce,
+    "compare": _compare,
+    "configs": _configs,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

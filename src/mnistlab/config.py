@@ -22,8 +22,10 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")
-OPTIMIZERS = ("sgd", "adam")
-LOSSES = ("cross-entropy",)
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
+LOSSES = ("cross-entropy", "nll", "mse", "hinge")
+SCHEDULERS = ("none", "step", "cosine", "onecycle")
+MONITORS = ("val_loss", "val_accuracy")
 
 
 @dataclass
@@ -42,7 +44,8 @@ class ModelConfig:
 class OptimizerConfig:
     name: str = "adam"
     lr: float = 1e-3
-    momentum: float = 0.0
+    momentum: float = 0.0  # sgd and rmsprop
+    nesterov: bool = False  # sgd, needs momentum
     weight_decay: float = 0.0
 
 
@@ -52,6 +55,18 @@ class TrainingConfig:
     batch_size: int = 64
     seed: int = 0
     loss: str = "cross-entropy"
+    label_smoothing: float = 0.0  # cross-entropy only
+    # Learning-rate schedule, stepped every batch. `warmup_epochs` ramps linearly from 0 (step, cosine) or is
+    # OneCycle's rising phase. `step` multiplies by `gamma` every `step_size` epochs.
+    scheduler: str = "none"
+    warmup_epochs: float = 0.0
+    step_size: int = 1
+    gamma: float = 0.7
+    # Early stopping: stop after `early_stopping` epochs without the monitored validation metric improving by
+    # more than `min_delta` (0 = off), and always end with the best epoch's weights.
+    early_stopping: int = 0
+    monitor: str = "val_loss"
+    min_delta: float = 0.0
 
 
 @dataclass
@@ -164,6 +179,27 @@ def _validate(config: Config, source: str) -> None:
         problems.append("optimizer.lr must be positive")
     if t.loss not in LOSSES:
         problems.append(f"training.loss: unknown {t.loss!r} (choose from {', '.join(LOSSES)})")
+    if t.scheduler not in SCHEDULERS:
+        problems.append(f"training.scheduler: unknown {t.scheduler!r} (choose from {', '.join(SCHEDULERS)})")
+    if o.nesterov and (o.name != "sgd" or o.momentum <= 0):
+        problems.append("optimizer.nesterov needs optimizer.name = 'sgd' and a positive momentum")
+    if not 0 <= t.label_smoothing < 1:
+        problems.append("training.label_smoothing must be in [0, 1)")
+    if t.label_smoothing and t.loss != "cross-entropy":
+        problems.append("training.label_smoothing applies to the cross-entropy loss only")
+    if t.warmup_epochs < 0 or t.warmup_epochs >= t.epochs:
+        problems.append("training.warmup_epochs must be at least 0 and less than training.epochs")
+    if t.early_stopping < 0:
+        problems.append("training.early_stopping (patience in epochs) must be 0 (off) or more")
+    if t.monitor.startswith("test"):
+        problems.append(
+            f"training.monitor: refusing to monitor {t.monitor!r}: the test set must never choose the model "
+            "(use val_loss or val_accuracy)"
+        )
+    elif t.monitor not in MONITORS:
+        problems.append(f"training.monitor: unknown {t.monitor!r} (choose from {', '.join(MONITORS)})")
+    if t.early_stopping and d.val_size == 0:
+        problems.append("early stopping needs a validation split (data.val_size > 0)")
     if t.epochs < 1 or t.batch_size < 1:
         problems.append("training.epochs and training.batch_size must be at least 1")
     if d.val_size < 0:

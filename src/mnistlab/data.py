@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import os
 import sys
 import tempfile
@@ -216,18 +217,20 @@ def cache_dir() -> Path:
 
 
 def _find_file(root: Path, info: DatasetInfo, file: DataFile) -> Path | None:
-    """A file in `root` itself, in `root/<dataset>/`, or in torchvision's `root/<Name>/raw/`, gz or not."""
-    raw_name = file.name.removesuffix(".gz")
-    for folder in (root, root / info.name, root / info.torchvision_dir / "raw"):
-        for name in (file.name, raw_name):
+    """A file in `root/<dataset>/` or torchvision's `root/<Name>/raw/` (gz or not), else in `root` itself.
+
+    MNIST, Fashion-MNIST and KMNIST share file names, so a file lying directly in `root` is taken only when
+    its checksum says it belongs to this dataset.
+    """
+    names = (file.name, file.name.removesuffix(".gz"))
+    for folder in (root / info.name, root / info.torchvision_dir / "raw"):
+        for name in names:
             if (folder / name).is_file():
                 return folder / name
+    for name in names:
+        if (root / name).is_file() and _checksum_ok(root / name, file):
+            return root / name
     return None
-
-
-def _find_all(root: Path, info: DatasetInfo) -> list[Path] | None:
-    found = [_find_file(root, info, f) for f in info.files]
-    return None if any(p is None for p in found) else found  # type: ignore[return-value]
 
 
 def resolve_files(
@@ -238,9 +241,9 @@ def resolve_files(
 ) -> list[Path]:
     """The four files of `dataset`, in the order train images, train labels, test images, test labels.
 
-    Looks in `data_dir` when given, else in `$MNISTLAB_DATA` when set, else in the user cache; a folder that
-    lacks the files gets them downloaded into it (unless `download` is false). A named folder that does not
-    exist is an error, never silently replaced by another.
+    Looks in `data_dir` when given, else in `$MNISTLAB_DATA` when set, else in the user cache; files missing
+    there are downloaded into its `<dataset>/` folder (unless `download` is false). A named folder that does
+    not exist is an error, never silently replaced by another.
     """
     info = dataset_info(dataset)
     env = os.environ.get("MNISTLAB_DATA")
@@ -252,30 +255,31 @@ def resolve_files(
         root, origin = cache_dir(), ""
     if origin and not root.is_dir():
         raise MnistlabError(f"{origin} {root} does not exist (point it at a folder with the {dataset} files)")
-    found = _find_all(root, info)
-    if found:
-        return found
-    if not download:
-        names = ", ".join(f.name for f in info.files)
-        raise MnistlabError(f"{dataset} files not found in {root} (expected {names}) and download is off")
-    target = root if origin else root / info.name
-    return [download_file(f, target, mirrors or info.mirrors) for f in info.files]
-
-
-# ---------------------------------------------------------------------------------------------- download
+    found = [_find_file(root, info, f) for f in info.files]
+    missing = [f for f, path in zip(info.files, found) if path is None]
+    if missing and not download:
+        names = ", ".join(f.name for f in missing)
+        raise MnistlabError(f"{dataset} files not found in {root} (missing {names}) and download is off")
+    sources = info.mirrors if mirrors is None else mirrors
+    return [path or download_file(f, root / info.name, sources) for f, path in zip(info.files, found)]
 
 
 def _checksum_ok(path: Path, file: DataFile) -> bool:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest == file.sha256:
+    """Whether `path` holds `file`: its bytes match the gzip's SHA-256, or its (decompressed) content the raw one."""
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() == file.sha256:
         return True
-    if file.raw_sha256:
+    if not file.raw_sha256:
+        return False
+    if data[:2] == GZIP_MAGIC:
         try:
-            content = gzip.decompress(path.read_bytes())
+            data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error):
             return False
-        return hashlib.sha256(content).hexdigest() == file.raw_sha256
-    return False
+    return hashlib.sha256(data).hexdigest() == file.raw_sha256
+
+
+# ---------------------------------------------------------------------------------------------- download
 
 
 def download_file(file: DataFile, folder: Path, mirrors: Sequence[str], timeout: float = 30.0) -> Path:
@@ -284,6 +288,7 @@ def download_file(file: DataFile, folder: Path, mirrors: Sequence[str], timeout:
     Streams to a temporary file in `folder` with a progress bar, checks SHA-256, then renames into place. A
     checksum mismatch tries the next mirror; nothing partial or corrupt is ever left behind.
     """
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / file.name
     failures = []
@@ -305,10 +310,12 @@ def download_file(file: DataFile, folder: Path, mirrors: Sequence[str], timeout:
                 continue
             os.replace(tmp, target)
             return target
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             failures.append(f"{url}: {getattr(exc, 'reason', exc)}")
         finally:
             tmp.unlink(missing_ok=True)
+    if created:
+        folder.rmdir()  # leave no trace of a failed download
     raise MnistlabError(f"could not download {file.name}: " + "; ".join(failures))
 
 
@@ -378,7 +385,9 @@ def _split(images_path: Path, labels_path: Path) -> Split:
 
 def to_float(images: torch.Tensor, normalize: tuple[float, float] | None = None) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1] (ToTensor's scaling), optionally standardised by (mean, std)."""
-    x = images.to(torch.float32).div_(255.0)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"to_float takes uint8 images, got {images.dtype}")
+    x = images.to(torch.float32).div_(255.0)  # a new tensor, so the in-place steps are safe
     if normalize is not None:
         mean, std = normalize
         x = x.sub_(mean).div_(std)

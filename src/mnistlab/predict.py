@@ -16,5 +16,8 @@ def evaluate(model_path: str | Path, data_dir: str | Path | None = None, device:
     dev = resolve_device(device)
     loaded = load_model(model_path, dev)
     data = load_data(loaded.metadata.get("dataset", "mnist"), data_dir, val_size=0, device=dev)
-    loss_fn = make_loss(loaded.metadata.get("loss", "cross-entropy"))
+    meta = loaded.metadata
+    loss_fn = make_loss(
+        meta.get("loss", "cross-entropy"), loaded.model_config.softmax_output, meta.get("label_smoothing", 0.0)
+    )
     return evaluate_model(loaded.model, data.test, loss_fn, loaded.normalize)

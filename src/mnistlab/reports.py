@@ -1,23 +1,67 @@
-"""`reproduce`: the report's experiments side by side, with an explanation written from the measured numbers."""
+"""Reports: `reproduce` (the report's experiments, or a study, side by side) and `compare` (any runs).
+
+The seed report explains its results from the measured numbers; a study's report is a comparison table.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from mnistlab.checkpoint import atomic_write_text
-from mnistlab.config import load_config
+from mnistlab.config import Config, load_config
 from mnistlab.data import load_data
 from mnistlab.errors import MnistlabError
 from mnistlab.plots import plot_overlay
 from mnistlab.training import Run, resolve_device, train
 
 SEED_CONFIGS = ("seed-a", "seed-b", "seed-c", "seed-a-fixed", "seed-b-fixed", "seed-c-fixed")
+# Studies are data: (run name, shipped config, overrides). Each trains the report's best network, corrected.
+STUDIES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
+    "seed": [(name, name, {}) for name in SEED_CONFIGS],
+    "losses": [
+        ("cross-entropy", "seed-b-fixed", {"training.loss": "cross-entropy"}),
+        ("cross-entropy-ls0.1", "seed-b-fixed", {"training.loss": "cross-entropy", "training.label_smoothing": 0.1}),
+        ("nll", "seed-b-fixed", {"training.loss": "nll"}),
+        ("mse", "seed-b-fixed", {"training.loss": "mse"}),
+        ("hinge", "seed-b-fixed", {"training.loss": "hinge"}),
+        ("nll-softmax-output", "seed-b", {"training.loss": "nll"}),
+    ],
+    "optimizers": [
+        ("sgd", "seed-b-fixed", {"optimizer.name": "sgd", "optimizer.lr": 0.001}),
+        (
+            "sgd-nesterov",
+            "seed-b-fixed",
+            {"optimizer.name": "sgd", "optimizer.lr": 0.05, "optimizer.momentum": 0.9, "optimizer.nesterov": True},
+        ),
+        ("adam", "seed-b-fixed", {"optimizer.name": "adam", "optimizer.lr": 0.001}),
+        ("adamw", "seed-b-fixed", {"optimizer.name": "adamw", "optimizer.lr": 0.001, "optimizer.weight_decay": 0.01}),
+        ("rmsprop", "seed-b-fixed", {"optimizer.name": "rmsprop", "optimizer.lr": 0.001}),
+        ("adagrad", "seed-b-fixed", {"optimizer.name": "adagrad", "optimizer.lr": 0.01}),
+        (
+            "adam-onecycle",
+            "seed-b-fixed",
+            {"optimizer.name": "adam", "optimizer.lr": 0.003, "training.scheduler": "onecycle"},
+        ),
+    ],
+}
 # The smallest cross-entropy a Softmax output layer allows: probabilities p in [0, 1] fed as logits give
 # -log(e^1 / (e^1 + 9 e^0)) at best, i.e. ln(1 + 9/e).
 SOFTMAX_LOSS_FLOOR = math.log(1 + 9 / math.e)
+
+
+def study_configs(study: str, epochs: int | None = None) -> list[Config]:
+    """The configs of a study, named after their runs."""
+    if study not in STUDIES:
+        raise MnistlabError(f"unknown study {study!r} (choose from {', '.join(STUDIES)})")
+    configs = []
+    for run_name, base, overrides in STUDIES[study]:
+        config = load_config(base).with_overrides({**overrides, "training.epochs": epochs, "name": run_name})
+        configs.append(config)
+    return configs
 
 
 def reproduce(
@@ -27,24 +71,29 @@ def reproduce(
     device: str = "auto",
     quiet: bool = False,
     force: bool = False,
-    configs: tuple[str, ...] = SEED_CONFIGS,
+    study: str = "seed",
 ) -> Path:
-    """Train the report's six configs into `out_dir/<name>/` and write `out_dir/report.md`."""
+    """Train a study's configs (by default the report's six) into `out_dir/<name>/`; write `out_dir/report.md`."""
     out = Path(out_dir)
-    taken = [n for n in configs if (out / n).exists() and any((out / n).iterdir())]
+    configs = study_configs(study, epochs)
+    taken = [c.name for c in configs if (out / c.name).exists() and any((out / c.name).iterdir())]
     if taken and not force:
         raise MnistlabError(f"{out} already has runs ({', '.join(taken)}); use --force to overwrite, or --out")
-    loaded = [load_config(n) for n in configs]
-    if epochs is not None:
-        loaded = [c.with_overrides({"training.epochs": epochs}) for c in loaded]
     dev = resolve_device(device)
-    first = loaded[0]
+    first = configs[0]
     data = load_data(first.data.dataset, data_dir, first.data.val_size, first.training.seed, dev)
     runs = []
-    for config in loaded:
+    for config in configs:
         if (config.data.val_size, config.training.seed) != (first.data.val_size, first.training.seed):
-            raise MnistlabError("reproduce expects every config to share one seed and validation size")
+            raise MnistlabError("a study's configs must share one seed and validation size")
         runs.append(train(config, out / config.name, device=str(dev), quiet=quiet, force=force, data=data))
+    if study != "seed":
+        return compare(
+            [r.run_dir for r in runs],
+            out,
+            title=f"Study: {study}",
+            command=f"mnistlab reproduce --study {study}" + (f" --epochs {epochs}" if epochs else ""),
+        )
     plot_overlay({r.config.name: r.epochs for r in runs}, out / "overlay.png")
     report = out / "report.md"
     atomic_write_text(report, _report(runs, out))
@@ -63,7 +112,7 @@ def _row(run: Run, out: Path) -> dict[str, Any]:
         "loss": run.final["test_loss"],
         "train_loss": run.final["train_loss"],
         "seconds": sum(e["train_seconds"] for e in run.epochs) / len(run.epochs),
-        "curves": os.path.relpath(run.run_dir / "curves.png", out) if run.run_dir else "",
+        "curves": Path(os.path.relpath(run.run_dir / "curves.png", out)).as_posix() if run.run_dir else "",
     }
 
 
@@ -131,3 +180,87 @@ def _explanation(rows: dict[str, dict]) -> list[str]:
         "(the `*-fixed` configs); apply softmax only when you want probabilities, after the model.",
     ]
     return lines
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+
+def _load_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
+    if not (run_dir / "metrics.json").is_file() or not (run_dir / "config.toml").is_file():
+        raise MnistlabError(f"{run_dir}: not a run directory (needs config.toml and metrics.json)")
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MnistlabError(f"{run_dir}/metrics.json: not valid JSON ({exc})") from None
+    if not metrics.get("epochs"):
+        raise MnistlabError(f"{run_dir}: metrics.json has no finished epoch")
+    return load_config(run_dir / "config.toml"), metrics
+
+
+def _flatten(config: Config) -> dict[str, Any]:
+    return {
+        f"{section}.{key}": value
+        for section, table in config.to_dict().items()
+        if isinstance(table, dict)
+        for key, value in table.items()
+    }
+
+
+def _best(epochs: list[dict], key: str) -> tuple[float | None, int | None]:
+    scored = [e for e in epochs if e.get(key) is not None]
+    if not scored:
+        return None, None
+    top = max(scored, key=lambda e: e[key])
+    return top[key], top["epoch"]
+
+
+def _pct_or_dash(value: float | None, epoch: int | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}%" + (f" ({epoch})" if epoch is not None else "")
+
+
+def compare(run_dirs: list[str | Path], out_dir: str | Path, title: str = "Run comparison", command: str = "") -> Path:
+    """A Markdown report comparing runs: what differs in their configs, their accuracies, epochs and time,
+    with overlay plots of their curves. Returns the report's path."""
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise MnistlabError("compare needs at least one run directory")
+    loaded = [(d, *_load_run(d)) for d in dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = [_flatten(c) for _, c, _ in loaded]
+    keys = sorted({k for f in flat for k in f})
+    differing = [k for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1]
+    names = [d.name for d in dirs]
+    if len(set(names)) < len(names):
+        names = [str(d) for d in dirs]
+    lines = [f"# {title}", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [
+        "Best values are per epoch; the test column never chose anything (model selection uses validation).",
+        "",
+        "| run | differs in | best val acc (epoch) | final val acc | best test acc (epoch) | final test acc "
+        "| final test loss | epochs | stopped by | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (_, _, metrics), f in zip(names, loaded, flat):
+        epochs = metrics["epochs"]
+        final = epochs[-1]
+        diff = ", ".join(f"{k.split('.', 1)[1]}={f.get(k)}" for k in differing) or "-"
+        lines.append(
+            f"| {name} | {diff} | {_pct_or_dash(*_best(epochs, 'val_accuracy'))} "
+            f"| {_pct_or_dash(final.get('val_accuracy'))} | {_pct_or_dash(*_best(epochs, 'test_accuracy'))} "
+            f"| {_pct_or_dash(final['test_accuracy'])} | {final['test_loss']:.4f} | {len(epochs)} "
+            f"| {metrics.get('stop_reason', 'epoch_limit')} | {sum(e['seconds'] for e in epochs):.1f} |"
+        )
+    curves = {name: metrics["epochs"] for name, (_, _, metrics) in zip(names, loaded)}
+    plot_overlay(curves, out / "test-curves.png", split="test")
+    lines += ["", "![test curves](test-curves.png)", ""]
+    if all(e.get("val_accuracy") is not None for c in curves.values() for e in c):
+        plot_overlay(curves, out / "val-curves.png", split="val")
+        lines += ["![validation curves](val-curves.png)", ""]
+    report = out / "report.md"
+    atomic_write_text(report, "\n".join(lines))
+    return report
