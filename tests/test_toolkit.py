@@ -61,7 +61,7 @@ def test_early_stopping_ends_early_and_keeps_the_best_epoch(mnist_data, tmp_path
 
     # The saved model is the best epoch's, not the last one's.
     loaded = load_model(tmp_path / "run")
-    result = evaluate_model(loaded.model, data.test, make_loss("cross-entropy"), loaded.normalize)
+    result = evaluate_model(loaded.model, data.test, loaded.loss_fn())
     recorded = metrics["epochs"][best - 1]
     assert result.accuracy == recorded["test_accuracy"]
     assert result.loss == pytest.approx(recorded["test_loss"], rel=1e-5)

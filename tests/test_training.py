@@ -11,7 +11,6 @@ from mnistlab.checkpoint import load_model
 from mnistlab.config import load_config
 from mnistlab.data import MnistData, Split
 from mnistlab.evaluation import evaluate_model
-from mnistlab.losses import make_loss
 from mnistlab.training import train
 
 
@@ -57,7 +56,7 @@ def test_one_epoch_of_seed_b_fixed_reaches_95_percent(mnist_data, tmp_path):
 
     # The saved model is the trained one: evaluating it reproduces the recorded test metrics.
     loaded = load_model(tmp_path / "run")
-    result = evaluate_model(loaded.model, mnist_data.test, make_loss("cross-entropy"), loaded.normalize)
+    result = evaluate_model(loaded.model, mnist_data.test, loaded.loss_fn())
     assert result.accuracy == epoch["test_accuracy"]
     assert result.loss == pytest.approx(epoch["test_loss"], rel=1e-5)
     assert sum(map(sum, result.confusion_matrix)) == 10000

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from torch import nn
 
 from mnistlab.config import ModelConfig, config_from_dict
 from mnistlab.errors import MnistlabError
-from mnistlab.models import build_model
+from mnistlab.losses import LossFn, make_loss
+from mnistlab.models import Ensemble, Standardized, build_model
 
 FORMAT = "mnistlab-model"
 FORMAT_VERSION = 1
@@ -49,13 +51,45 @@ def write_json(path: Path, data: Any) -> None:
 
 @dataclass
 class LoadedModel:
-    """A model ready for inference, with what it needs to see images the way it was trained."""
+    """A model ready for inference: it takes float images (B, 28, 28) with pixels in [0, 1] (its own
+    standardisation built in) and returns logits, or probabilities where `probabilities` is true."""
 
     model: nn.Module
-    model_config: ModelConfig
-    normalize: tuple[float, float] | None
+    probabilities: bool
+    configs: list[ModelConfig]
     metadata: dict[str, Any]
     path: Path
+
+    def loss_fn(self) -> LossFn:
+        """The loss the model was trained with (an ensemble: cross-entropy of its averaged probabilities)."""
+        if len(self.configs) > 1:
+            return make_loss("nll", probabilities=True)
+        meta = self.metadata
+        return make_loss(meta.get("loss", "cross-entropy"), self.probabilities, meta.get("label_smoothing", 0.0))
+
+    def probabilities_of(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs if self.probabilities else outputs.softmax(1)
+
+
+def _describe(model_config: ModelConfig, normalize: tuple[float, float] | None) -> dict[str, Any]:
+    return {
+        "model": {f.name: getattr(model_config, f.name) for f in fields(model_config)},
+        "normalize": list(normalize) if normalize else None,
+    }
+
+
+def _save(tensors: dict[str, torch.Tensor], folder: Path, stem: str, description: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / f"{stem}.safetensors"
+    fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": FORMAT})
+        os.replace(tmp, weights)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    write_json(folder / f"{stem}.json", {"format": FORMAT, "format_version": FORMAT_VERSION, **description})
+    return weights
 
 
 def save_model(
@@ -67,27 +101,21 @@ def save_model(
     stem: str = "model",
 ) -> Path:
     """Write `<stem>.safetensors` and `<stem>.json` into `folder`; returns the safetensors path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / f"{stem}.safetensors"
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT})
-        os.replace(tmp, weights)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    write_json(
-        folder / f"{stem}.json",
-        {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": {f.name: getattr(model_config, f.name) for f in fields(model_config)},
-            "normalize": list(normalize) if normalize else None,
-            "metadata": metadata,
-        },
-    )
-    return weights
+    description = {**_describe(model_config, normalize), "metadata": metadata}
+    return _save(model.state_dict(), folder, stem, description)
+
+
+def save_ensemble(members: list[Path], folder: Path, metadata: dict[str, Any], stem: str = "model") -> Path:
+    """One model file holding several single models (run directories or model files); returns its path."""
+    tensors: dict[str, torch.Tensor] = {}
+    described = []
+    for i, member in enumerate(members):
+        weights, meta = _read_single(member)
+        if "ensemble" in meta:
+            raise MnistlabError(f"{member}: is an ensemble already; give its members instead")
+        tensors.update({f"m{i}.{k}": v for k, v in load_file(str(weights)).items()})
+        described.append({"model": meta["model"], "normalize": meta.get("normalize"), "source": str(member)})
+    return _save(tensors, folder, stem, {"ensemble": described, "metadata": metadata})
 
 
 def model_paths(path: str | Path) -> tuple[Path, Path]:
@@ -113,8 +141,7 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a model from a run directory or model file, checking architecture against the weights."""
+def _read_single(path: str | Path) -> tuple[Path, dict[str, Any]]:
     weights, meta_path = model_paths(path)
     _refuse_pickle(weights)
     try:
@@ -123,23 +150,55 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
         raise MnistlabError(f"{meta_path}: not valid JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise MnistlabError(f"{meta_path}: not an mnistlab model description")
-    model_config = config_from_dict({"model": meta.get("model", {})}, source=str(meta_path)).model
+    return weights, meta
+
+
+def _build(description: dict[str, Any], state: dict[str, torch.Tensor], source: Path) -> tuple[nn.Module, ModelConfig]:
+    """The network a description names, with `state` loaded after checking names and shapes."""
+    model_config = config_from_dict({"model": description.get("model", {})}, source=str(source)).model
+    network = build_model(model_config)
+    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
+        raise MnistlabError(f"{source}: weights do not match the architecture described (first differences: {diff})")
+    network.load_state_dict(state)
+    normalize = description.get("normalize")
+    return Standardized(network, tuple(normalize) if normalize else None), model_config
+
+
+def load_model(path: str | Path | None = None, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a model (or ensemble) from a run directory or model file; None loads the bundled pretrained model.
+
+    The architecture in the JSON is checked against the weights before anything runs.
+    """
+    if path is None:
+        path = bundled_model_path()
+    weights, meta = _read_single(path)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise MnistlabError(f"{weights}: not a valid safetensors file ({exc})") from None
-    model = build_model(model_config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != found:
-        diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
-        raise MnistlabError(
-            f"{weights}: weights do not match the architecture in {meta_path.name} (first differences: {diff})"
-        )
-    model.load_state_dict(state)
-    model.to(device).eval()
-    normalize = tuple(meta["normalize"]) if meta.get("normalize") else None
-    return LoadedModel(model, model_config, normalize, meta.get("metadata", {}), weights)  # type: ignore[arg-type]
+    if "ensemble" in meta:
+        built = [
+            _build(member, {k[len(f"m{i}.") :]: v for k, v in state.items() if k.startswith(f"m{i}.")}, weights)
+            for i, member in enumerate(meta["ensemble"])
+        ]
+        outputs_probs = [c.softmax_output for _, c in built]
+        model: nn.Module = Ensemble([m for m, _ in built], outputs_probs)
+        configs, probabilities = [c for _, c in built], True
+    else:
+        model, config = _build(meta, state, weights)
+        configs, probabilities = [config], config.softmax_output
+    return LoadedModel(model.to(device).eval(), probabilities, configs, meta.get("metadata", {}), weights)
+
+
+def bundled_model_path() -> Path:
+    """The pretrained model shipped inside the package."""
+    path = Path(str(resources.files("mnistlab") / "pretrained" / "model.safetensors"))
+    if not path.is_file():
+        raise MnistlabError("no bundled pretrained model in this installation; give a model (run directory or file)")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mnistlab.errors import MnistlabError
 
@@ -17,6 +18,9 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False, argparse.SUPPRESS):
             return action.help or ""
         return super()._get_help_string(action)
+
+
+MODEL_HELP = "a run directory or model file (.safetensors with its .json); default: the bundled pretrained model"
 
 
 def _add_common(p: argparse.ArgumentParser, data: bool = True, device: bool = True) -> None:
@@ -73,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate", help="test accuracy, loss, per-class accuracy, confusion matrix", formatter_class=fmt
     )
-    p.add_argument("model", help="a run directory or a model file (.safetensors with its .json)")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(p)
 
@@ -87,9 +91,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="print nothing but errors and the report's path")
     _add_common(p)
 
+    p = sub.add_parser("ensemble", help="average several trained models into one model file", formatter_class=fmt)
+    p.add_argument("members", nargs="+", metavar="RUN_DIR", help="run directories or model files to average")
+    p.add_argument("--out", required=True, help="folder for the ensemble's model.safetensors and model.json")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out folder")
+    _add_common(p)
+
     p = sub.add_parser("compare", help="compare run directories in a Markdown report", formatter_class=fmt)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
     p.add_argument("--out", default="runs/compare", help="folder for report.md and its plots")
+
+    p = sub.add_parser("predict", help="classify image files (photos, scans, drawings of digits)", formatter_class=fmt)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders to search for images")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--top-k", type=int, default=1, help="show the K most likely digits")
+    p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
+    p.add_argument("--show", metavar="DIR", help="save, per image, the original beside what the model saw")
+    p.add_argument(
+        "--polarity",
+        choices=("auto", "dark-on-light", "light-on-dark"),
+        default="auto",
+        help="ink polarity; auto decides from each image",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+
+    p = sub.add_parser(
+        "classify", help="interactive: type image paths, get digits ('exit' to stop)", formatter_class=fmt
+    )
+    p.add_argument("--model", help=MODEL_HELP)
+
+    p = sub.add_parser(
+        "inspect", help="confusion matrix, most-confused pairs, misclassified gallery", formatter_class=fmt
+    )
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    p.add_argument("--out", help="folder for the figures (default: <run dir>/inspect, or runs/inspect)")
+    _add_common(p)
+
+    p = sub.add_parser("export", help="export a model to ONNX and check it against PyTorch", formatter_class=fmt)
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    p.add_argument("--onnx", required=True, metavar="FILE", help="where to write the .onnx file")
+    _add_common(p, device=False)
 
     sub.add_parser("configs", help="list the shipped configs", formatter_class=fmt)
     return parser
@@ -160,11 +201,99 @@ def _reproduce(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def _ensemble(args: argparse.Namespace) -> None:
+    from mnistlab.predict import make_ensemble
+
+    result = make_ensemble(args.members, args.out, args.data_dir, args.device, args.force)
+    for member, accuracy in result["members"].items():
+        print(f"member {member}: test accuracy {100 * accuracy:.2f}%")
+    print(f"ensemble of {len(result['members'])}: test accuracy {100 * result['accuracy']:.2f}% -> {args.out}/")
+
+
 def _compare(args: argparse.Namespace) -> None:
     from mnistlab.reports import compare
 
     command = "mnistlab compare " + " ".join(args.runs)
     print(f"report: {compare(args.runs, args.out, command=command)}")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from mnistlab.checkpoint import load_model
+    from mnistlab.plots import plot_prediction
+    from mnistlab.predict import predict_images
+    from mnistlab.training import resolve_device
+
+    model = load_model(args.model, resolve_device(args.device))
+    invert = {"auto": None, "dark-on-light": True, "light-on-dark": False}[args.polarity]
+    failures = 0
+    for i, p in enumerate(predict_images(args.paths, model, invert, keep_preprocessed=bool(args.show))):
+        if p.error is not None:
+            failures += 1
+            print(f"mnistlab: error: {p.error}", file=sys.stderr)
+            if args.json:
+                print(json.dumps(p.to_dict()), flush=True)
+            continue
+        if args.json:
+            print(json.dumps(p.to_dict()), flush=True)
+        else:
+            ranked = sorted(range(10), key=lambda d: -p.probabilities[d])[: max(1, args.top_k)]
+            others = "  ".join(f"{d}: {100 * p.probabilities[d]:.1f}%" for d in ranked[1:])
+            print(f"{p.path}: {p.label} ({100 * p.confidence:.1f}%)" + (f"  [{others}]" if others else ""), flush=True)
+        if args.show:
+            pre = p.preprocessed
+            target = Path(args.show) / f"{i:04d}-{Path(p.path).stem}.png"
+            plot_prediction(pre.original, pre.digit, p.probabilities, target, f"{p.path}: {p.label}")
+    return 1 if failures else 0
+
+
+def _classify(args: argparse.Namespace) -> None:
+    from mnistlab.checkpoint import load_model
+    from mnistlab.predict import predict_images
+
+    model = load_model(args.model)
+    while True:
+        print("Please enter a filepath:", flush=True)
+        try:
+            line = input().strip()
+        except EOFError:
+            break
+        if line == "exit":
+            print("Exiting...")
+            break
+        if not line:
+            continue
+        if Path(line).is_dir():
+            print(f"mnistlab: error: {line}: a folder; give one image file", file=sys.stderr, flush=True)
+            continue
+        p = next(predict_images([line], model))
+        if p.error is not None:
+            print(f"mnistlab: error: {p.error}", file=sys.stderr, flush=True)
+        else:
+            print(f"Classifier: {p.label}", flush=True)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from mnistlab.predict import inspect
+
+    default = Path(args.model) / "inspect" if args.model and Path(args.model).is_dir() else Path("runs/inspect")
+    out = Path(args.out) if args.out else default
+    summary = inspect(args.model, out, args.data_dir, args.device)
+    print(f"test accuracy {100 * summary['accuracy']:.2f}% ({summary['errors']} misclassified)")
+    print(
+        "most confused (true -> predicted: count): "
+        + ", ".join(f"{c['true']}->{c['predicted']}: {c['count']}" for c in summary["most_confused"])
+    )
+    print(f"figures in {out}/ (confusion.png, misclassified.png, inspection.json)")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from mnistlab.export import export_onnx
+
+    check = export_onnx(args.model, args.onnx, args.data_dir)
+    print(
+        f"wrote {check.path}: onnxruntime matches PyTorch on {check.images} test images "
+        f"(max probability difference {check.max_abs_diff:.1e}, same digit for all)"
+    )
 
 
 def _configs(args: argparse.Namespace) -> None:
@@ -180,7 +309,12 @@ COMMANDS = {
     "train": _train,
     "evaluate": _evaluate,
     "reproduce": _reproduce,
+    "ensemble": _ensemble,
     "compare": _compare,
+    "predict": _predict,
+    "classify": _classify,
+    "inspect": _inspect,
+    "export": _export,
     "configs": _configs,
 }
 
@@ -188,14 +322,13 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except MnistlabError as exc:
         print(f"mnistlab: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mnistlab: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

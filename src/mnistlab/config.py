@@ -30,11 +30,17 @@ MONITORS = ("val_loss", "val_accuracy")
 
 @dataclass
 class ModelConfig:
-    """The network. `kind = "mlp"`: Flatten, then Linear+activation per hidden layer, then Linear to 10."""
+    """The network.
+
+    `kind = "mlp"`: Flatten, then Linear + activation per `hidden` size, then Linear to 10.
+    `kind = "cnn"`: the `layers` list, one layer per string, e.g. "conv 32 3", "bn", "relu", "maxpool 2",
+    "dropout 0.25", "flatten", "linear 128", "avgpool" (global); it must end with 10 outputs.
+    """
 
     kind: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [512])
     activations: list[str] = field(default_factory=lambda: ["relu"])
+    layers: list[str] = field(default_factory=list)
     # The original report's quirk: the network ends in a Softmax layer and its *probabilities* go into
     # CrossEntropyLoss, which applies log-softmax again. Off means logits go into the loss (correct usage).
     softmax_output: bool = False
@@ -67,6 +73,26 @@ class TrainingConfig:
     early_stopping: int = 0
     monitor: str = "val_loss"
     min_delta: float = 0.0
+    # Exponential moving average of the weights, updated every step and used for evaluation and the saved
+    # model (0 = off). Typical: 0.999.
+    ema_decay: float = 0.0
+    # Memory layout for convolutions: channels_last is faster for CNNs on recent CPUs and GPUs.
+    channels_last: bool = False
+    # bfloat16 autocast where the device computes bf16 natively (CUDA, recent Xeons); float32 elsewhere.
+    amp: bool = False
+
+
+@dataclass
+class AugmentConfig:
+    """Random affine (and optionally elastic) distortion of each training batch, on the device, all at once.
+    Zeros turn a part off; all zeros (the default) means no augmentation."""
+
+    rotate: float = 0.0  # degrees, uniform in [-rotate, rotate]
+    scale: float = 0.0  # relative, uniform in [1 - scale, 1 + scale]
+    shear: float = 0.0  # degrees
+    translate: float = 0.0  # pixels
+    elastic_alpha: float = 0.0  # elastic distortion strength in pixels (Simard et al. 2003); 0 = off
+    elastic_sigma: float = 4.0  # smoothness of the elastic field in pixels
 
 
 @dataclass
@@ -85,6 +111,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +138,7 @@ _SECTIONS = {
     "model": ModelConfig,
     "optimizer": OptimizerConfig,
     "training": TrainingConfig,
+    "augment": AugmentConfig,
     "data": DataConfig,
 }
 
@@ -125,7 +153,8 @@ def _check_type(value: Any, default: Any, where: str) -> Any:
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, list):
-        ok = isinstance(value, list) and all(isinstance(v, type(default[0])) and not isinstance(v, bool) for v in value)
+        item = type(default[0]) if default else str  # the only list without a default is model.layers
+        ok = isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
     else:
         ok = isinstance(value, type(default))
     if not ok:
@@ -162,8 +191,12 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
 def _validate(config: Config, source: str) -> None:
     m, o, t, d = config.model, config.optimizer, config.training, config.data
     problems = []
-    if m.kind != "mlp":
-        problems.append(f"model.kind must be 'mlp', got {m.kind!r}")
+    if m.kind == "cnn":
+        from mnistlab.models import check_layers  # here, not at the top: models imports this module
+
+        problems += check_layers(m.layers)
+    elif m.kind != "mlp":
+        problems.append(f"model.kind must be 'mlp' or 'cnn', got {m.kind!r}")
     if len(m.hidden) != len(m.activations):
         problems.append("model.hidden and model.activations must have the same length")
     if any(h <= 0 for h in m.hidden):
@@ -202,6 +235,11 @@ def _validate(config: Config, source: str) -> None:
         problems.append("early stopping needs a validation split (data.val_size > 0)")
     if t.epochs < 1 or t.batch_size < 1:
         problems.append("training.epochs and training.batch_size must be at least 1")
+    a = config.augment
+    if min(a.rotate, a.scale, a.shear, a.translate, a.elastic_alpha) < 0 or a.elastic_sigma <= 0 or a.scale >= 1:
+        problems.append("augment values must be 0 or more (scale below 1, elastic_sigma positive)")
+    if not 0 <= t.ema_decay < 1:
+        problems.append("training.ema_decay must be in [0, 1)")
     if d.val_size < 0:
         problems.append("data.val_size must be 0 or more")
     if problems:

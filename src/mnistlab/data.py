@@ -388,9 +388,14 @@ def to_float(images: torch.Tensor, normalize: tuple[float, float] | None = None)
     if images.dtype != torch.uint8:
         raise TypeError(f"to_float takes uint8 images, got {images.dtype}")
     x = images.to(torch.float32).div_(255.0)  # a new tensor, so the in-place steps are safe
+    return standardize_(x, normalize)
+
+
+def standardize_(x: torch.Tensor, normalize: tuple[float, float] | None) -> torch.Tensor:
+    """(x - mean) / std in place when `normalize` is given; x unchanged otherwise."""
     if normalize is not None:
         mean, std = normalize
-        x = x.sub_(mean).div_(std)
+        x.sub_(mean).div_(std)
     return x
 
 

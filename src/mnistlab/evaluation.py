@@ -76,3 +76,9 @@ def evaluate_model(
     confusion = torch.bincount(truth * 10 + predicted, minlength=100).reshape(10, 10)
     per_class = confusion.diagonal() / confusion.sum(1).clamp(min=1)
     return Evaluation(accuracy, loss, per_class.tolist(), confusion.tolist())
+
+
+def most_confused(confusion: list[list[int]], top: int = 10) -> list[tuple[int, int, int]]:
+    """(true digit, predicted digit, count) of the commonest mistakes, most frequent first."""
+    pairs = [(t, p, n) for t, row in enumerate(confusion) for p, n in enumerate(row) if t != p and n]
+    return sorted(pairs, key=lambda x: (-x[2], x[0], x[1]))[:top]

@@ -51,3 +51,52 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_prediction(original, digit, probabilities, path: Path, title: str) -> Path:
+    """The image as given, the 28x28 the model saw, and the probabilities as a bar chart."""
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(10, 3.2), gridspec_kw={"width_ratios": [1.3, 1, 1.6]})
+    a.imshow(original)
+    a.set_title("original")
+    b.imshow(digit, cmap="gray", vmin=0, vmax=1)
+    b.set_title("what the model saw (28x28)")
+    for ax in (a, b):
+        ax.axis("off")
+    best = max(range(10), key=lambda d: probabilities[d])
+    c.bar(range(10), probabilities, color=["tab:orange" if d == best else "tab:blue" for d in range(10)])
+    c.set(xticks=range(10), ylim=(0, 1), xlabel="digit", ylabel="probability")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], path: Path, title: str) -> Path:
+    """The confusion matrix with counts; the diagonal is left pale so the mistakes stand out."""
+    import numpy as np
+
+    counts = np.array(matrix)
+    off = counts.copy()
+    np.fill_diagonal(off, 0)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    image = ax.imshow(off, cmap="Reds")
+    for (i, j), v in np.ndenumerate(counts):
+        if v:
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="black" if i != j else "grey")
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title=title)
+    fig.colorbar(image, ax=ax, label="mistakes")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_gallery(images, captions: Sequence[str], path: Path, title: str, columns: int = 10) -> Path:
+    """A grid of 28x28 digits, each with a caption."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.35), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

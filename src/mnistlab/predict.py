@@ -1,23 +1,191 @@
-"""Using a trained model: evaluate it on a test set (and, later, classify images)."""
+"""Using a trained model: evaluate it on a test set, average several into an ensemble, classify image files."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from mnistlab.checkpoint import load_model
+import torch
+
+from mnistlab.checkpoint import LoadedModel, load_model, save_ensemble, write_json
 from mnistlab.data import load_data
+from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import Evaluation, evaluate_model
-from mnistlab.losses import make_loss
+from mnistlab.preprocess import Preprocessed, load_image, preprocess
 from mnistlab.training import resolve_device
 
 
-def evaluate(model_path: str | Path, data_dir: str | Path | None = None, device: str = "auto") -> Evaluation:
-    """Evaluate a saved model on the test split of the dataset it was trained on."""
+def evaluate(
+    model_path: str | Path | None = None, data_dir: str | Path | None = None, device: str = "auto"
+) -> Evaluation:
+    """Evaluate a saved model (default: the bundled one) on the test split of the dataset it was trained on."""
     dev = resolve_device(device)
     loaded = load_model(model_path, dev)
     data = load_data(loaded.metadata.get("dataset", "mnist"), data_dir, val_size=0, device=dev)
-    meta = loaded.metadata
-    loss_fn = make_loss(
-        meta.get("loss", "cross-entropy"), loaded.model_config.softmax_output, meta.get("label_smoothing", 0.0)
+    return evaluate_model(loaded.model, data.test, loaded.loss_fn())
+
+
+def make_ensemble(
+    members: list[str | Path],
+    out_dir: str | Path,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    force: bool = False,
+) -> dict:
+    """Average `members` into one model file in `out_dir`, and measure it and its members on the test set.
+
+    The ensemble is then a model like any other: evaluate, predict and export take `out_dir`.
+    """
+    from mnistlab.training import check_run_dir, make_run_dir
+
+    out = check_run_dir(out_dir, force)
+    if len(members) < 2:
+        raise MnistlabError("an ensemble needs at least two members")
+    dev = resolve_device(device)
+    loaded = [load_model(m, dev) for m in members]  # validates every member before anything is written
+    datasets = {m.metadata.get("dataset", "mnist") for m in loaded}
+    if len(datasets) > 1:
+        raise MnistlabError(f"the members were trained on different datasets ({', '.join(sorted(datasets))})")
+    dataset = datasets.pop()
+    data = load_data(dataset, data_dir, val_size=0, device=dev)
+    accuracies = {str(m): evaluate_model(lm.model, data.test, lm.loss_fn()).accuracy for m, lm in zip(members, loaded)}
+    make_run_dir(out)
+    save_ensemble([Path(m) for m in members], out, {"dataset": dataset, "members": accuracies})
+    ensemble = load_model(out, dev)
+    result = evaluate_model(ensemble.model, data.test, ensemble.loss_fn())
+    summary = {"accuracy": result.accuracy, "loss": result.loss, "members": accuracies}
+    write_json(out / "metrics.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
+
+
+@dataclass
+class Prediction:
+    """What the model made of one image file (or why it could not)."""
+
+    path: str
+    label: int | None = None
+    confidence: float | None = None
+    probabilities: list[float] | None = None
+    error: str | None = None
+    preprocessed: Preprocessed | None = None
+
+    def to_dict(self) -> dict:
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        return {
+            "path": self.path,
+            "label": self.label,
+            "confidence": self.confidence,
+            "probabilities": self.probabilities,
+        }
+
+
+def image_files(paths: list[str | Path]) -> Iterator[tuple[str, str | None]]:
+    """(path, problem) for each image named or found in a named folder (walked recursively, sorted)."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                yield str(path), f"{path}: no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            for p in found:
+                yield str(p), None
+        else:
+            yield str(path), None  # a named file is tried whatever its suffix; load_image says what is wrong
+
+
+@torch.inference_mode()
+def classify(model: LoadedModel, images: list[torch.Tensor]) -> torch.Tensor:
+    """Probabilities (N, 10) for preprocessed images (each (28, 28) in [0, 1])."""
+    device = next(model.model.parameters()).device
+    batch = torch.stack(images).to(device)
+    return model.probabilities_of(model.model(batch)).float().cpu()
+
+
+def predict_images(
+    paths: list[str | Path],
+    model: LoadedModel,
+    invert: bool | None = None,
+    keep_preprocessed: bool = False,
+    chunk: int = 256,
+) -> Iterator[Prediction]:
+    """Classify image files (and folders of them), in order; a file that cannot be used yields its error."""
+    pending: list[Prediction] = []
+    tensors: list[torch.Tensor] = []
+
+    def flush() -> Iterator[Prediction]:
+        if tensors:
+            for prediction, probs in zip([p for p in pending if p.error is None], classify(model, tensors)):
+                prediction.label = int(probs.argmax())
+                prediction.confidence = float(probs.max())
+                prediction.probabilities = [round(float(p), 6) for p in probs]
+        yield from pending
+        pending.clear()
+        tensors.clear()
+
+    for path, problem in image_files(paths):
+        if problem is None:
+            try:
+                pre = preprocess(load_image(path), invert=invert)
+            except MnistlabError as exc:
+                problem = str(exc)
+        if problem is not None:
+            pending.append(Prediction(path, error=problem))
+            continue
+        pending.append(Prediction(path, preprocessed=pre if keep_preprocessed else None))
+        tensors.append(pre.tensor)
+        if len(tensors) >= chunk:
+            yield from flush()
+    yield from flush()
+
+
+def inspect(
+    model_path: str | Path | None, out_dir: str | Path, data_dir: str | Path | None = None, device: str = "auto"
+) -> dict:
+    """Where a model goes wrong on the test set: confusion-matrix figure, the most-confused digit pairs, and a
+    gallery of misclassified digits with true label, prediction and confidence. Returns a summary."""
+    from mnistlab.evaluation import most_confused, predict_scores
+    from mnistlab.plots import plot_confusion, plot_gallery
+
+    dev = resolve_device(device)
+    loaded = load_model(model_path, dev)
+    test = load_data(loaded.metadata.get("dataset", "mnist"), data_dir, val_size=0, device=dev).test
+    result = evaluate_model(loaded.model, test, loaded.loss_fn())
+    probs = loaded.probabilities_of(predict_scores(loaded.model, test.images)).float().cpu()
+    confidence, predicted = probs.max(1)
+    wrong = (predicted != test.labels.cpu()).nonzero().flatten()
+    wrong = wrong[confidence[wrong].argsort(descending=True)]  # the most confident mistakes first
+    out = Path(out_dir)
+    name = str(model_path) if model_path else "bundled model"
+    plot_confusion(result.confusion_matrix, out / "confusion.png", f"{name}: {100 * result.accuracy:.2f}% correct")
+    shown = wrong[:100]
+    plot_gallery(
+        test.images.cpu()[shown].numpy(),
+        [f"{int(test.labels[i])} → {int(predicted[i])} ({100 * float(confidence[i]):.0f}%)" for i in shown],
+        out / "misclassified.png",
+        f"{len(wrong)} misclassified test digits (true → predicted, confidence), most confident first",
     )
-    return evaluate_model(loaded.model, data.test, loss_fn, loaded.normalize)
+    summary = {
+        "accuracy": result.accuracy,
+        "errors": len(wrong),
+        "most_confused": [
+            {"true": t, "predicted": p, "count": n} for t, p, n in most_confused(result.confusion_matrix)
+        ],
+        "misclassified": [
+            {
+                "index": int(i),
+                "true": int(test.labels[i]),
+                "predicted": int(predicted[i]),
+                "confidence": float(confidence[i]),
+            }
+            for i in wrong
+        ],
+    }
+    write_json(out / "inspection.json", summary)
+    return summary

@@ -8,6 +8,8 @@ RNG states, metrics) replaces the previous one atomically, so a run can be resum
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import shutil
 import sys
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from mnistlab.augment import augment_batch, is_active
 from mnistlab.checkpoint import (
     CHECKPOINT,
     atomic_write_text,
@@ -30,7 +33,7 @@ from mnistlab.checkpoint import (
     write_json,
 )
 from mnistlab.config import Config, OptimizerConfig, TrainingConfig, load_config
-from mnistlab.data import MnistData, batches, load_data, to_float
+from mnistlab.data import MnistData, batches, load_data, standardize_, to_float
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import loss_and_accuracy
 from mnistlab.losses import make_loss
@@ -221,6 +224,44 @@ def resume(
     return _fit(saved, run_dir, (tensors, state), data_dir, device, quiet, data, tensorboard, on_epoch_end)
 
 
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast where the hardware does bf16 natively (CUDA; CPUs with AMX or AVX512-BF16, where
+    it made CNN epochs about 1.4x faster here), plain float32 elsewhere."""
+    if device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return torch.autocast(device.type, torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+class _Ema:
+    """An exponential moving average of a model's weights, updated after every optimizer step.
+
+    The decay ramps up from about 0.1 over the first steps ((1 + n) / (10 + n)), so early weights do not
+    linger. BatchNorm statistics are copied from the live model rather than averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.steps = decay, 0
+        self._live = model
+        self._params = [p for p in model.parameters()]
+        self._averaged = [p for p in self.model.parameters()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self._averaged, self._params, 1 - decay)
+
+    @torch.no_grad()
+    def copy_buffers(self) -> None:
+        for averaged, live in zip(self.model.buffers(), self._live.buffers()):
+            averaged.copy_(live)
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer's state into tensors (for safetensors) and JSON-able values."""
     sd = optimizer.state_dict()
@@ -270,21 +311,34 @@ def _fit(
 
     torch.manual_seed(t.seed)  # model initialisation
     model = build_model(config.model).to(dev)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model.parameters(), config.optimizer)
     scheduler = make_scheduler(optimizer, t, steps)
     loss_fn = make_loss(t.loss, config.model.softmax_output, t.label_smoothing)
     shuffle = torch.Generator().manual_seed(t.seed)
+    augmenting = is_active(config.augment)
+    warp = torch.Generator(device=dev).manual_seed(t.seed + 1)
+    ema = _Ema(model, t.ema_decay) if t.ema_decay else None
+    evaluated = ema.model if ema else model  # what is evaluated, selected and saved
+    autocast = _autocast(dev) if t.amp else contextlib.nullcontext()
     tracker = _Improvement(t.monitor, t.min_delta)
-    run = Run(config, model, run_dir=run_dir)
+    run = Run(config, evaluated, run_dir=run_dir)
     best_weights: dict[str, torch.Tensor] | None = None
     if checkpoint is not None:
         tensors, state = checkpoint
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        model.load_state_dict(_prefixed(tensors, "model."))
         _restore_optimizer(optimizer, tensors, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
         shuffle.set_state(tensors["rng.shuffle"])
-        best_weights = {k[5:]: v.to(dev) for k, v in tensors.items() if k.startswith("best.")} or None
+        warp.set_state(tensors["rng.warp"])
+        if dev.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
+        if ema:
+            ema.model.load_state_dict(_prefixed(tensors, "ema."))
+            ema.steps = state["ema_steps"]
+        best_weights = {k: v.to(dev) for k, v in _prefixed(tensors, "best.").items()} or None
         tracker = _Improvement(t.monitor, t.min_delta, state["tracker"])
         run.epochs = state["epochs"]
 
@@ -304,31 +358,44 @@ def _fit(
             correct = torch.zeros((), dtype=torch.int64, device=dev)
             bar = log.bar(steps, f"epoch {epoch}/{t.epochs}")
             for batch in batches(data.train, t.batch_size, shuffle):
-                out = model(to_float(batch.images, normalize))
-                loss = loss_fn(out, batch.labels)
+                x = to_float(batch.images)
+                if augmenting:
+                    x = augment_batch(x, config.augment, warp)
+                with autocast:
+                    out = model(standardize_(x, normalize))
+                    loss = loss_fn(out, batch.labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                if ema:
+                    ema.update()
                 loss_sum += loss.detach() * len(batch)
                 correct += (out.detach().argmax(1) == batch.labels).sum()
                 bar.update()
             bar.close()
+            if ema:
+                ema.copy_buffers()
             train_seconds = time.perf_counter() - start
             record: dict[str, Any] = {
                 "epoch": epoch,
                 "train_loss": loss_sum.item() / len(data.train),
                 "train_accuracy": correct.item() / len(data.train),
             }
-            if data.val is not None:
-                record["val_loss"], record["val_accuracy"] = loss_and_accuracy(model, data.val, loss_fn, normalize)
-            record["test_loss"], record["test_accuracy"] = loss_and_accuracy(model, data.test, loss_fn, normalize)
+            with autocast:
+                if data.val is not None:
+                    record["val_loss"], record["val_accuracy"] = loss_and_accuracy(
+                        evaluated, data.val, loss_fn, normalize
+                    )
+                record["test_loss"], record["test_accuracy"] = loss_and_accuracy(
+                    evaluated, data.test, loss_fn, normalize
+                )
             record["lr"] = scheduler.get_last_lr()[0]
             record["train_seconds"] = train_seconds
             record["seconds"] = time.perf_counter() - start
             run.epochs.append(record)
             if tracker.update(epoch, record) and t.early_stopping:
-                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_weights = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
             stop = bool(t.early_stopping) and tracker.bad_epochs >= t.early_stopping
             run.stop_reason = "early_stopping" if stop else "epoch_limit"
             log.line(_epoch_line(record, t.epochs))
@@ -339,10 +406,15 @@ def _fit(
             if run_dir is not None:
                 tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
                 tensors.update({f"best.{k}": v for k, v in (best_weights or {}).items()})
+                if ema:
+                    tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
                 opt_tensors, opt_state = _optimizer_tensors(optimizer)
                 tensors.update(opt_tensors)
                 tensors["rng.torch"] = torch.get_rng_state()
                 tensors["rng.shuffle"] = shuffle.get_state()
+                tensors["rng.warp"] = warp.get_state()
+                if dev.type == "cuda":
+                    tensors["rng.cuda"] = torch.cuda.get_rng_state(dev)
                 state = {
                     "epoch": epoch,
                     "epochs": run.epochs,
@@ -350,6 +422,7 @@ def _fit(
                     "scheduler": scheduler.state_dict(),
                     "tracker": tracker.state(),
                     "stop_reason": run.stop_reason,
+                    "ema_steps": ema.steps if ema else 0,
                 }
                 save_checkpoint(run_dir / CHECKPOINT, tensors, state)
                 write_json(run_dir / "metrics.json", _metrics(run, tracker, dev))
@@ -373,7 +446,7 @@ def _fit(
             writer.close()
 
     if t.early_stopping and best_weights is not None:
-        model.load_state_dict(best_weights)  # always end on the best epoch, however the run ended
+        evaluated.load_state_dict(best_weights)  # always end on the best epoch, however the run ended
         run.best_epoch = tracker.best_epoch
     elif tracker.best_epoch is not None:
         run.best_epoch = tracker.best_epoch

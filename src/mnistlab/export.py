@@ -1,0 +1,86 @@
+"""ONNX export of a saved model, checked against PyTorch on real test images.
+
+The exported graph takes `images` (N, 28, 28) float32 with pixels in [0, 1] (N free) and returns
+`probabilities` (N, 10), whatever the model's own output was (logits, Softmax, ensemble).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mnistlab.checkpoint import LoadedModel, load_model
+from mnistlab.data import load_data, to_float
+from mnistlab.errors import MnistlabError
+
+
+class _Probabilities(nn.Module):
+    def __init__(self, loaded: LoadedModel):
+        super().__init__()
+        self.model, self.probabilities = loaded.model, loaded.probabilities
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(images)
+        return out if self.probabilities else out.softmax(1)
+
+
+@dataclass
+class ExportCheck:
+    path: Path
+    images: int
+    max_abs_diff: float
+    argmax_agreement: float
+
+
+def export_onnx(
+    model_path: str | Path | None, onnx_path: str | Path, data_dir: str | Path | None = None, check_images: int = 1000
+) -> ExportCheck:
+    """Export to ONNX (dynamic batch), then run onnxruntime and PyTorch on `check_images` test images and
+    require probabilities within 1e-4 and the same predicted digit for every image."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MnistlabError("ONNX export needs onnx and onnxruntime: pip install 'mnistlab[onnx]'") from None
+    loaded = load_model(model_path, "cpu")
+    module = _Probabilities(loaded).eval()
+    out = Path(onnx_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.rand(2, 28, 28)
+    batch = torch.export.Dim("batch", min=1)
+    # The exporter reports its progress on stdout and warns about optional torchvision ops and its own
+    # deprecations on stderr; none of it concerns the user, so keep the command's output clean.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(out),
+            input_names=["images"],
+            output_names=["probabilities"],
+            dynamic_shapes={"images": {0: batch}},
+            dynamo=True,
+            external_data=False,
+        )
+    images = load_data(loaded.metadata.get("dataset", "mnist"), data_dir, val_size=0).test.images[:check_images]
+    x = to_float(images)
+    with torch.inference_mode():
+        expected = module(x).numpy()
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(["probabilities"], {"images": x.numpy()})[0]
+    diff = float(abs(got - expected).max())
+    agreement = float((got.argmax(1) == expected.argmax(1)).mean())
+    if diff >= 1e-4 or agreement < 1.0:
+        out.unlink(missing_ok=True)
+        raise MnistlabError(
+            f"ONNX check failed: max probability difference {diff:.2e}, argmax agreement {agreement:.4f}; "
+            "nothing was written"
+        )
+    return ExportCheck(out, len(x), diff, agreement)

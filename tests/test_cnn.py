@@ -1,0 +1,155 @@
+"""CNN configs, batched augmentation, EMA, ensembles and the bundled pretrained model, on the real MNIST."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mnistlab.augment import augment_batch
+from mnistlab.checkpoint import bundled_model_path, load_model
+from mnistlab.config import AugmentConfig, load_config
+from mnistlab.data import MnistData, Split, to_float
+from mnistlab.evaluation import evaluate_model, predict_scores
+from mnistlab.models import build_model, count_parameters
+from mnistlab.predict import make_ensemble
+from mnistlab.training import resume, train
+
+from .test_cli import assert_user_error, mnistlab
+
+AFFINE = AugmentConfig(rotate=10, scale=0.1, shear=8, translate=2)
+
+
+def subset(data: MnistData, n_train: int, n_eval: int) -> MnistData:
+    def head(s: Split, n: int) -> Split:
+        return Split(s.images[:n], s.labels[:n])
+
+    return MnistData(
+        data.name, head(data.train, n_train), head(data.val, n_eval), head(data.test, n_eval), data.mean, data.std
+    )
+
+
+def test_cnn_configs_build_the_right_shapes():
+    examples = build_model(load_config("cnn-examples").model)
+    assert count_parameters(examples) == 1_199_882  # the pytorch/examples network, parameter for parameter
+    for name in ("cnn-examples", "cnn-fast", "cnn-best"):
+        model = build_model(load_config(name).model).eval()
+        assert model(torch.rand(3, 28, 28)).shape == (3, 10)
+
+
+def test_bad_layer_lists_are_config_errors():
+    from mnistlab.config import config_from_dict
+    from mnistlab.errors import MnistlabError
+
+    for layers, message in [
+        (["conv 8 3", "flatten", "linear 5"], "end with 'linear 10'"),
+        (["conv 8 3", "wobble", "flatten", "linear 10"], "unknown layer 'wobble'"),
+        (["conv 8 29", "flatten", "linear 10"], "leaves nothing"),
+        ([], "must list"),
+    ]:
+        with pytest.raises(MnistlabError, match=message):
+            config_from_dict({"model": {"kind": "cnn", "layers": layers}})
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+
+def test_augmentation_keeps_images_in_range_and_labels_valid(mnist_data):
+    images = to_float(mnist_data.test.images[:1000])
+    warped = augment_batch(images, AFFINE, torch.Generator().manual_seed(0))
+    assert warped.shape == images.shape and warped.dtype == torch.float32
+    assert warped.min() >= 0 and warped.max() <= 1
+    assert (warped - images).abs().mean() > 0.01  # it did something
+    ink = warped.sum((1, 2)) / images.sum((1, 2))
+    assert ink.min() > 0.6 and ink.max() < 1.6  # digits are moved and bent, not cut off or smeared out
+    again = augment_batch(images, AFFINE, torch.Generator().manual_seed(0))
+    assert torch.equal(warped, again)  # seeded: reproducible
+    # The labels stay right: the bundled model still reads the warped digits.
+    model = load_model().model
+    predicted = model(warped).argmax(1)
+    assert (predicted == mnist_data.test.labels[:1000]).float().mean() >= 0.97
+
+
+def test_no_augmentation_is_the_identity(mnist_data):
+    images = to_float(mnist_data.test.images[:64])
+    same = augment_batch(images, AugmentConfig(), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(same, images, atol=1e-5, rtol=0)
+
+
+def test_elastic_distortion_is_smooth_and_bounded(mnist_data):
+    images = to_float(mnist_data.test.images[:256])
+    elastic = augment_batch(images, AugmentConfig(elastic_alpha=2.0), torch.Generator().manual_seed(1))
+    assert elastic.min() >= 0 and elastic.max() <= 1
+    assert 0.01 < (elastic - images).abs().mean() < 0.2
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_cnn_with_augmentation_and_ema_resumes_exactly(mnist_data, tmp_path):
+    data = subset(mnist_data, 1500, 500)
+    config = load_config("cnn-best").with_overrides({"training.epochs": 3, "training.batch_size": 100})
+    whole = train(config, tmp_path / "whole", quiet=True, data=data, device="cpu")
+
+    def stop_after_one(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "cut", quiet=True, data=data, device="cpu", on_epoch_end=stop_after_one)
+    resumed = resume(tmp_path / "cut", quiet=True, data=data, device="cpu")
+    strip = [{k: v for k, v in e.items() if "seconds" not in k} for e in whole.epochs]
+    assert [{k: v for k, v in e.items() if "seconds" not in k} for e in resumed.epochs] == strip
+    assert whole.final["test_accuracy"] > 0.9
+    # The saved model is the EMA one that was evaluated.
+    loaded = load_model(tmp_path / "whole")
+    assert evaluate_model(loaded.model, data.test, loaded.loss_fn()).accuracy == whole.final["test_accuracy"]
+
+
+# ---------------------------------------------------------------------------------------------- ensembles
+
+
+def test_ensemble_averages_member_probabilities(mnist_data, mnist_path, tmp_path):
+    data = subset(mnist_data, 3000, 1000)
+    members = []
+    for i, name in enumerate(("seed-b-fixed", "seed-b")):  # one logits member, one Softmax-output member
+        config = load_config(name).with_overrides({"training.epochs": 1, "training.seed": i})
+        train(config, tmp_path / f"m{i}", quiet=True, data=data)
+        members.append(tmp_path / f"m{i}")
+    summary = make_ensemble(members, tmp_path / "ens", data_dir=mnist_path)
+    ensemble = load_model(tmp_path / "ens")
+    assert ensemble.probabilities and len(ensemble.configs) == 2
+
+    images = mnist_data.test.images[:500]
+    expected = torch.stack(
+        [load_model(m).probabilities_of(predict_scores(load_model(m).model, images)) for m in members]
+    ).mean(0)
+    got = predict_scores(ensemble.model, images)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got.sum(1), torch.ones(500))
+    assert json.loads((tmp_path / "ens" / "metrics.json").read_text())["accuracy"] == summary["accuracy"]
+    assert summary["accuracy"] >= min(summary["members"].values())
+
+    # An ensemble is a model like any other for the CLI.
+    result = mnistlab("evaluate", str(tmp_path / "ens"), "--json", "--data-dir", str(mnist_path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["accuracy"] == summary["accuracy"]
+    assert_user_error(mnistlab("ensemble", str(members[0]), "--out", str(tmp_path / "one")), "at least two")
+    assert_user_error(mnistlab("ensemble", *map(str, members), "--out", str(tmp_path / "ens")), "--force")
+
+
+# ---------------------------------------------------------------------------------------------- bundled model
+
+
+def test_bundled_model_classifies_the_first_test_digits(mnist_data):
+    assert bundled_model_path().is_file()
+    loaded = load_model()  # no path: the model shipped inside the package, no network needed
+    predicted = predict_scores(loaded.model, mnist_data.test.images[:100]).argmax(1)
+    assert (predicted != mnist_data.test.labels[:100]).sum() <= 1
+
+
+def test_evaluate_without_a_model_uses_the_bundled_one(mnist_path):
+    result = mnistlab("evaluate", "--json", "--data-dir", str(mnist_path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["accuracy"] >= 0.997
