@@ -10,24 +10,16 @@ import torch
 from mnistlab.augment import augment_batch
 from mnistlab.checkpoint import bundled_model_path, load_model
 from mnistlab.config import AugmentConfig, load_config
-from mnistlab.data import MnistData, Split, to_float
+from mnistlab.data import to_float
 from mnistlab.evaluation import evaluate_model, predict_scores
 from mnistlab.models import build_model, count_parameters
 from mnistlab.predict import make_ensemble
-from mnistlab.training import resume, train
+from mnistlab.training import train
 
+from .helpers import interrupted_and_resumed, subset, without_time
 from .test_cli import assert_user_error, mnistlab
 
 AFFINE = AugmentConfig(rotate=10, scale=0.1, shear=8, translate=2)
-
-
-def subset(data: MnistData, n_train: int, n_eval: int) -> MnistData:
-    def head(s: Split, n: int) -> Split:
-        return Split(s.images[:n], s.labels[:n])
-
-    return MnistData(
-        data.name, head(data.train, n_train), head(data.val, n_eval), head(data.test, n_eval), data.mean, data.std
-    )
 
 
 def test_cnn_configs_build_the_right_shapes():
@@ -91,16 +83,8 @@ def test_cnn_with_augmentation_and_ema_resumes_exactly(mnist_data, tmp_path):
     data = subset(mnist_data, 1500, 500)
     config = load_config("cnn-best").with_overrides({"training.epochs": 3, "training.batch_size": 100})
     whole = train(config, tmp_path / "whole", quiet=True, data=data, device="cpu")
-
-    def stop_after_one(record):
-        if record["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "cut", quiet=True, data=data, device="cpu", on_epoch_end=stop_after_one)
-    resumed = resume(tmp_path / "cut", quiet=True, data=data, device="cpu")
-    strip = [{k: v for k, v in e.items() if "seconds" not in k} for e in whole.epochs]
-    assert [{k: v for k, v in e.items() if "seconds" not in k} for e in resumed.epochs] == strip
+    resumed = interrupted_and_resumed(config, tmp_path / "cut", data, after=1)
+    assert without_time(resumed.epochs) == without_time(whole.epochs)
     assert whole.final["test_accuracy"] > 0.9
     # The saved model is the EMA one that was evaluated.
     loaded = load_model(tmp_path / "whole")

@@ -18,27 +18,13 @@ import torch.nn.functional as F
 
 from mnistlab.checkpoint import load_model
 from mnistlab.config import load_config
-from mnistlab.data import MnistData, Split
 from mnistlab.evaluation import evaluate_model
 from mnistlab.losses import make_loss
 from mnistlab.reports import compare
-from mnistlab.training import make_optimizer, make_scheduler, resume, train
+from mnistlab.training import make_optimizer, make_scheduler, train
 
+from .helpers import interrupted_and_resumed, subset, without_time
 from .test_cli import assert_user_error, mnistlab
-
-
-def subset(data: MnistData, n_train: int, n_eval: int) -> MnistData:
-    def head(s: Split, n: int) -> Split:
-        return Split(s.images[:n], s.labels[:n])
-
-    return MnistData(
-        data.name, head(data.train, n_train), head(data.val, n_eval), head(data.test, n_eval), data.mean, data.std
-    )
-
-
-def without_time(epochs: list[dict]) -> list[dict]:
-    return [{k: v for k, v in e.items() if "seconds" not in k} for e in epochs]
-
 
 # ---------------------------------------------------------------------------------------------- early stopping
 
@@ -107,17 +93,7 @@ def test_interrupted_run_resumes_to_identical_metrics(mnist_data, tmp_path):
         }
     )
     whole = train(config, tmp_path / "whole", quiet=True, data=data, device="cpu")
-
-    def interrupt_after_two(record):
-        if record["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "cut", quiet=True, data=data, device="cpu", on_epoch_end=interrupt_after_two)
-    assert len(json.loads((tmp_path / "cut" / "metrics.json").read_text())["epochs"]) == 2
-    assert not (tmp_path / "cut" / "model.safetensors").exists()
-
-    resumed = resume(tmp_path / "cut", quiet=True, data=data, device="cpu")
+    resumed = interrupted_and_resumed(config, tmp_path / "cut", data, after=2)
     assert without_time(resumed.epochs) == without_time(whole.epochs)
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)

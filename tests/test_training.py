@@ -9,25 +9,10 @@ import torch
 
 from mnistlab.checkpoint import load_model
 from mnistlab.config import load_config
-from mnistlab.data import MnistData, Split
 from mnistlab.evaluation import evaluate_model
 from mnistlab.training import train
 
-
-def subset(data: MnistData, n_train: int, n_eval: int) -> MnistData:
-    """The first images of each split, for tests that need real data but not all of it."""
-
-    def head(s: Split, n: int) -> Split:
-        return Split(s.images[:n], s.labels[:n])
-
-    return MnistData(
-        data.name,
-        head(data.train, n_train),
-        head(data.val, n_eval),
-        head(data.test, n_eval),
-        data.mean,
-        data.std,
-    )
+from .helpers import subset
 
 
 def test_one_epoch_of_seed_b_fixed_reaches_95_percent(mnist_data, tmp_path):
