@@ -41,6 +41,7 @@ STUDIES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
         ("adamw", "seed-b-fixed", {"optimizer.name": "adamw", "optimizer.lr": 0.001, "optimizer.weight_decay": 0.01}),
         ("rmsprop", "seed-b-fixed", {"optimizer.name": "rmsprop", "optimizer.lr": 0.001}),
         ("adagrad", "seed-b-fixed", {"optimizer.name": "adagrad", "optimizer.lr": 0.01}),
+        ("adadelta", "seed-b-fixed", {"optimizer.name": "adadelta", "optimizer.lr": 1.0}),
         (
             "adam-onecycle",
             "seed-b-fixed",
