@@ -1,12 +1,13 @@
 """One training epoch of the report's network B (784-512-10, Adam, batch 64) three ways, in one process.
 
 1. The typical tutorial pipeline: a Dataset that turns each image into a PIL image and then a tensor
-   (torchvision's MNIST + ToTensor, reimplemented here without torchvision), batched by a DataLoader,
-   default Adam.
+   (what torchvision's MNIST + ToTensor do per sample, reimplemented here without torchvision), batched by a
+   DataLoader, default Adam, and the epoch's loss and accuracy summed per batch with `.item()` as a
+   Keras-style report of both per epoch does.
 2. mnistlab's loop: the whole split as one uint8 tensor, batches by indexing, per-batch conversion, fused
    Adam (`mnistlab.train`).
 3. The compute floor: forward + backward + step on batches already converted to float and sliced in order,
-   fused Adam: no data work at all.
+   fused Adam, subnormals flushed to zero as the trainer does: no data work at all.
 
 Run: .venv/bin/python benchmarks/epoch_speed.py [--data-dir DIR] [--repeats 3]
 """
@@ -28,27 +29,42 @@ from mnistlab.training import train
 
 
 class PerSampleMnist(Dataset):
-    """What torchvision.datasets.MNIST(transform=ToTensor()) does for each sample."""
+    """What torchvision.datasets.MNIST does for each sample with the report's transforms: a row of the uint8
+    tensor becomes a PIL image, ToTensor turns it back into a (1, 28, 28) float tensor in [0, 1], and Flatten
+    makes it the 784 values the network takes."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.data, self.targets = images, labels
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.targets)
 
     def __getitem__(self, i: int):
-        image = Image.fromarray(self.images[i], mode="L")
-        tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).float().div(255).unsqueeze(0)  # ToTensor
-        return tensor, int(self.labels[i])
+        image, target = self.data[i], int(self.targets[i])
+        image = Image.fromarray(image.numpy(), mode="L")
+        for transform in (to_tensor, torch.flatten):  # the report's Compose([ToTensor(), Flatten])
+            image = transform(image)
+        return image, target
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """ToTensor on a PIL image: array, view as HxWxC, to CxHxW, contiguous, to float, / 255."""
+    tensor = torch.from_numpy(np.array(image, np.uint8, copy=True))
+    tensor = tensor.view(image.size[1], image.size[0], 1).permute((2, 0, 1)).contiguous()
+    return tensor.to(dtype=torch.get_default_dtype()).div(255)
 
 
 def dataloader_epoch(loader: DataLoader, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     loss_fn = torch.nn.CrossEntropyLoss()
+    total_loss, correct = 0.0, 0
     for x, y in loader:
+        pred = model(x)
+        loss = loss_fn(pred, y)
         optimizer.zero_grad()
-        loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
+        total_loss += loss.item() * len(y)
+        correct += (pred.argmax(1) == y).type(torch.float).sum().item()
 
 
 def floor_epoch(xs: list[torch.Tensor], ys: list[torch.Tensor], model, optimizer) -> None:
@@ -71,7 +87,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = build_model(config.model)
-    loader = DataLoader(PerSampleMnist(train_images.numpy(), train_labels.numpy()), batch_size=64, shuffle=True)
+    loader = DataLoader(PerSampleMnist(train_images, train_labels), batch_size=64, shuffle=True)
     typical, typical_all = median_time(
         lambda: dataloader_epoch(loader, model, torch.optim.Adam(model.parameters(), lr=1e-3)), args.repeats
     )
@@ -84,6 +100,8 @@ def main() -> None:
     median_time(ours, args.repeats)
     mnistlab_s = float(np.median(epochs))  # the loop alone, as the trainer times it (no evaluation)
 
+    # The floors use the trainer's one global setting too: subnormal floats flushed to zero.
+    torch.set_flush_denormal(True)
     xs = [train_images[i : i + 64].float().div(255) for i in range(0, n, 64)]
     ys = [train_labels[i : i + 64] for i in range(0, n, 64)]
     model = build_model(config.model)

@@ -33,7 +33,7 @@ def test_help_on_every_command():
         assert result.returncode == 0
         assert "usage: mnistlab" in result.stdout
     assert "(default: None)" not in mnistlab("train", "--help").stdout  # overrides default to the config
-    assert "(default: runs/reproduce)" in " ".join(mnistlab("reproduce", "--help").stdout.split())
+    assert "(default: runs/reproduce, runs/study-<name>)" in " ".join(mnistlab("reproduce", "--help").stdout.split())
 
 
 def test_configs_lists_the_seed_networks():

@@ -8,8 +8,6 @@ Loading checks the JSON against the weights (names and shapes) before anything r
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -22,31 +20,12 @@ from torch import nn
 
 from mnistlab.config import ModelConfig, config_from_dict
 from mnistlab.errors import MnistlabError
+from mnistlab.files import replacing, write_json
 from mnistlab.losses import LossFn, make_loss
 from mnistlab.models import Ensemble, Standardized, build_model
 
 FORMAT = "mnistlab-model"
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 @dataclass
@@ -79,15 +58,9 @@ def _describe(model_config: ModelConfig, normalize: tuple[float, float] | None) 
 
 
 def _save(tensors: dict[str, torch.Tensor], folder: Path, stem: str, description: dict[str, Any]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
     weights = folder / f"{stem}.safetensors"
-    fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with replacing(weights) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": FORMAT})
-        os.replace(tmp, weights)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     write_json(folder / f"{stem}.json", {"format": FORMAT, "format_version": FORMAT_VERSION, **description})
     return weights
 
@@ -212,13 +185,8 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict[st
     Keeping both in one file means a crash can never pair new weights with an old state.
     """
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "mnistlab-checkpoint", "state": json.dumps(state)})
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

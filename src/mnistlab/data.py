@@ -12,7 +12,6 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -25,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from mnistlab.errors import MnistlabError
+from mnistlab.files import replacing
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
@@ -282,6 +282,20 @@ def _checksum_ok(path: Path, file: DataFile) -> bool:
 # ---------------------------------------------------------------------------------------------- download
 
 
+class _ChecksumMismatch(Exception):
+    pass
+
+
+def _fetch(url: str, out: Path, timeout: float, label: str) -> None:
+    """Stream `url` into `out`, with a progress bar on a terminal."""
+    with out.open("wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=not sys.stderr.isatty()) as bar:
+            while chunk := response.read(1 << 16):
+                f.write(chunk)
+                bar.update(len(chunk))
+
+
 def download_file(file: DataFile, folder: Path, mirrors: Sequence[str], timeout: float = 30.0) -> Path:
     """Fetch `file` from the first mirror that serves it intact, into `folder`, atomically.
 
@@ -289,32 +303,21 @@ def download_file(file: DataFile, folder: Path, mirrors: Sequence[str], timeout:
     checksum mismatch tries the next mirror; nothing partial or corrupt is ever left behind.
     """
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / file.name
     failures = []
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + file.name
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".part", dir=folder)
-        tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(
-                    total=total, unit="B", unit_scale=True, desc=file.name, disable=not sys.stderr.isatty()
-                ) as bar:
-                    while chunk := response.read(1 << 16):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-            if not _checksum_ok(tmp, file):
-                failures.append(f"{url}: checksum mismatch")
-                continue
-            os.replace(tmp, target)
+            with replacing(target) as tmp:
+                _fetch(url, tmp, timeout, file.name)
+                if not _checksum_ok(tmp, file):
+                    raise _ChecksumMismatch
             return target
+        except _ChecksumMismatch:
+            failures.append(f"{url}: checksum mismatch")
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             failures.append(f"{url}: {getattr(exc, 'reason', exc)}")
-        finally:
-            tmp.unlink(missing_ok=True)
-    if created:
+    if created and folder.exists():
         folder.rmdir()  # leave no trace of a failed download
     raise MnistlabError(f"could not download {file.name}: " + "; ".join(failures))
 

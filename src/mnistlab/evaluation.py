@@ -69,13 +69,21 @@ def evaluate_model(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     normalize: tuple[float, float] | None = None,
 ) -> Evaluation:
-    """Full evaluation of a model on a split."""
-    loss, accuracy = loss_and_accuracy(model, split, loss_fn, normalize)
-    predicted = predict_scores(model, split.images, normalize).argmax(1).cpu()
-    truth = split.labels.cpu()
+    """Full evaluation of a model on a split (one pass over the images)."""
+    return evaluate_scores(predict_scores(model, split.images, normalize), split.labels, loss_fn)
+
+
+@torch.inference_mode()
+def evaluate_scores(
+    scores: torch.Tensor, labels: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> Evaluation:
+    """Accuracy, loss, per-class accuracy and confusion matrix from a model's outputs for a split."""
+    scores, truth = scores.float().cpu(), labels.cpu()
+    predicted = scores.argmax(1)
     confusion = torch.bincount(truth * 10 + predicted, minlength=100).reshape(10, 10)
     per_class = confusion.diagonal() / confusion.sum(1).clamp(min=1)
-    return Evaluation(accuracy, loss, per_class.tolist(), confusion.tolist())
+    accuracy = (predicted == truth).sum().item() / max(len(truth), 1)
+    return Evaluation(accuracy, loss_fn(scores, truth).item(), per_class.tolist(), confusion.tolist())
 
 
 def most_confused(confusion: list[list[int]], top: int = 10) -> list[tuple[int, int, int]]:

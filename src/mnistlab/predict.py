@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from mnistlab.checkpoint import LoadedModel, load_model, save_ensemble, write_json
+from mnistlab.checkpoint import LoadedModel, load_model, save_ensemble
 from mnistlab.data import load_data
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import Evaluation, evaluate_model
+from mnistlab.files import write_json
 from mnistlab.preprocess import Preprocessed, load_image, preprocess
 from mnistlab.training import resolve_device
 
@@ -123,7 +124,7 @@ def predict_images(
         if tensors:
             for prediction, probs in zip([p for p in pending if p.error is None], classify(model, tensors)):
                 prediction.label = int(probs.argmax())
-                prediction.confidence = float(probs.max())
+                prediction.confidence = round(float(probs.max()), 6)
                 prediction.probabilities = [round(float(p), 6) for p in probs]
         yield from pending
         pending.clear()
@@ -150,14 +151,15 @@ def inspect(
 ) -> dict:
     """Where a model goes wrong on the test set: confusion-matrix figure, the most-confused digit pairs, and a
     gallery of misclassified digits with true label, prediction and confidence. Returns a summary."""
-    from mnistlab.evaluation import most_confused, predict_scores
+    from mnistlab.evaluation import evaluate_scores, most_confused, predict_scores
     from mnistlab.plots import plot_confusion, plot_gallery
 
     dev = resolve_device(device)
     loaded = load_model(model_path, dev)
     test = load_data(loaded.metadata.get("dataset", "mnist"), data_dir, val_size=0, device=dev).test
-    result = evaluate_model(loaded.model, test, loaded.loss_fn())
-    probs = loaded.probabilities_of(predict_scores(loaded.model, test.images)).float().cpu()
+    scores = predict_scores(loaded.model, test.images)
+    result = evaluate_scores(scores, test.labels, loaded.loss_fn())
+    probs = loaded.probabilities_of(scores).float().cpu()
     confidence, predicted = probs.max(1)
     wrong = (predicted != test.labels.cpu()).nonzero().flatten()
     wrong = wrong[confidence[wrong].argsort(descending=True)]  # the most confident mistakes first

@@ -24,18 +24,12 @@ from torch import nn
 from tqdm import tqdm
 
 from mnistlab.augment import augment_batch, is_active
-from mnistlab.checkpoint import (
-    CHECKPOINT,
-    atomic_write_text,
-    load_checkpoint,
-    save_checkpoint,
-    save_model,
-    write_json,
-)
+from mnistlab.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, save_model
 from mnistlab.config import Config, OptimizerConfig, TrainingConfig, load_config
 from mnistlab.data import MnistData, batches, load_data, standardize_, to_float
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import loss_and_accuracy
+from mnistlab.files import atomic_write_text, write_json
 from mnistlab.losses import make_loss
 from mnistlab.models import build_model, count_parameters
 from mnistlab.plots import plot_curves
@@ -75,8 +69,10 @@ def make_optimizer(params, config: OptimizerConfig) -> torch.optim.Optimizer:
 
 def make_scheduler(
     optimizer: torch.optim.Optimizer, t: TrainingConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """The learning-rate schedule, stepped once per batch."""
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning-rate schedule, stepped once per batch; None for a constant rate (no per-step cost)."""
+    if t.scheduler == "none" and not t.warmup_epochs:
+        return None
     total = t.epochs * steps_per_epoch
     warmup = round(t.warmup_epochs * steps_per_epoch)
     if t.scheduler == "onecycle":
@@ -285,6 +281,13 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    # Checkpoints store tensors contiguous; give each per-parameter buffer its parameter's memory layout
+    # again (channels-last convolutions), as fused optimizers expect them to match.
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state[param].items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _fit(
@@ -329,7 +332,8 @@ def _fit(
         tensors, state = checkpoint
         model.load_state_dict(_prefixed(tensors, "model."))
         _restore_optimizer(optimizer, tensors, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if scheduler:
+            scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
         shuffle.set_state(tensors["rng.shuffle"])
         warp.set_state(tensors["rng.warp"])
@@ -344,6 +348,10 @@ def _fit(
 
     log = _Logger(quiet)
     writer = _tensorboard_writer(run_dir) if tensorboard else None
+    # Tiny values that underflow to subnormal floats are slow on x86 CPUs: once Adam's second moments and
+    # the gradients get small, the seed-B epoch went from 1.3 s to 2.1 s here. Flushing them to zero keeps
+    # every epoch as fast as the first, with the same accuracy (benchmarks/epoch_speed.py).
+    torch.set_flush_denormal(True)
     start_epoch = len(run.epochs) + 1
     log.line(
         f"{'resuming' if checkpoint else 'training'} {config.name} on {data.name} ({len(data.train)} train, "
@@ -367,7 +375,8 @@ def _fit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                scheduler.step()
+                if scheduler:
+                    scheduler.step()
                 if ema:
                     ema.update()
                 loss_sum += loss.detach() * len(batch)
@@ -390,7 +399,7 @@ def _fit(
                 record["test_loss"], record["test_accuracy"] = loss_and_accuracy(
                     evaluated, data.test, loss_fn, normalize
                 )
-            record["lr"] = scheduler.get_last_lr()[0]
+            record["lr"] = optimizer.param_groups[0]["lr"]
             record["train_seconds"] = train_seconds
             record["seconds"] = time.perf_counter() - start
             run.epochs.append(record)
@@ -419,7 +428,7 @@ def _fit(
                     "epoch": epoch,
                     "epochs": run.epochs,
                     "optimizer": opt_state,
-                    "scheduler": scheduler.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler else None,
                     "tracker": tracker.state(),
                     "stop_reason": run.stop_reason,
                     "ema_steps": ema.steps if ema else 0,
@@ -442,6 +451,7 @@ def _fit(
             )
         raise
     finally:
+        torch.set_flush_denormal(False)  # PyTorch's default, for whatever the caller does next
         if writer is not None:
             writer.close()
 
