@@ -49,6 +49,11 @@ class LoadedModel:
     def probabilities_of(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs if self.probabilities else outputs.softmax(1)
 
+    @property
+    def dataset(self) -> str:
+        """The dataset the model was trained on, whose test split it is measured on."""
+        return self.metadata.get("dataset", "mnist")
+
 
 def _describe(model_config: ModelConfig, normalize: tuple[float, float] | None) -> dict[str, Any]:
     return {
@@ -57,10 +62,15 @@ def _describe(model_config: ModelConfig, normalize: tuple[float, float] | None) 
     }
 
 
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Tensors (moved to the CPU, made contiguous) into a safetensors file, replaced atomically."""
+    with replacing(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+
+
 def _save(tensors: dict[str, torch.Tensor], folder: Path, stem: str, description: dict[str, Any]) -> Path:
     weights = folder / f"{stem}.safetensors"
-    with replacing(weights) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": FORMAT})
+    _write_safetensors(weights, tensors, {"format": FORMAT})
     write_json(folder / f"{stem}.json", {"format": FORMAT, "format_version": FORMAT_VERSION, **description})
     return weights
 
@@ -83,7 +93,7 @@ def save_ensemble(members: list[Path], folder: Path, metadata: dict[str, Any], s
     tensors: dict[str, torch.Tensor] = {}
     described = []
     for i, member in enumerate(members):
-        weights, meta = _read_single(member)
+        weights, meta = _read_description(member)
         if "ensemble" in meta:
             raise MnistlabError(f"{member}: is an ensemble already; give its members instead")
         tensors.update({f"m{i}.{k}": v for k, v in load_file(str(weights)).items()})
@@ -114,7 +124,7 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
-def _read_single(path: str | Path) -> tuple[Path, dict[str, Any]]:
+def _read_description(path: str | Path) -> tuple[Path, dict[str, Any]]:
     weights, meta_path = model_paths(path)
     _refuse_pickle(weights)
     try:
@@ -147,7 +157,7 @@ def load_model(path: str | Path | None = None, device: torch.device | str = "cpu
     """
     if path is None:
         path = bundled_model_path()
-    weights, meta = _read_single(path)
+    weights, meta = _read_description(path)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
@@ -184,9 +194,7 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict[st
 
     Keeping both in one file means a crash can never pair new weights with an old state.
     """
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    with replacing(path) as tmp:
-        save_file(tensors, tmp, metadata={"format": "mnistlab-checkpoint", "state": json.dumps(state)})
+    _write_safetensors(path, tensors, {"format": "mnistlab-checkpoint", "state": json.dumps(state)})
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

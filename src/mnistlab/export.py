@@ -17,18 +17,18 @@ import torch
 from torch import nn
 
 from mnistlab.checkpoint import LoadedModel, load_model
-from mnistlab.data import load_data, to_float
+from mnistlab.data import to_float
 from mnistlab.errors import MnistlabError
+from mnistlab.predict import evaluation_split
 
 
 class _Probabilities(nn.Module):
     def __init__(self, loaded: LoadedModel):
         super().__init__()
-        self.model, self.probabilities = loaded.model, loaded.probabilities
+        self.model, self.to_probabilities = loaded.model, loaded.probabilities_of
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.model(images)
-        return out if self.probabilities else out.softmax(1)
+        return self.to_probabilities(self.model(images))
 
 
 @dataclass
@@ -69,7 +69,7 @@ def export_onnx(
             dynamo=True,
             external_data=False,
         )
-    images = load_data(loaded.metadata.get("dataset", "mnist"), data_dir, val_size=0).test.images[:check_images]
+    images = evaluation_split(loaded, data_dir).images[:check_images]
     x = to_float(images)
     with torch.inference_mode():
         expected = module(x).numpy()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from mnistlab.checkpoint import LoadedModel, load_model, save_ensemble
-from mnistlab.data import load_data
+from mnistlab.data import Split, load_data
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import Evaluation, evaluate_model
 from mnistlab.files import write_json
@@ -23,8 +23,12 @@ def evaluate(
     """Evaluate a saved model (default: the bundled one) on the test split of the dataset it was trained on."""
     dev = resolve_device(device)
     loaded = load_model(model_path, dev)
-    data = load_data(loaded.metadata.get("dataset", "mnist"), data_dir, val_size=0, device=dev)
-    return evaluate_model(loaded.model, data.test, loaded.loss_fn())
+    return evaluate_model(loaded.model, evaluation_split(loaded, data_dir, dev), loaded.loss_fn())
+
+
+def evaluation_split(loaded: LoadedModel, data_dir: str | Path | None, device: torch.device | str = "cpu") -> Split:
+    """The test split of the dataset `loaded` was trained on."""
+    return load_data(loaded.dataset, data_dir, val_size=0, device=device).test
 
 
 def make_ensemble(
@@ -45,7 +49,7 @@ def make_ensemble(
         raise MnistlabError("an ensemble needs at least two members")
     dev = resolve_device(device)
     loaded = [load_model(m, dev) for m in members]  # validates every member before anything is written
-    datasets = {m.metadata.get("dataset", "mnist") for m in loaded}
+    datasets = {m.dataset for m in loaded}
     if len(datasets) > 1:
         raise MnistlabError(f"the members were trained on different datasets ({', '.join(sorted(datasets))})")
     dataset = datasets.pop()
@@ -156,7 +160,7 @@ def inspect(
 
     dev = resolve_device(device)
     loaded = load_model(model_path, dev)
-    test = load_data(loaded.metadata.get("dataset", "mnist"), data_dir, val_size=0, device=dev).test
+    test = evaluation_split(loaded, data_dir, dev)
     scores = predict_scores(loaded.model, test.images)
     result = evaluate_scores(scores, test.labels, loaded.loss_fn())
     probs = loaded.probabilities_of(scores).float().cpu()

@@ -457,9 +457,7 @@ def _fit(
 
     if t.early_stopping and best_weights is not None:
         evaluated.load_state_dict(best_weights)  # always end on the best epoch, however the run ended
-        run.best_epoch = tracker.best_epoch
-    elif tracker.best_epoch is not None:
-        run.best_epoch = tracker.best_epoch
+    run.best_epoch = tracker.best_epoch
     if run_dir is not None:
         _write_run(run, run_dir, normalize, tracker, dev)
         log.line(f"wrote {run_dir}/ (model.safetensors, model.json, metrics.json, curves.png, config.toml)")
