@@ -20,8 +20,9 @@ from mnistlab.checkpoint import load_model
 from mnistlab.config import load_config
 from mnistlab.evaluation import evaluate_model
 from mnistlab.losses import make_loss
+from mnistlab.optimizers import make_optimizer, make_scheduler
 from mnistlab.reports import compare
-from mnistlab.training import make_optimizer, make_scheduler, train
+from mnistlab.training import train
 
 from .helpers import interrupted_and_resumed, subset, without_time
 from .test_cli import assert_user_error, mnistlab

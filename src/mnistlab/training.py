@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import shutil
 import sys
 import time
@@ -25,14 +24,17 @@ from tqdm import tqdm
 
 from mnistlab.augment import augment_batch, is_active
 from mnistlab.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, save_model
-from mnistlab.config import Config, OptimizerConfig, TrainingConfig, load_config
+from mnistlab.config import Config, load_config
 from mnistlab.data import MnistData, batches, load_data, standardize_, to_float
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import loss_and_accuracy
 from mnistlab.files import atomic_write_text, write_json
+from mnistlab.gradients import make_gradient_fn
 from mnistlab.losses import make_loss
 from mnistlab.models import build_model, count_parameters
+from mnistlab.optimizers import make_optimizer, make_scheduler, make_step, optimizer_tensors, restore_optimizer
 from mnistlab.plots import plot_curves
+from mnistlab.subnormals import flush_subnormals
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -44,56 +46,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MnistlabError("device 'cuda' asked for, but PyTorch sees no CUDA GPU here (use --device cpu)")
     return torch.device(device)
-
-
-def make_optimizer(params, config: OptimizerConfig) -> torch.optim.Optimizer:
-    """The optimizer a config names, in its fastest form: fused (one kernel for all parameters) where PyTorch
-    has it, else foreach. On this CPU fused Adam alone cuts the seed-B epoch by about a quarter."""
-    o = config
-    if o.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay, fused=True
-        )
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=True)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=True)
-    if o.name == "adagrad":
-        return torch.optim.Adagrad(params, lr=o.lr, weight_decay=o.weight_decay, fused=True)
-    if o.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, foreach=True)
-    if o.name == "adadelta":
-        return torch.optim.Adadelta(params, lr=o.lr, weight_decay=o.weight_decay, foreach=True)
-    raise MnistlabError(f"unknown optimizer {o.name!r}")
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, t: TrainingConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The learning-rate schedule, stepped once per batch; None for a constant rate (no per-step cost)."""
-    if t.scheduler == "none" and not t.warmup_epochs:
-        return None
-    total = t.epochs * steps_per_epoch
-    warmup = round(t.warmup_epochs * steps_per_epoch)
-    if t.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=[g["lr"] for g in optimizer.param_groups],
-            total_steps=total,
-            pct_start=warmup / total if warmup else 0.3,
-            cycle_momentum="momentum" in optimizer.defaults and optimizer.defaults["momentum"] > 0,
-        )
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if t.scheduler == "step":
-            return t.gamma ** (step // (t.step_size * steps_per_epoch))
-        if t.scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass
@@ -258,38 +210,6 @@ class _Ema:
             averaged.copy_(live)
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer's state into tensors (for safetensors) and JSON-able values."""
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, values in sd["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{index}.{key}"] = value
-            else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], saved: dict) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    for name, value in saved["scalars"].items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-    # Checkpoints store tensors contiguous; give each per-parameter buffer its parameter's memory layout
-    # again (channels-last convolutions), as fused optimizers expect them to match.
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for key, value in optimizer.state[param].items():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
-
-
 def _fit(
     config: Config,
     run_dir: Path | None,
@@ -331,7 +251,7 @@ def _fit(
     if checkpoint is not None:
         tensors, state = checkpoint
         model.load_state_dict(_prefixed(tensors, "model."))
-        _restore_optimizer(optimizer, tensors, state["optimizer"])
+        restore_optimizer(optimizer, tensors, state["optimizer"])
         if scheduler:
             scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
@@ -346,12 +266,13 @@ def _fit(
         tracker = _Improvement(t.monitor, t.min_delta, state["tracker"])
         run.epochs = state["epochs"]
 
+    gradients = make_gradient_fn(model, config, loss_fn, autocast)
+    step = make_step(optimizer)
     log = _Logger(quiet)
     writer = _tensorboard_writer(run_dir) if tensorboard else None
-    # Tiny values that underflow to subnormal floats are slow on x86 CPUs: once Adam's second moments and
-    # the gradients get small, the seed-B epoch went from 1.3 s to 2.1 s here. Flushing them to zero keeps
-    # every epoch as fast as the first, with the same accuracy (benchmarks/epoch_speed.py).
-    torch.set_flush_denormal(True)
+    # Subnormal floats are slow on x86 CPUs, and Adam's moments reach them within an epoch: flushing them to
+    # zero keeps every epoch as fast as the first, with the same accuracy (docs/benchmarks.md).
+    flush_subnormals(True)
     start_epoch = len(run.epochs) + 1
     log.line(
         f"{'resuming' if checkpoint else 'training'} {config.name} on {data.name} ({len(data.train)} train, "
@@ -369,18 +290,14 @@ def _fit(
                 x = to_float(batch.images)
                 if augmenting:
                     x = augment_batch(x, config.augment, warp)
-                with autocast:
-                    out = model(standardize_(x, normalize))
-                    loss = loss_fn(out, batch.labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss, out = gradients(standardize_(x, normalize), batch.labels)
+                step()
                 if scheduler:
                     scheduler.step()
                 if ema:
                     ema.update()
-                loss_sum += loss.detach() * len(batch)
-                correct += (out.detach().argmax(1) == batch.labels).sum()
+                loss_sum += loss * len(batch)
+                correct += (out.argmax(1) == batch.labels).sum()
                 bar.update()
             bar.close()
             if ema:
@@ -417,7 +334,7 @@ def _fit(
                 tensors.update({f"best.{k}": v for k, v in (best_weights or {}).items()})
                 if ema:
                     tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
-                opt_tensors, opt_state = _optimizer_tensors(optimizer)
+                opt_tensors, opt_state = optimizer_tensors(optimizer)
                 tensors.update(opt_tensors)
                 tensors["rng.torch"] = torch.get_rng_state()
                 tensors["rng.shuffle"] = shuffle.get_state()
@@ -451,7 +368,7 @@ def _fit(
             )
         raise
     finally:
-        torch.set_flush_denormal(False)  # PyTorch's default, for whatever the caller does next
+        flush_subnormals(False)  # PyTorch's default, for whatever the caller does next
         if writer is not None:
             writer.close()
 
