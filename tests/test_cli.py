@@ -68,6 +68,9 @@ def test_train_then_evaluate(mnist_path, tmp_path):
     assert_user_error(again, "already exists", "--force")
     assert json.loads((out / "metrics.json").read_text()) == metrics
 
+    quiet = mnistlab("train", *args, "--force", "--quiet")
+    assert quiet.returncode == 0 and quiet.stdout == quiet.stderr == ""
+
 
 def test_user_mistakes_are_one_line_errors(mnist_path, tmp_path):
     assert_user_error(mnistlab("train", "--config", "seed-z"), "no config named 'seed-z'")

@@ -12,7 +12,7 @@ from mnistlab.checkpoint import bundled_model_path, load_model
 from mnistlab.config import AugmentConfig, load_config
 from mnistlab.data import to_float
 from mnistlab.evaluation import evaluate_model, predict_scores
-from mnistlab.models import build_model, count_parameters
+from mnistlab.models import ShiftAveraged, build_model, count_parameters
 from mnistlab.predict import make_ensemble
 from mnistlab.training import train
 
@@ -121,6 +121,33 @@ def test_ensemble_averages_member_probabilities(mnist_data, mnist_path, tmp_path
     assert json.loads(result.stdout)["accuracy"] == summary["accuracy"]
     assert_user_error(mnistlab("ensemble", str(members[0]), "--out", str(tmp_path / "one")), "at least two")
     assert_user_error(mnistlab("ensemble", *map(str, members), "--out", str(tmp_path / "ens")), "--force")
+
+
+def test_test_time_augmentation_averages_one_pixel_shifts(mnist_data, mnist_path, tmp_path):
+    config = load_config("seed-b-fixed").with_overrides({"training.epochs": 1})
+    train(config, tmp_path / "run", quiet=True, data=subset(mnist_data, 3000, 1000))
+    loaded = load_model(tmp_path / "run")
+    x = to_float(mnist_data.test.images[:300])
+
+    def shifted(dy: int, dx: int) -> torch.Tensor:  # moved by (dy, dx) pixels, zeros shifted in
+        out = torch.zeros_like(x)
+        out[:, max(dy, 0) : 28 + min(dy, 0), max(dx, 0) : 28 + min(dx, 0)] = x[
+            :, max(-dy, 0) : 28 + min(-dy, 0), max(-dx, 0) : 28 + min(-dx, 0)
+        ]
+        return out
+
+    views = [x, shifted(1, 0), shifted(-1, 0), shifted(0, 1), shifted(0, -1)]
+    with torch.inference_mode():
+        expected = torch.stack([loaded.model(v).softmax(1) for v in views]).mean(0)
+        got = ShiftAveraged(loaded.model, loaded.probabilities)(x)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, loaded.model(x).softmax(1))
+
+    result = mnistlab("evaluate", str(tmp_path / "run"), "--tta", "--json", "--data-dir", str(mnist_path))
+    assert result.returncode == 0, result.stderr
+    test = mnist_data.test
+    predicted = predict_scores(ShiftAveraged(loaded.model, loaded.probabilities), test.images).argmax(1)
+    assert json.loads(result.stdout)["accuracy"] == (predicted == test.labels).sum().item() / len(test)
 
 
 # ---------------------------------------------------------------------------------------------- bundled model

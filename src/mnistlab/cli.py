@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--tta", action="store_true", help="average each image with its four 1-pixel shifts")
     _add_common(p)
 
     p = sub.add_parser(
@@ -170,6 +171,8 @@ def _train(args: argparse.Namespace) -> None:
     else:
         config = load_config(args.config).with_overrides(overrides)
         run = train(config, args.out or f"runs/{config.name}", force=args.force, **common)
+    if args.quiet:
+        return
     saved = run.best if run.config.training.early_stopping else run.final
     print(
         f"test accuracy {100 * saved['test_accuracy']:.2f}%, test loss {saved['test_loss']:.4f} "
@@ -181,7 +184,7 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from mnistlab.predict import evaluate
 
-    result = evaluate(args.model, args.data_dir, args.device)
+    result = evaluate(args.model, args.data_dir, args.device, args.tta)
     if args.json:
         print(json.dumps(result.to_dict()))
         return

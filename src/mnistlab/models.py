@@ -128,5 +128,24 @@ class Ensemble(nn.Module):
         return torch.stack(outs).mean(0)
 
 
+class ShiftAveraged(nn.Module):
+    """Test-time augmentation: averages the probabilities for each image and its copies shifted by one pixel
+    up, down, left and right (zeros shifted in), so a prediction does not hang on the exact centring."""
+
+    SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
+
+    def __init__(self, model: nn.Module, probabilities: bool):
+        super().__init__()
+        self.model, self.probabilities = model, probabilities
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        padded = nn.functional.pad(x, (1, 1, 1, 1))
+        views = torch.cat([padded[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in self.SHIFTS])
+        out = self.model(views)  # one batch for all five views
+        probs = out if self.probabilities else out.softmax(1)
+        return probs.view(len(self.SHIFTS), len(x), -1).mean(0)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -13,17 +13,26 @@ from mnistlab.data import Split, load_data
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import Evaluation, evaluate_model
 from mnistlab.files import write_json
+from mnistlab.losses import make_loss
+from mnistlab.models import ShiftAveraged
 from mnistlab.preprocess import Preprocessed, load_image, preprocess
 from mnistlab.training import resolve_device
 
 
 def evaluate(
-    model_path: str | Path | None = None, data_dir: str | Path | None = None, device: str = "auto"
+    model_path: str | Path | None = None, data_dir: str | Path | None = None, device: str = "auto", tta: bool = False
 ) -> Evaluation:
-    """Evaluate a saved model (default: the bundled one) on the test split of the dataset it was trained on."""
+    """Evaluate a saved model (default: the bundled one) on the test split of the dataset it was trained on.
+
+    With `tta`, each image's probabilities are averaged with those of its four one-pixel shifts
+    (`ShiftAveraged`); the loss is then the cross-entropy of the averaged probabilities.
+    """
     dev = resolve_device(device)
     loaded = load_model(model_path, dev)
-    return evaluate_model(loaded.model, evaluation_split(loaded, data_dir, dev), loaded.loss_fn())
+    split = evaluation_split(loaded, data_dir, dev)
+    if tta:
+        return evaluate_model(ShiftAveraged(loaded.model, loaded.probabilities), split, make_loss("nll", True))
+    return evaluate_model(loaded.model, split, loaded.loss_fn())
 
 
 def evaluation_split(loaded: LoadedModel, data_dir: str | Path | None, device: torch.device | str = "cpu") -> Split:
