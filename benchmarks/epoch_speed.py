@@ -86,9 +86,9 @@ def loop_epochs(
     model = build_model(config.model)
     optimizer = make_optimizer(model.parameters(), config.optimizer)
     gradients: GradientFn = (
-        mlp_gradients(model, ["relu"], False)
+        mlp_gradients(model, config.model.activations, config.model.softmax_output)
         if gradient == "by hand"
-        else autograd_gradients(model, make_loss("cross-entropy"))
+        else autograd_gradients(model, make_loss(config.training.loss))
     )
     do_step: Callable[[], object] = make_step(optimizer) if step == "direct" else optimizer.step
     shuffle = torch.Generator().manual_seed(0)
@@ -99,9 +99,7 @@ def loop_epochs(
             batch_iter = batches(train_split, 64, shuffle)
         else:
             order = torch.randperm(len(train_split), generator=shuffle)
-            batch_iter = (
-                Split(train_split.images[i], train_split.labels[i]) for i in order.split(64)
-            )  # fmt: skip
+            batch_iter = (Split(train_split.images[i], train_split.labels[i]) for i in order.split(64))
         for batch in batch_iter:
             loss, out = gradients(to_float(batch.images), batch.labels)
             do_step()

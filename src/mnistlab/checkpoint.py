@@ -22,7 +22,7 @@ from mnistlab.config import ModelConfig, config_from_dict
 from mnistlab.errors import MnistlabError
 from mnistlab.files import replacing, write_json
 from mnistlab.losses import LossFn, make_loss
-from mnistlab.models import Ensemble, Standardized, build_model
+from mnistlab.models import Ensemble, Standardized, as_probabilities, build_model
 
 FORMAT = "mnistlab-model"
 FORMAT_VERSION = 1
@@ -47,7 +47,7 @@ class LoadedModel:
         return make_loss(meta.get("loss", "cross-entropy"), self.probabilities, meta.get("label_smoothing", 0.0))
 
     def probabilities_of(self, outputs: torch.Tensor) -> torch.Tensor:
-        return outputs if self.probabilities else outputs.softmax(1)
+        return as_probabilities(outputs, self.probabilities)
 
     @property
     def dataset(self) -> str:

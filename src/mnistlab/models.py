@@ -115,6 +115,12 @@ class Standardized(nn.Module):
         return self.network((x - self.mean) / self.std if (self.mean, self.std) != (0.0, 1.0) else x)
 
 
+def as_probabilities(outputs: torch.Tensor, probabilities: bool) -> torch.Tensor:
+    """A network's outputs as probabilities: softmax of logits, unchanged where they are probabilities already
+    (a network with the report's Softmax output layer)."""
+    return outputs if probabilities else outputs.softmax(1)
+
+
 class Ensemble(nn.Module):
     """Averages its members' probabilities (members output logits, or probabilities where `probabilities`)."""
 
@@ -124,7 +130,7 @@ class Ensemble(nn.Module):
         self.probabilities = probabilities
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [m(x) if p else m(x).softmax(1) for m, p in zip(self.members, self.probabilities)]
+        outs = [as_probabilities(m(x), p) for m, p in zip(self.members, self.probabilities)]
         return torch.stack(outs).mean(0)
 
 
@@ -142,8 +148,7 @@ class ShiftAveraged(nn.Module):
         h, w = x.shape[-2:]
         padded = nn.functional.pad(x, (1, 1, 1, 1))
         views = torch.cat([padded[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in self.SHIFTS])
-        out = self.model(views)  # one batch for all five views
-        probs = out if self.probabilities else out.softmax(1)
+        probs = as_probabilities(self.model(views), self.probabilities)  # one batch for all five views
         return probs.view(len(self.SHIFTS), len(x), -1).mean(0)
 
 
