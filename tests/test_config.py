@@ -92,3 +92,12 @@ def test_unknown_name_and_bad_toml(tmp_path):
 def test_unknown_override_key():
     with pytest.raises(MnistlabError, match="unknown config key"):
         load_config("seed-a").with_overrides({"training.epoch": 3})
+
+
+def test_a_bad_epoch_count_is_the_only_complaint():
+    with pytest.raises(MnistlabError) as excinfo:
+        load_config("seed-a").with_overrides({"training.epochs": -1})
+    assert "training.epochs and training.batch_size must be at least 1" in str(excinfo.value)
+    assert "warmup" not in str(excinfo.value)
+    with pytest.raises(MnistlabError, match=r"warmup_epochs must be at least 0 and less than training\.epochs"):
+        load_config("seed-a").with_overrides({"training.epochs": 2, "training.warmup_epochs": 2})

@@ -220,7 +220,7 @@ def _validate(config: Config, source: str) -> None:
         problems.append("training.label_smoothing must be in [0, 1)")
     if t.label_smoothing and t.loss != "cross-entropy":
         problems.append("training.label_smoothing applies to the cross-entropy loss only")
-    if t.warmup_epochs < 0 or t.warmup_epochs >= t.epochs:
+    if t.warmup_epochs < 0 or t.warmup_epochs >= max(t.epochs, 1):  # a bad epoch count is reported below
         problems.append("training.warmup_epochs must be at least 0 and less than training.epochs")
     if t.early_stopping < 0:
         problems.append("training.early_stopping (patience in epochs) must be 0 (off) or more")
