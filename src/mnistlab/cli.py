@@ -222,9 +222,9 @@ def _compare(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from mnistlab.checkpoint import load_model
+    from mnistlab.devices import resolve_device
     from mnistlab.plots import plot_prediction
     from mnistlab.predict import predict_images
-    from mnistlab.training import resolve_device
 
     model = load_model(args.model, resolve_device(args.device))
     invert = {"auto": None, "dark-on-light": True, "light-on-dark": False}[args.polarity]

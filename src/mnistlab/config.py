@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from mnistlab.errors import MnistlabError
+from mnistlab.layers import ACTIVATIONS, check_layers
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
 LOSSES = ("cross-entropy", "nll", "mse", "hinge")
 SCHEDULERS = ("none", "step", "cosine", "onecycle")
@@ -192,8 +192,6 @@ def _validate(config: Config, source: str) -> None:
     m, o, t, d = config.model, config.optimizer, config.training, config.data
     problems = []
     if m.kind == "cnn":
-        from mnistlab.models import check_layers  # here, not at the top: models imports this module
-
         problems += check_layers(m.layers)
     elif m.kind != "mlp":
         problems.append(f"model.kind must be 'mlp' or 'cnn', got {m.kind!r}")

@@ -6,11 +6,16 @@ keeps the report's Softmax output layer.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from mnistlab.config import ModelConfig
 from mnistlab.errors import MnistlabError
+from mnistlab.layers import LayerError, parse_layers
+
+if TYPE_CHECKING:
+    from mnistlab.config import ModelConfig
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -46,61 +51,33 @@ class _Unflatten(nn.Module):
 
 
 def _cnn_layers(spec: list[str]) -> list[nn.Module]:
-    """Layers from strings, tracking the shape so that each layer's input size is known.
-
-    A convolution followed by "bn" has no bias (BatchNorm's shift replaces it).
-    """
-    layers: list[nn.Module] = [_Unflatten()]
-    shape: tuple[int, ...] = (1, 28, 28)
-    for i, line in enumerate(spec):
-        name, *args = line.split()
-        next_is_bn = i + 1 < len(spec) and spec[i + 1].split()[0] == "bn"
-        if name == "conv":
-            out, kernel = int(args[0]), int(args[1])
-            padding = int(args[2]) if len(args) > 2 else 0
-            stride = int(args[3]) if len(args) > 3 else 1
-            layers.append(nn.Conv2d(shape[0], out, kernel, stride, padding, bias=not next_is_bn))
-            size = [(s + 2 * padding - kernel) // stride + 1 for s in shape[1:]]
-            shape = (out, *size)
-        elif name == "bn":
-            layers.append(nn.BatchNorm2d(shape[0]) if len(shape) == 3 else nn.BatchNorm1d(shape[0]))
-        elif name in _ACTIVATIONS:
-            layers.append(_ACTIVATIONS[name]())
-        elif name == "maxpool":
-            k = int(args[0])
-            layers.append(nn.MaxPool2d(k))
-            shape = (shape[0], shape[1] // k, shape[2] // k)
-        elif name == "avgpool":
-            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-            shape = (shape[0],)
-        elif name == "dropout":
-            layers.append(nn.Dropout(float(args[0])))
-        elif name == "flatten":
-            layers.append(nn.Flatten())
-            shape = (shape[0] * shape[1] * shape[2],)
-        elif name == "linear":
-            out = int(args[0])
-            layers.append(nn.Linear(shape[0], out, bias=not next_is_bn))
-            shape = (out,)
-        else:
-            raise MnistlabError(f"model.layers: unknown layer {line!r}")
-        if len(shape) == 3 and min(shape[1:]) < 1:
-            raise MnistlabError(f"model.layers: {line!r} leaves nothing of the image ({shape})")
-    return layers
-
-
-def check_layers(spec: list[str]) -> list[str]:
-    """Problems with a CNN layer list (empty when it builds and ends with 10 outputs)."""
-    if not spec:
-        return ["model.layers must list the CNN's layers when model.kind = 'cnn'"]
+    """The modules of a layer list, parsed and shape-checked by `parse_layers` (which knows each layer's input
+    size). A convolution or linear layer followed by "bn" has no bias: BatchNorm's shift replaces it."""
     try:
-        layers = _cnn_layers(spec)
-    except (MnistlabError, ValueError, IndexError, ZeroDivisionError) as exc:
-        return [f"model.layers: cannot build {spec} ({exc})"]
-    last = [m for m in layers if isinstance(m, nn.Linear)]
-    if not last or last[-1].out_features != 10 or not isinstance(layers[-1], nn.Linear):
-        return ["model.layers must end with 'linear 10' (one output per digit)"]
-    return []
+        parsed = parse_layers(spec)
+    except LayerError as exc:
+        raise MnistlabError(f"model.layers: {exc}") from None
+    modules: list[nn.Module] = [_Unflatten()]
+    for layer in parsed:
+        a, channels = layer.args, layer.shape_in[0]
+        if layer.name == "conv":
+            padding, stride = (int(a[2]) if len(a) > 2 else 0), (int(a[3]) if len(a) > 3 else 1)
+            modules.append(nn.Conv2d(channels, int(a[0]), int(a[1]), stride, padding, bias=not layer.before_bn))
+        elif layer.name == "bn":
+            modules.append(nn.BatchNorm2d(channels) if len(layer.shape_in) == 3 else nn.BatchNorm1d(channels))
+        elif layer.name in _ACTIVATIONS:
+            modules.append(_ACTIVATIONS[layer.name]())
+        elif layer.name == "maxpool":
+            modules.append(nn.MaxPool2d(int(a[0])))
+        elif layer.name == "avgpool":
+            modules += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        elif layer.name == "dropout":
+            modules.append(nn.Dropout(a[0]))
+        elif layer.name == "flatten":
+            modules.append(nn.Flatten())
+        else:  # linear
+            modules.append(nn.Linear(channels, int(a[0]), bias=not layer.before_bn))
+    return modules
 
 
 class Standardized(nn.Module):

@@ -1,21 +1,24 @@
-"""Figures: per-run curves and overlays of several runs (matplotlib, no display needed)."""
+"""Figures: per-run curves, overlays of several runs, confusion matrices and galleries.
+
+Drawn on `matplotlib.figure.Figure` objects, which need no display and never touch pyplot's global state, so
+importing mnistlab in a notebook leaves its plotting backend alone.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from mnistlab.files import replacing
 
 _SPLITS = (("train", "-"), ("val", "--"), ("test", ":"))
 
 
 def plot_curves(epochs: Sequence[Mapping], path: Path, title: str) -> Path:
     """Accuracy and loss per epoch, train vs validation vs test (the report's Figures 5-7)."""
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (acc_ax, loss_ax) = _subplots(1, 2, figsize=(10, 4))
     xs = [e["epoch"] for e in epochs]
     for split, style in _SPLITS:
         if epochs and epochs[0].get(f"{split}_accuracy") is not None:
@@ -27,7 +30,7 @@ def plot_curves(epochs: Sequence[Mapping], path: Path, title: str) -> Path:
 
 def plot_overlay(runs: Mapping[str, Sequence[Mapping]], path: Path, split: str = "test") -> Path:
     """One figure with every run's accuracy and loss on `split`, for side-by-side comparison."""
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (acc_ax, loss_ax) = _subplots(1, 2, figsize=(11, 4.5))
     for name, epochs in runs.items():
         xs = [e["epoch"] for e in epochs]
         acc_ax.plot(xs, [100 * e[f"{split}_accuracy"] for e in epochs], marker=".", label=name)
@@ -47,15 +50,20 @@ def _finish(fig, acc_ax, loss_ax, title: str) -> None:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     return path
+
+
+def _subplots(rows: int = 1, columns: int = 1, figsize: tuple[float, float] = (6.4, 4.8), **kwargs):
+    """A figure and its axes, as `pyplot.subplots` gives them, without pyplot."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, columns, **kwargs)
 
 
 def plot_prediction(original, digit, probabilities, path: Path, title: str) -> Path:
     """The image as given, the 28x28 the model saw, and the probabilities as a bar chart."""
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(10, 3.2), gridspec_kw={"width_ratios": [1.3, 1, 1.6]})
+    fig, (a, b, c) = _subplots(1, 3, figsize=(10, 3.2), gridspec_kw={"width_ratios": [1.3, 1, 1.6]})
     a.imshow(original)
     a.set_title("original")
     b.imshow(digit, cmap="gray", vmin=0, vmax=1)
@@ -77,7 +85,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], path: Path, title: str) -> P
     counts = np.array(matrix)
     off = counts.copy()
     np.fill_diagonal(off, 0)
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig, ax = _subplots(figsize=(6.5, 5.5))
     image = ax.imshow(off, cmap="Reds")
     for (i, j), v in np.ndenumerate(counts):
         if v:
@@ -91,7 +99,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], path: Path, title: str) -> P
 def plot_gallery(images, captions: Sequence[str], path: Path, title: str, columns: int = 10) -> Path:
     """A grid of 28x28 digits, each with a caption."""
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.35), squeeze=False)
+    fig, axes = _subplots(rows, columns, figsize=(columns * 1.1, rows * 1.35), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, captions):

@@ -10,13 +10,13 @@ import torch
 
 from mnistlab.checkpoint import LoadedModel, load_model, save_ensemble
 from mnistlab.data import Split, load_data
+from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import Evaluation, evaluate_model
-from mnistlab.files import write_json
+from mnistlab.files import check_output_dir, clear_dir, write_json
 from mnistlab.losses import make_loss
 from mnistlab.models import ShiftAveraged
 from mnistlab.preprocess import Preprocessed, load_image, preprocess
-from mnistlab.training import resolve_device
 
 
 def evaluate(
@@ -51,9 +51,7 @@ def make_ensemble(
 
     The ensemble is then a model like any other: evaluate, predict and export take `out_dir`.
     """
-    from mnistlab.training import check_run_dir, make_run_dir
-
-    out = check_run_dir(out_dir, force)
+    out = check_output_dir(out_dir, force)
     if len(members) < 2:
         raise MnistlabError("an ensemble needs at least two members")
     dev = resolve_device(device)
@@ -64,7 +62,7 @@ def make_ensemble(
     dataset = datasets.pop()
     data = load_data(dataset, data_dir, val_size=0, device=dev)
     accuracies = {str(m): evaluate_model(lm.model, data.test, lm.loss_fn()).accuracy for m, lm in zip(members, loaded)}
-    make_run_dir(out)
+    clear_dir(out)
     save_ensemble([Path(m) for m in members], out, {"dataset": dataset, "members": accuracies})
     ensemble = load_model(out, dev)
     result = evaluate_model(ensemble.model, data.test, ensemble.loss_fn())

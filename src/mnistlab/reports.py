@@ -13,10 +13,11 @@ from typing import Any
 
 from mnistlab.config import Config, load_config
 from mnistlab.data import load_data
+from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError
 from mnistlab.files import atomic_write_text
 from mnistlab.plots import plot_overlay
-from mnistlab.training import Run, resolve_device, train
+from mnistlab.training import Run, train
 
 SEED_CONFIGS = ("seed-a", "seed-b", "seed-c", "seed-a-fixed", "seed-b-fixed", "seed-c-fixed")
 # Studies are data: (run name, shipped config, overrides). Each trains the report's best network, corrected.

@@ -8,9 +8,7 @@ RNG states, metrics) replaces the previous one atomically, so a run can be resum
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -22,30 +20,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from mnistlab import devices
 from mnistlab.augment import augment_batch, is_active
 from mnistlab.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, save_model
 from mnistlab.config import Config, load_config
 from mnistlab.data import MnistData, batches, load_data, standardize_, to_float
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import loss_and_accuracy
-from mnistlab.files import atomic_write_text, write_json
+from mnistlab.files import atomic_write_text, check_output_dir, clear_dir, write_json
 from mnistlab.gradients import make_gradient_fn
 from mnistlab.losses import make_loss
 from mnistlab.models import build_model, count_parameters
 from mnistlab.optimizers import make_optimizer, make_scheduler, make_step, optimizer_tensors, restore_optimizer
 from mnistlab.plots import plot_curves
 from mnistlab.subnormals import flush_subnormals
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` picks CUDA when available, else the CPU; `cuda` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise MnistlabError(f"unknown device {device!r} (choose auto, cpu or cuda)")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MnistlabError("device 'cuda' asked for, but PyTorch sees no CUDA GPU here (use --device cpu)")
-    return torch.device(device)
 
 
 @dataclass
@@ -67,24 +55,6 @@ class Run:
     @property
     def best(self) -> dict[str, Any]:
         return self.epochs[(self.best_epoch or len(self.epochs)) - 1]
-
-
-def check_run_dir(out_dir: str | Path, force: bool) -> Path:
-    """Refuse, before any work, to overwrite an existing non-empty run directory without `force`."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise MnistlabError(f"{out} already exists and is not empty (use --force to overwrite, or --out)")
-    return out
-
-
-def make_run_dir(out: Path) -> Path:
-    """An empty run directory, replacing what was there (checked by `check_run_dir` first)."""
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    out.mkdir(parents=True)
-    return out
 
 
 class _Improvement:
@@ -128,7 +98,7 @@ def train(
     `data` lets callers that train several configs load the dataset once; `on_epoch_end` gets each epoch's
     metrics (raising KeyboardInterrupt from it stops the run as Ctrl-C would).
     """
-    run_dir = check_run_dir(out_dir, force) if out_dir is not None else None
+    run_dir = check_output_dir(out_dir, force) if out_dir is not None else None
     return _fit(config, run_dir, None, data_dir, device, quiet, data, tensorboard, on_epoch_end)
 
 
@@ -172,14 +142,6 @@ def resume(
     return _fit(saved, run_dir, (tensors, state), data_dir, device, quiet, data, tensorboard, on_epoch_end)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast where the hardware does bf16 natively (CUDA; CPUs with AMX or AVX512-BF16, where
-    it made CNN epochs about 1.4x faster here), plain float32 elsewhere."""
-    if device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return torch.autocast(device.type, torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -221,13 +183,13 @@ def _fit(
     tensorboard: bool,
     on_epoch_end: Callable[[dict[str, Any]], None] | None,
 ) -> Run:
-    dev = resolve_device(device)
+    dev = devices.resolve_device(device)
     t = config.training
     if data is None:
         data = load_data(config.data.dataset, data_dir, config.data.val_size, t.seed, dev)
     data = data.to(dev)
     if run_dir is not None and checkpoint is None:
-        make_run_dir(run_dir)  # only now: a failed start leaves no half-made run directory
+        clear_dir(run_dir)  # only now: a failed start leaves no half-made run directory
         atomic_write_text(run_dir / "config.toml", config.to_toml())  # first, so an interrupted run can resume
     normalize = (data.mean, data.std) if config.data.normalize else None
     steps = (len(data.train) + t.batch_size - 1) // t.batch_size
@@ -244,7 +206,7 @@ def _fit(
     warp = torch.Generator(device=dev).manual_seed(t.seed + 1)
     ema = _Ema(model, t.ema_decay) if t.ema_decay else None
     evaluated = ema.model if ema else model  # what is evaluated, selected and saved
-    autocast = _autocast(dev) if t.amp else contextlib.nullcontext()
+    autocast = devices.autocast(dev, t.amp)
     tracker = _Improvement(t.monitor, t.min_delta)
     run = Run(config, evaluated, run_dir=run_dir)
     best_weights: dict[str, torch.Tensor] | None = None

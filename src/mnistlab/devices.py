@@ -1,0 +1,96 @@
+"""Where a model runs and how it computes: device choice (cpu, cuda, mps), bfloat16 autocast, and a one-line
+description of the CPU for logs and benchmarks. Training and inference both choose their device here."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+from pathlib import Path
+
+import torch
+
+from mnistlab.errors import MnistlabError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def mps_available() -> bool:
+    """Whether PyTorch can use Apple's Metal GPU here."""
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` picks CUDA, else Apple's MPS, else the CPU; asking for a device PyTorch cannot see is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_available() else "cpu")
+    kind = device.split(":", 1)[0]
+    if kind not in DEVICES[1:]:
+        raise MnistlabError(f"unknown device {device!r} (choose from {', '.join(DEVICES)})")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MnistlabError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here (use --device cpu)")
+    if kind == "mps" and not mps_available():
+        raise MnistlabError(f"device {device!r} asked for, but PyTorch has no MPS (Apple GPU) here (use --device cpu)")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise MnistlabError(f"bad device {device!r} ({exc})") from None
+
+
+@functools.cache
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AMX or AVX512-BF16), where oneDNN's bf16 kernels beat
+    float32. On AVX2-only CPUs (and where `ONEDNN_MAX_CPU_ISA` caps oneDNN below AVX-512) bf16 is emulated and
+    slower than float32, so autocast stays off there."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        return False
+    flags = _cpu_flags()
+    return ("amx_bf16" in flags or "avx512_bf16" in flags) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively (CUDA GPUs from Ampere on, CPUs with AMX or AVX512-BF16)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_bf16_native()
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast when `enabled` and the device computes bf16 natively; plain float32 otherwise."""
+    if enabled and bf16_native(device):
+        return torch.autocast(device.type, torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return frozenset()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def describe_cpu() -> str:
+    """The CPU, the instruction set PyTorch dispatches to, and whether bfloat16 runs natively, in one line."""
+    flags = _cpu_flags()
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return (
+        f"{cpu_model()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+        f"{' (flags: ' + ', '.join(isa) + ')' if isa else ''}; bf16 native: {'yes' if cpu_bf16_native() else 'no'}"
+    )
