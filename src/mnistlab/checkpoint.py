@@ -54,6 +54,18 @@ class LoadedModel:
         """The dataset the model was trained on, whose test split it is measured on."""
         return self.metadata.get("dataset", "mnist")
 
+    @property
+    def classes(self) -> list[str]:
+        """What each output means ("0".."9" for digits, "Trouser" ... for Fashion-MNIST): from the model file,
+        else from the registry entry of its dataset."""
+        from mnistlab.data import DATASETS
+
+        names = self.metadata.get("classes")
+        if isinstance(names, list) and len(names) == 10 and all(isinstance(n, str) for n in names):
+            return names
+        info = DATASETS.get(self.dataset)
+        return list(info.classes) if info else [str(d) for d in range(10)]
+
 
 def _describe(model_config: ModelConfig, normalize: tuple[float, float] | None) -> dict[str, Any]:
     return {

@@ -26,6 +26,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
 LOSSES = ("cross-entropy", "nll", "mse", "hinge")
 SCHEDULERS = ("none", "step", "cosine", "onecycle")
 MONITORS = ("val_loss", "val_accuracy")
+DATASETS = ("mnist", "fashion-mnist", "kmnist")  # the registry in data.py; here so configs need no torch
 
 
 @dataclass
@@ -240,6 +241,8 @@ def _validate(config: Config, source: str) -> None:
         problems.append("training.ema_decay must be in [0, 1)")
     if d.val_size < 0:
         problems.append("data.val_size must be 0 or more")
+    if d.dataset not in DATASETS:
+        problems.append(f"data.dataset: unknown {d.dataset!r} (choose from {', '.join(DATASETS)})")
     if problems:
         raise MnistlabError(f"{source}: " + "; ".join(problems))
 

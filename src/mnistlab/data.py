@@ -108,6 +108,7 @@ class DatasetInfo:
     test_labels: DataFile
     mean: float  # of training pixels in [0, 1], for optional normalisation
     std: float
+    classes: tuple[str, ...] = tuple(str(d) for d in range(10))  # what each label means, in label order
 
     @property
     def files(self) -> tuple[DataFile, ...]:
@@ -172,6 +173,9 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
         mean=0.2860,
         std=0.3530,
+        classes=tuple(
+            ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+        ),
     ),
     "kmnist": DatasetInfo(
         name="kmnist",
@@ -191,6 +195,8 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
         mean=0.1918,
         std=0.3483,
+        # Kuzushiji (cursive) hiragana, one per class, in KMNIST's label order.
+        classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
     ),
 }
 

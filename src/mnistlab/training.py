@@ -24,7 +24,7 @@ from mnistlab import devices
 from mnistlab.augment import augment_batch, is_active
 from mnistlab.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, save_model
 from mnistlab.config import Config, load_config
-from mnistlab.data import MnistData, batches, load_data, standardize_, to_float
+from mnistlab.data import DATASETS, MnistData, batches, load_data, standardize_, to_float
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import loss_and_accuracy
 from mnistlab.files import atomic_write_text, check_output_dir, clear_dir, write_json
@@ -384,6 +384,7 @@ def _write_run(
         metadata={
             "config": run.config.name,
             "dataset": run.config.data.dataset,
+            "classes": list(DATASETS[run.config.data.dataset].classes),
             "loss": run.config.training.loss,
             "label_smoothing": run.config.training.label_smoothing,
             "epoch": saved["epoch"],
