@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import sys
 import time
@@ -11,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from mnistlab.devices import describe_cpu
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = (
@@ -21,16 +22,9 @@ HEADER = (
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The CPU (with the instruction set PyTorch uses and whether bfloat16 is native), threads and versions."""
     return (
-        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+        f"{describe_cpu()}; {os.cpu_count()} logical CPUs, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), Python {sys.version.split()[0]}"
     )
 

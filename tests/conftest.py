@@ -1,11 +1,27 @@
-"""Shared fixtures: where the real MNIST lives, and a skip when it is not there."""
+"""Shared fixtures: where the real MNIST lives (and a skip when it is not there), an isolated data environment,
+and real HTTP servers on 127.0.0.1 for the download tests."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from mnistlab.data import (
+    load_data,
+    read_images,
+    read_labels,
+)
+
+from .idx_files import GZ_NAMES, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +45,116 @@ def mnist_path() -> Path:
 @pytest.fixture(scope="session")
 def mnist_data(mnist_path):
     """The real MNIST, loaded once per test session (default 5,000-image validation split, seed 0)."""
-    from mnistlab.data import load_data
 
     return load_data("mnist", mnist_path)
+
+
+@pytest.fixture
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test sees the caller's MNISTLAB_DATA or writes to the user's cache; returns the test's XDG cache."""
+    monkeypatch.delenv("MNISTLAB_DATA", raising=False)
+    xdg = tmp_path / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    return xdg
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _serve(folder: Path) -> Iterator[str]:
+    """A real ThreadingHTTPServer on 127.0.0.1 (a free port) serving `folder`; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """(base URL, folder): a real HTTP server on 127.0.0.1 serving a fresh folder; unknown paths give 404."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    with _serve(folder) as url:
+        yield url, folder
+
+
+@pytest.fixture(scope="module")
+def real_dir(mnist_path: Path) -> Path:
+    """conftest's real MNIST folder, when it holds all four original .gz files (served and checksummed here)."""
+    missing = [name for name in GZ_NAMES if not (mnist_path / name).is_file()]
+    if missing:
+        pytest.skip(f"{mnist_path} lacks the original gzipped files {', '.join(missing)}")
+    return mnist_path
+
+
+@pytest.fixture(scope="module")
+def real_mirror(real_dir: Path) -> Iterator[str]:
+    """A base URL serving the real MNIST .gz files (the shared folder itself, byte for byte)."""
+    with _serve(real_dir) as url:
+        yield url
+
+
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    """A base URL whose port is bound but not listening, so every connection is refused at once."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def not_http_url() -> Iterator[str]:
+    """A base URL whose server answers every request with bytes that are not HTTP, then hangs up."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    sock.settimeout(0.2)
+    stop = threading.Event()
+
+    def answer() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"this is not HTTP\r\n\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def real_train(real_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The real training images and labels straight from the files, in file order."""
+    return read_images(real_dir / GZ_NAMES[0]), read_labels(real_dir / GZ_NAMES[1])
+
+
+@pytest.fixture
+def small_data_dir(tmp_path: Path) -> Path:
+    """A data folder with small valid MNIST-named files: 20 training and 7 test samples."""
+    folder = tmp_path / "small"
+    write_dataset(folder / "mnist", n_train=20, n_test=7)
+    return folder

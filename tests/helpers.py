@@ -1,8 +1,11 @@
-"""Helpers shared by the training tests: small real-data subsets and an interrupted-then-resumed run."""
+"""Helpers shared by the tests: the CLI as a user runs it, small real-data subsets, an interrupted-then-resumed run."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +39,24 @@ def interrupted_and_resumed(config: Config, run_dir: Path, data: MnistData, afte
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(config, run_dir, quiet=True, data=data, device="cpu", on_epoch_end=interrupt)
+        train(config, out_dir=run_dir, quiet=True, data=data, device="cpu", on_epoch_end=interrupt)
     assert len(json.loads((run_dir / "metrics.json").read_text())["epochs"]) == after
     assert not (run_dir / "model.safetensors").exists()  # only a finished run has a model
     return resume(run_dir, quiet=True, data=data, device="cpu")
+
+
+def mnistlab(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mnistlab", *args], capture_output=True, text=True, env=full_env, timeout=600
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 2, one line on stderr, no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0]

@@ -3,28 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-import pytest
-
-
-def mnistlab(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "mnistlab", *args], capture_output=True, text=True, env=full_env, timeout=600
-    )
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    """Exit code 2, one line on stderr, no traceback."""
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0]
+from .helpers import assert_user_error, mnistlab
 
 
 def test_help_on_every_command():
@@ -89,14 +69,83 @@ def test_user_mistakes_are_one_line_errors(mnist_path, tmp_path):
     assert not (tmp_path / "r").exists()  # a failed start leaves no half-made run directory
 
 
-@pytest.mark.slow
-def test_reproduce_writes_runs_and_report(mnist_path, tmp_path):
-    out = tmp_path / "repro"
-    result = mnistlab("reproduce", "--epochs", "1", "--out", str(out), "--data-dir", str(mnist_path), "--quiet")
+def test_the_package_and_the_cli_load_nothing_heavy_until_a_command_needs_it():
+    """`import mnistlab` and `mnistlab --help` load neither torch nor matplotlib (nor change a notebook's
+    plotting backend); the lazy names still give the API."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, mnistlab, mnistlab.cli; mnistlab.cli.build_parser();"
+        "print(sorted(m for m in ('torch', 'matplotlib', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    api = "import mnistlab; print(mnistlab.load_config('seed-b').name, callable(mnistlab.train))"
+    assert subprocess.run([sys.executable, "-c", api], capture_output=True, text=True).stdout.split() == [
+        "seed-b",
+        "True",
+    ]
+    backend = (
+        "import matplotlib; matplotlib.use('svg'); import mnistlab.plots, mnistlab.training;"
+        "print(matplotlib.get_backend())"
+    )
+    assert subprocess.run([sys.executable, "-c", backend], capture_output=True, text=True).stdout.strip() == "svg"
+
+
+def test_choices_come_from_the_config_and_help_lists_them():
+    from mnistlab.config import DEVICES, LOSSES, OPTIMIZERS, SCHEDULERS
+
+    help_text = " ".join(mnistlab("train", "--help").stdout.split())
+    for choices in (LOSSES, OPTIMIZERS, SCHEDULERS, DEVICES):
+        assert "{" + ",".join(choices) + "}" in help_text
+    assert "--nesterov, --no-nesterov" in help_text and "--set KEY=VALUE" in help_text
+    for command in ("evaluate", "predict", "classify", "inspect"):
+        assert "--device" in mnistlab(command, "--help").stdout and "--model" in mnistlab(command, "--help").stdout
+    assert mnistlab("--version").stdout.startswith("mnistlab ")
+    keys = mnistlab("configs", "--keys").stdout
+    assert "augment.rotate = 0.0" in keys and "training.amp = false" in keys
+
+
+def test_set_and_no_nesterov_reach_any_config_key(mnist_path, tmp_path):
+    from mnistlab.cli import parse_set
+    from mnistlab.config import load_config
+
+    overrides = parse_set(["augment.rotate=10", "training.amp=true", 'model.layers=["conv 8 3"]', "optimizer.name=sgd"])
+    assert overrides == {
+        "augment.rotate": 10,
+        "training.amp": True,
+        "model.layers": ["conv 8 3"],
+        "optimizer.name": "sgd",
+    }
+    out = tmp_path / "run"
+    result = mnistlab(
+        "train",
+        "--config",
+        "cnn-fast",
+        "--no-nesterov",
+        "--set",
+        "augment.rotate=12.5",
+        "--set",
+        "data.val_size=500",
+        "--set",
+        'model.layers=["conv 4 5 0 2", "relu", "flatten", "linear 10"]',
+        "--set",
+        "training.amp=false",
+        "--set",
+        "training.batch_size=512",
+        "--set",
+        "training.warmup_epochs=0.1",
+        "--val-size",
+        "1000",
+        "--out",
+        str(out),
+        "--data-dir",
+        str(mnist_path),
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
-    report = (out / "report.md").read_text()
-    for name in ("seed-a", "seed-b", "seed-c", "seed-a-fixed", "seed-b-fixed", "seed-c-fixed"):
-        assert (out / name / "curves.png").is_file()
-        assert f"| {name} |" in report
-    assert (out / "overlay.png").is_file()
-    assert "ln(1 + 9/e) = 1.4612" in report
+    saved = load_config(out / "config.toml")
+    assert saved.optimizer.nesterov is False and saved.augment.rotate == 12.5 and saved.training.amp is False
+    assert saved.model.layers[0] == "conv 4 5 0 2" and saved.data.val_size == 500  # --set comes after the flags
+    assert "changed:" in saved.description and "optimizer.nesterov=false" in saved.description

@@ -82,7 +82,7 @@ def test_elastic_distortion_is_smooth_and_bounded(mnist_data):
 def test_cnn_with_augmentation_and_ema_resumes_exactly(mnist_data, tmp_path):
     data = subset(mnist_data, 1500, 500)
     config = load_config("cnn-best").with_overrides({"training.epochs": 3, "training.batch_size": 100})
-    whole = train(config, tmp_path / "whole", quiet=True, data=data, device="cpu")
+    whole = train(config, out_dir=tmp_path / "whole", quiet=True, data=data, device="cpu")
     resumed = interrupted_and_resumed(config, tmp_path / "cut", data, after=1)
     assert without_time(resumed.epochs) == without_time(whole.epochs)
     assert whole.final["test_accuracy"] > 0.9
@@ -99,7 +99,7 @@ def test_ensemble_averages_member_probabilities(mnist_data, mnist_path, tmp_path
     members = []
     for i, name in enumerate(("seed-b-fixed", "seed-b")):  # one logits member, one Softmax-output member
         config = load_config(name).with_overrides({"training.epochs": 1, "training.seed": i})
-        train(config, tmp_path / f"m{i}", quiet=True, data=data)
+        train(config, out_dir=tmp_path / f"m{i}", quiet=True, data=data)
         members.append(tmp_path / f"m{i}")
     summary = make_ensemble(members, tmp_path / "ens", data_dir=mnist_path)
     ensemble = load_model(tmp_path / "ens")
@@ -125,7 +125,7 @@ def test_ensemble_averages_member_probabilities(mnist_data, mnist_path, tmp_path
 
 def test_test_time_augmentation_averages_one_pixel_shifts(mnist_data, mnist_path, tmp_path):
     config = load_config("seed-b-fixed").with_overrides({"training.epochs": 1})
-    train(config, tmp_path / "run", quiet=True, data=subset(mnist_data, 3000, 1000))
+    train(config, out_dir=tmp_path / "run", quiet=True, data=subset(mnist_data, 3000, 1000))
     loaded = load_model(tmp_path / "run")
     x = to_float(mnist_data.test.images[:300])
 

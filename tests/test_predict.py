@@ -217,7 +217,7 @@ def test_unsafe_or_mismatched_model_files_are_refused(mnist_data, tmp_path, imag
 
     run = tmp_path / "run"
     config = load_config("seed-b-fixed").with_overrides({"training.epochs": 1})
-    train(config, run, quiet=True, data=mnist_data)
+    train(config, out_dir=run, quiet=True, data=mnist_data)
     meta = json.loads((run / "model.json").read_text())
     meta["model"]["hidden"] = [256]
     (run / "model.json").write_text(json.dumps(meta))

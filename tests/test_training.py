@@ -1,4 +1,5 @@
-"""Training on the real MNIST: sane accuracy, seeded determinism, and the run directory it writes."""
+"""Training on the real MNIST: sane accuracy, seeded determinism, the run directory it writes, early stopping and
+TensorBoard logs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from mnistlab.checkpoint import load_model
 from mnistlab.config import load_config
 from mnistlab.evaluation import evaluate_model
+from mnistlab.losses import make_loss
 from mnistlab.training import train
 
 from .helpers import subset
@@ -17,7 +19,7 @@ from .helpers import subset
 
 def test_one_epoch_of_seed_b_fixed_reaches_95_percent(mnist_data, tmp_path):
     config = load_config("seed-b-fixed").with_overrides({"training.epochs": 1})
-    run = train(config, tmp_path / "run", quiet=True, data=mnist_data)
+    run = train(config, out_dir=tmp_path / "run", quiet=True, data=mnist_data)
     assert run.final["test_accuracy"] >= 0.95
     assert run.final["val_accuracy"] >= 0.95
 
@@ -74,3 +76,64 @@ def test_softmax_quirk_keeps_loss_above_its_floor(mnist_data):
     assert run.final["train_loss"] > SOFTMAX_LOSS_FLOOR
     assert run.final["test_loss"] > SOFTMAX_LOSS_FLOOR
     assert run.final["test_accuracy"] > 0.8  # Adam still learns despite the quirk
+
+
+# ---------------------------------------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_ends_early_and_keeps_the_best_epoch(mnist_data, tmp_path):
+    # A small training set and a high learning rate overfit within a few epochs, so validation loss turns up.
+    data = subset(mnist_data, 3000, 2000)
+    config = load_config("seed-b-fixed").with_overrides(
+        {"training.epochs": 30, "training.early_stopping": 2, "optimizer.lr": 0.003}
+    )
+    run = train(config, out_dir=tmp_path / "run", quiet=True, data=data)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["stop_reason"] == "early_stopping"
+    assert len(metrics["epochs"]) < 30
+    best = metrics["best_epoch"]
+    assert len(metrics["epochs"]) == best + 2  # patience 2: two epochs without improvement after the best
+    assert metrics["monitor"] == "val_loss"
+    assert metrics["best_value"] == min(e["val_loss"] for e in metrics["epochs"])
+    assert metrics["saved_model_epoch"] == best
+
+    # The saved model is the best epoch's, not the last one's.
+    loaded = load_model(tmp_path / "run")
+    result = evaluate_model(loaded.model, data.test, loaded.loss_fn())
+    recorded = metrics["epochs"][best - 1]
+    assert result.accuracy == recorded["test_accuracy"]
+    assert result.loss == pytest.approx(recorded["test_loss"], rel=1e-5)
+    assert result.loss != pytest.approx(metrics["epochs"][-1]["test_loss"], rel=1e-5)
+    assert loaded.metadata["epoch"] == best == run.best_epoch
+
+
+def test_best_weights_restored_when_the_epoch_limit_ends_the_run(mnist_data):
+    data = subset(mnist_data, 1000, 2000)
+    config = load_config("seed-b-fixed").with_overrides(
+        {"training.epochs": 6, "training.early_stopping": 100, "optimizer.lr": 0.003}
+    )
+    run = train(config, quiet=True, data=data)
+    assert run.stop_reason == "epoch_limit"
+    best = min(run.epochs, key=lambda e: e["val_loss"])
+    assert best["epoch"] < 6  # this setting overfits; otherwise the test would prove nothing
+    result = evaluate_model(run.model, data.val, make_loss("cross-entropy"))
+    assert result.loss == pytest.approx(best["val_loss"], rel=1e-5)
+
+
+def test_early_stopping_refuses_the_test_set_and_needs_validation():
+    with pytest.raises(Exception, match="refusing to monitor 'test_accuracy'"):
+        load_config("seed-b-fixed").with_overrides({"training.monitor": "test_accuracy"})
+    with pytest.raises(Exception, match="needs a validation split"):
+        load_config("seed-b-fixed").with_overrides({"training.early_stopping": 3, "data.val_size": 0})
+
+
+def test_tensorboard_logs_every_epoch(mnist_data, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = load_config("seed-b-fixed").with_overrides({"training.epochs": 2})
+    train(config, out_dir=tmp_path / "run", quiet=True, data=subset(mnist_data, 2000, 500), tensorboard=True)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [s.step for s in events.Scalars("val/accuracy")] == [1, 2]
+    assert "train/loss" in events.Tags()["scalars"]

@@ -8,19 +8,20 @@ Loading checks the JSON against the weights (names and shapes) before anything r
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from mnistlab.config import ModelConfig, config_from_dict
 from mnistlab.errors import MnistlabError
-from mnistlab.files import replacing, write_json
+from mnistlab.files import replacing, to_json, write_json
 from mnistlab.losses import LossFn, make_loss
 from mnistlab.models import Ensemble, Standardized, as_probabilities, build_model
 
@@ -75,9 +76,14 @@ def _describe(model_config: ModelConfig, normalize: tuple[float, float] | None) 
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Tensors (moved to the CPU, made contiguous) into a safetensors file, replaced atomically."""
+    """Tensors (moved to the CPU, made contiguous) into a safetensors file, replaced atomically.
+
+    Serialised in memory and written by Python, so that a failing write (full disk, size limit, read-only
+    folder) is an OSError that `replacing` reports in one line.
+    """
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     with replacing(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        tmp.write_bytes(data)
 
 
 def _save(tensors: dict[str, torch.Tensor], folder: Path, stem: str, description: dict[str, Any]) -> Path:
@@ -105,7 +111,7 @@ def save_ensemble(members: list[Path], folder: Path, metadata: dict[str, Any], s
     tensors: dict[str, torch.Tensor] = {}
     described = []
     for i, member in enumerate(members):
-        weights, meta = _read_description(member)
+        weights, _, meta = _read_description(member)
         if "ensemble" in meta:
             raise MnistlabError(f"{member}: is an ensemble already; give its members instead")
         tensors.update({f"m{i}.{k}": v for k, v in load_file(str(weights)).items()})
@@ -127,25 +133,44 @@ def model_paths(path: str | Path) -> tuple[Path, Path]:
     return weights, meta
 
 
-def _refuse_pickle(path: Path) -> None:
-    head = path.open("rb").read(8)
+def _check_safetensors(path: Path) -> None:
+    """Decide what `path` holds by parsing it, and refuse anything but a safetensors file.
+
+    A safetensors file is an 8-byte little-endian header length, then that many bytes of JSON, then the data.
+    Only when that does not parse is the file checked for the signatures of a pickle or a `torch.save` zip, to
+    say why it is refused: a first byte alone cannot decide (a header length of 128 + 256k starts with the
+    pickle protocol byte 0x80).
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+            size = path.stat().st_size
+    except OSError as exc:
+        raise MnistlabError(f"{path}: cannot read ({exc.strerror})") from None
+    header = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if 2 <= header <= size - 8 and head[8:9] == b"{":
+        return
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise MnistlabError(
             f"{path}: this is a pickle / torch.save file; mnistlab only opens safetensors model files, "
             "because unpickling can run arbitrary code"
         )
+    raise MnistlabError(f"{path}: not a safetensors file (truncated or another format)")
 
 
-def _read_description(path: str | Path) -> tuple[Path, dict[str, Any]]:
+def _read_description(path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
+    """(weights path, description path, description) of a model, both files checked by parsing them."""
     weights, meta_path = model_paths(path)
-    _refuse_pickle(weights)
+    _check_safetensors(weights)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MnistlabError(f"{meta_path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise MnistlabError(f"{meta_path}: cannot read ({exc.strerror})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise MnistlabError(f"{meta_path}: not an mnistlab model description")
-    return weights, meta
+    return weights, meta_path, meta
 
 
 def _build(description: dict[str, Any], state: dict[str, torch.Tensor], source: Path) -> tuple[nn.Module, ModelConfig]:
@@ -159,7 +184,14 @@ def _build(description: dict[str, Any], state: dict[str, torch.Tensor], source: 
         raise MnistlabError(f"{source}: weights do not match the architecture described (first differences: {diff})")
     network.load_state_dict(state)
     normalize = description.get("normalize")
-    return Standardized(network, tuple(normalize) if normalize else None), model_config
+    if normalize is not None and not (
+        isinstance(normalize, list)
+        and len(normalize) == 2
+        and all(isinstance(v, (int, float)) and math.isfinite(v) for v in normalize)
+        and normalize[1] > 0
+    ):
+        raise MnistlabError(f"{source}: 'normalize' must be null or [mean, std] with std > 0, got {normalize!r}")
+    return Standardized(network, (float(normalize[0]), float(normalize[1])) if normalize else None), model_config
 
 
 def load_model(path: str | Path | None = None, device: torch.device | str = "cpu") -> LoadedModel:
@@ -169,23 +201,35 @@ def load_model(path: str | Path | None = None, device: torch.device | str = "cpu
     """
     if path is None:
         path = bundled_model_path()
-    weights, meta = _read_description(path)
+    weights, meta_path, meta = _read_description(path)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise MnistlabError(f"{weights}: not a valid safetensors file ({exc})") from None
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise MnistlabError(
+            f"{weights}: weights are not finite (NaN or infinity in {broken[0]}): the model diverged in training; "
+            "train it again with a lower learning rate"
+        )
     if "ensemble" in meta:
+        members = meta["ensemble"]
+        if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+            raise MnistlabError(f"{meta_path}: 'ensemble' must be a list of member descriptions")
         built = [
-            _build(member, {k[len(f"m{i}.") :]: v for k, v in state.items() if k.startswith(f"m{i}.")}, weights)
-            for i, member in enumerate(meta["ensemble"])
+            _build(member, {k[len(f"m{i}.") :]: v for k, v in state.items() if k.startswith(f"m{i}.")}, meta_path)
+            for i, member in enumerate(members)
         ]
         outputs_probs = [c.softmax_output for _, c in built]
         model: nn.Module = Ensemble([m for m, _ in built], outputs_probs)
         configs, probabilities = [c for _, c in built], True
     else:
-        model, config = _build(meta, state, weights)
+        model, config = _build(meta, state, meta_path)
         configs, probabilities = [config], config.softmax_output
-    return LoadedModel(model.to(device).eval(), probabilities, configs, meta.get("metadata", {}), weights)
+    metadata = meta.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise MnistlabError(f"{meta_path}: 'metadata' must be an object")
+    return LoadedModel(model.to(device).eval(), probabilities, configs, metadata, weights)
 
 
 def bundled_model_path() -> Path:
@@ -199,26 +243,53 @@ def bundled_model_path() -> Path:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT = "checkpoint.safetensors"
+_CHECKPOINT_FORMAT = "mnistlab-checkpoint"
 
 
-def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-    """One file holding tensors and a JSON state (in the safetensors header), replaced atomically.
+@dataclass
+class Checkpoint:
+    """A run in progress as one file: its tensors in groups, and its JSON-able state in the safetensors header.
 
-    Keeping both in one file means a crash can never pair new weights with an old state.
+    One file means a crash can never pair new weights with an old state. The groups are stored under the
+    prefixes `model.`, `optim.`, `rng.`, `ema.` and `best.`; this class is the only place that knows them
+    (training's `RunState` turns itself into one and back).
     """
-    _write_safetensors(path, tensors, {"format": "mnistlab-checkpoint", "state": json.dumps(state)})
 
+    model: dict[str, torch.Tensor]  # the live weights
+    optimizer: dict[str, torch.Tensor]  # the optimizer's per-parameter tensors, as `optimizers.optimizer_tensors`
+    rng: dict[str, torch.Tensor]  # random generator states by name
+    state: dict[str, Any]  # epochs so far, their metrics, the config, optimizer and schedule settings ...
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)  # the averaged weights, when EMA is on
+    best: dict[str, torch.Tensor] = field(default_factory=dict)  # the best epoch's weights, with early stopping
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, state) from a checkpoint written by `save_checkpoint`."""
-    if not path.is_file():
-        raise MnistlabError(f"{path.parent}: no {path.name}, so there is nothing to resume (incomplete run?)")
-    _refuse_pickle(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        state = json.loads(metadata["state"])
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
-        raise MnistlabError(f"{path}: not a valid mnistlab checkpoint ({exc})") from None
-    return tensors, state
+    _GROUPS = (("model", "model."), ("optimizer", "optim."), ("rng", "rng."), ("ema", "ema."), ("best", "best."))
+
+    def save(self, path: Path) -> None:
+        """Write the checkpoint, replacing `path` atomically."""
+        tensors = {prefix + k: v for name, prefix in self._GROUPS for k, v in getattr(self, name).items()}
+        _write_safetensors(path, tensors, {"format": _CHECKPOINT_FORMAT, "state": to_json(self.state)})
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        """Read a checkpoint written by `save`; anything else is a one-line error."""
+        if not path.is_file():
+            raise MnistlabError(f"{path.parent}: no {path.name}, so there is nothing to resume (incomplete run?)")
+        _check_safetensors(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            if metadata.get("format") != _CHECKPOINT_FORMAT:
+                raise KeyError("format")
+            state = json.loads(metadata["state"])
+            if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+                raise KeyError("state")
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
+            raise MnistlabError(f"{path}: not a valid mnistlab checkpoint ({exc})") from None
+        groups: dict[str, dict[str, torch.Tensor]] = {name: {} for name, _ in cls._GROUPS}
+        for key, value in tensors.items():
+            name = next((n for n, prefix in cls._GROUPS if key.startswith(prefix)), None)
+            if name is None:
+                raise MnistlabError(f"{path}: not a valid mnistlab checkpoint (unknown tensor {key!r})")
+            groups[name][key.split(".", 1)[1]] = value
+        return cls(state=state, **groups)

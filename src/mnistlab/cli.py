@@ -1,38 +1,66 @@
-"""The `mnistlab` command: argument parsing only; each command calls one API function."""
+"""The `mnistlab` command: argument parsing only; each command calls one API function.
+
+Nothing heavy is imported until a command runs, so `mnistlab --help` answers at once. Choices (losses,
+optimizers, devices ...) come from the config module's own tuples, so help and validation cannot drift apart.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from mnistlab import __version__
+from mnistlab.config import DATASETS, DEVICES, LOSSES, MONITORS, OPTIMIZERS, SCHEDULERS
 from mnistlab.errors import MnistlabError
+
+MODEL_HELP = "a run directory or model file (.safetensors with its .json); default: the bundled pretrained model"
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the empty ones (None, False) that would only add noise."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS):
+        if action.default in (None, False, argparse.SUPPRESS) or isinstance(action.default, list):
             return action.help or ""
         return super()._get_help_string(action)
 
 
-MODEL_HELP = "a run directory or model file (.safetensors with its .json); default: the bundled pretrained model"
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the run stops at once and keeps what it saved."""
 
 
-def _add_common(p: argparse.ArgumentParser, data: bool = True, device: bool = True) -> None:
-    if data:
-        p.add_argument(
-            "--data-dir",
-            default=None,
-            help="folder with the dataset's IDX files (default: $MNISTLAB_DATA, else the user cache, "
-            "downloading there if needed)",
-        )
-    if device:
-        p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the dataset's IDX files (default: $MNISTLAB_DATA, else the user cache, "
+        "downloading there if needed)",
+    )
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA, else Apple's MPS, else the CPU")
+
+
+def _add_model(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    """The model a command uses: `--model PATH` on every command, or as the first argument where a command
+    takes no other positional arguments."""
+    if positional:
+        p.add_argument("model_arg", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--model", help=MODEL_HELP if not positional else "the same as MODEL")
+
+
+def _model(args: argparse.Namespace) -> str | None:
+    positional = getattr(args, "model_arg", None)
+    if positional and args.model and positional != args.model:
+        raise MnistlabError(f"two models given ({positional} and --model {args.model}); give one")
+    return positional or args.model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, compare, explain and use MNIST digit classifiers.",
         formatter_class=fmt,
     )
+    parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a config and write a run directory", formatter_class=fmt)
@@ -50,62 +79,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="override training.epochs (with --resume: the new total)")
     p.add_argument("--batch-size", type=int, help="override training.batch_size")
     p.add_argument("--seed", type=int, help="override training.seed")
+    p.add_argument("--dataset", choices=DATASETS, help="override data.dataset")
     p.add_argument("--val-size", type=int, help="override data.val_size (0: no validation split)")
     g = p.add_argument_group("loss")
-    g.add_argument("--loss", help="cross-entropy, nll, mse or hinge")
+    g.add_argument("--loss", choices=LOSSES, help="override training.loss")
     g.add_argument("--label-smoothing", type=float, help="label smoothing for cross-entropy")
     g = p.add_argument_group("optimizer and schedule")
-    g.add_argument("--optimizer", help="sgd, adam, adamw, rmsprop, adagrad or adadelta")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="override optimizer.name")
     g.add_argument("--lr", type=float, help="override optimizer.lr (the peak lr with onecycle)")
     g.add_argument("--momentum", type=float, help="momentum for sgd and rmsprop")
-    g.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (sgd)")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (sgd)")
     g.add_argument("--weight-decay", type=float, help="weight decay (decoupled for adamw)")
-    g.add_argument("--scheduler", help="none, step, cosine or onecycle (stepped every batch)")
+    g.add_argument("--scheduler", choices=SCHEDULERS, help="override training.scheduler (stepped every batch)")
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up length (onecycle: its rising phase)")
     g = p.add_argument_group("early stopping")
     g.add_argument(
         "--early-stopping", type=int, metavar="PATIENCE", help="stop after PATIENCE epochs without improvement"
     )
-    g.add_argument("--monitor", help="val_loss or val_accuracy (the config's default: val_loss)")
+    g.add_argument("--monitor", choices=MONITORS, help="override training.monitor")
     g.add_argument("--min-delta", type=float, help="the smallest change that counts as an improvement")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set augment.rotate=10 --set training.amp=true "
+        "(VALUE as in TOML; repeatable; keys: `mnistlab configs --keys`)",
+    )
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     p.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard (needs tensorboard)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    _add_common(p)
+    _add_data_dir(p)
+    _add_device(p)
 
     p = sub.add_parser(
         "evaluate", help="test accuracy, loss, per-class accuracy, confusion matrix", formatter_class=fmt
     )
-    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    _add_model(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--tta", action="store_true", help="average each image with its four 1-pixel shifts")
-    _add_common(p)
+    _add_data_dir(p)
+    _add_device(p)
 
     p = sub.add_parser(
         "reproduce", help="run the report's six seed configs (or a study) with a report", formatter_class=fmt
     )
-    p.add_argument("--study", default="seed", help="seed (the report's six networks), losses or optimizers")
+    p.add_argument("--study", default="seed", choices=("seed", "losses", "optimizers"), help="what to run")
     p.add_argument("--out", help="folder for the runs and report.md (default: runs/reproduce, runs/study-<name>)")
     p.add_argument("--epochs", type=int, help="override the configs' 10 epochs")
-    p.add_argument("--force", action="store_true", help="overwrite existing runs in --out")
+    p.add_argument("--force", action="store_true", help="retrain every run from scratch (default: continue)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors and the report's path")
-    _add_common(p)
+    _add_data_dir(p)
+    _add_device(p)
 
     p = sub.add_parser("ensemble", help="average several trained models into one model file", formatter_class=fmt)
     p.add_argument("members", nargs="+", metavar="RUN_DIR", help="run directories or model files to average")
     p.add_argument("--out", required=True, help="folder for the ensemble's model.safetensors and model.json")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out folder")
-    _add_common(p)
+    _add_data_dir(p)
+    _add_device(p)
 
     p = sub.add_parser("compare", help="compare run directories in a Markdown report", formatter_class=fmt)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
     p.add_argument("--out", default="runs/compare", help="folder for report.md and its plots")
+    p.add_argument("--force", action="store_true", help="replace an existing comparison in --out")
 
     p = sub.add_parser("predict", help="classify image files (photos, scans, drawings of digits)", formatter_class=fmt)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders to search for images")
-    p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--top-k", type=int, default=1, help="show the K most likely digits")
+    _add_model(p, positional=False)
+    p.add_argument("--top-k", type=int, default=1, help="show the K most likely classes (1-10)")
     p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
     p.add_argument("--show", metavar="DIR", help="save, per image, the original beside what the model saw")
     p.add_argument(
@@ -114,66 +157,96 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="ink polarity; auto decides from each image",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    _add_device(p)
 
     p = sub.add_parser(
         "classify", help="interactive: type image paths, get digits ('exit' to stop)", formatter_class=fmt
     )
-    p.add_argument("--model", help=MODEL_HELP)
+    _add_model(p, positional=False)
+    _add_device(p)
 
     p = sub.add_parser(
         "inspect", help="confusion matrix, most-confused pairs, misclassified gallery", formatter_class=fmt
     )
-    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    _add_model(p)
     p.add_argument("--out", help="folder for the figures (default: <run dir>/inspect, or runs/inspect)")
-    _add_common(p)
+    _add_data_dir(p)
+    _add_device(p)
 
     p = sub.add_parser("export", help="export a model to ONNX and check it against PyTorch", formatter_class=fmt)
-    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    _add_model(p)
     p.add_argument("--onnx", required=True, metavar="FILE", help="where to write the .onnx file")
-    _add_common(p, device=False)
+    p.add_argument("--force", action="store_true", help="replace an existing FILE")
+    _add_data_dir(p)
 
-    sub.add_parser("configs", help="list the shipped configs", formatter_class=fmt)
+    p = sub.add_parser("configs", help="list the shipped configs", formatter_class=fmt)
+    p.add_argument("--keys", action="store_true", help="list every config key with its default instead")
     return parser
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+# The dedicated flags of `train`, by the config key each overrides.
+_TRAIN_FLAGS = {
+    "training.epochs": "epochs",
+    "training.batch_size": "batch_size",
+    "training.seed": "seed",
+    "data.dataset": "dataset",
+    "data.val_size": "val_size",
+    "training.loss": "loss",
+    "training.label_smoothing": "label_smoothing",
+    "optimizer.name": "optimizer",
+    "optimizer.lr": "lr",
+    "optimizer.momentum": "momentum",
+    "optimizer.nesterov": "nesterov",
+    "optimizer.weight_decay": "weight_decay",
+    "training.scheduler": "scheduler",
+    "training.warmup_epochs": "warmup_epochs",
+    "training.early_stopping": "early_stopping",
+    "training.monitor": "monitor",
+    "training.min_delta": "min_delta",
+}
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings as overrides; VALUE is read as a TOML value (`true`, `0.1`, `["conv 8 3"]`), else
+    taken as a plain string (`sgd`)."""
+    import tomllib
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise MnistlabError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optimizer.lr=0.01")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        overrides[key.strip()] = value
+    return overrides
 
 
 def _train(args: argparse.Namespace) -> None:
     from mnistlab.config import load_config
     from mnistlab.training import resume, train
 
-    overrides = {
-        "training.epochs": args.epochs,
-        "training.batch_size": args.batch_size,
-        "training.seed": args.seed,
-        "data.val_size": args.val_size,
-        "training.loss": args.loss,
-        "training.label_smoothing": args.label_smoothing,
-        "optimizer.name": args.optimizer,
-        "optimizer.lr": args.lr,
-        "optimizer.momentum": args.momentum,
-        "optimizer.nesterov": args.nesterov,
-        "optimizer.weight_decay": args.weight_decay,
-        "training.scheduler": args.scheduler,
-        "training.warmup_epochs": args.warmup_epochs,
-        "training.early_stopping": args.early_stopping,
-        "training.monitor": args.monitor,
-        "training.min_delta": args.min_delta,
-    }
+    overrides = {key: getattr(args, flag) for key, flag in _TRAIN_FLAGS.items()}
+    overrides.update(parse_set(args.set))
     common = {"data_dir": args.data_dir, "device": args.device, "quiet": args.quiet, "tensorboard": args.tensorboard}
     if args.resume:
         changed = [k for k, v in overrides.items() if v is not None and k != "training.epochs"]
         if changed or args.out or args.force:
             raise MnistlabError("--resume continues a run as it was configured; only --epochs may change")
         config = load_config(args.config) if args.config else None
-        run = resume(args.resume, args.epochs, config=config, **common)
+        run = resume(args.resume, epochs=args.epochs, config=config, **common)
     elif not args.config:
         raise MnistlabError("give --config NAME|FILE to start a run, or --resume RUN_DIR to continue one")
     else:
         config = load_config(args.config).with_overrides(overrides)
-        run = train(config, args.out or f"runs/{config.name}", force=args.force, **common)
+        run = train(config, out_dir=args.out or f"runs/{config.name}", force=args.force, **common)
     if args.quiet:
         return
-    saved = run.best if run.config.training.early_stopping else run.final
+    saved = run.saved
     print(
         f"test accuracy {100 * saved['test_accuracy']:.2f}%, test loss {saved['test_loss']:.4f} "
         f"(model of epoch {saved['epoch']} of {len(run.epochs)}; stopped by {run.stop_reason})"
@@ -181,12 +254,16 @@ def _train(args: argparse.Namespace) -> None:
     print(f"outputs in {run.run_dir}/ (curves: {run.run_dir}/curves.png)")
 
 
+# ---------------------------------------------------------------------------------------------- the others
+
+
 def _evaluate(args: argparse.Namespace) -> None:
+    from mnistlab.files import to_json
     from mnistlab.predict import evaluate
 
-    result = evaluate(args.model, args.data_dir, args.device, args.tta)
+    result = evaluate(_model(args), args.data_dir, args.device, args.tta)
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(to_json(result.to_dict()))
         return
     print(f"test accuracy {100 * result.accuracy:.2f}%, loss {result.loss:.4f}")
     print("per-class accuracy: " + "  ".join(f"{d}: {100 * a:.2f}%" for d, a in enumerate(result.per_class_accuracy)))
@@ -200,7 +277,15 @@ def _reproduce(args: argparse.Namespace) -> None:
     from mnistlab.reports import reproduce
 
     out = args.out or ("runs/reproduce" if args.study == "seed" else f"runs/study-{args.study}")
-    report = reproduce(out, args.epochs, args.data_dir, args.device, args.quiet, args.force, args.study)
+    report = reproduce(
+        out,
+        study=args.study,
+        epochs=args.epochs,
+        data_dir=args.data_dir,
+        device=args.device,
+        force=args.force,
+        quiet=args.quiet,
+    )
     print(f"report: {report}")
 
 
@@ -217,16 +302,21 @@ def _compare(args: argparse.Namespace) -> None:
     from mnistlab.reports import compare
 
     command = "mnistlab compare " + " ".join(args.runs)
-    print(f"report: {compare(args.runs, args.out, command=command)}")
+    print(f"report: {compare(args.runs, args.out, command=command, force=args.force)}")
 
 
 def _predict(args: argparse.Namespace) -> int:
     from mnistlab.checkpoint import load_model
     from mnistlab.devices import resolve_device
+    from mnistlab.files import make_dirs, to_json
     from mnistlab.plots import plot_prediction
     from mnistlab.predict import predict_images
 
-    model = load_model(args.model, resolve_device(args.device))
+    if not 1 <= args.top_k <= 10:
+        raise MnistlabError(f"--top-k must be between 1 and 10, got {args.top_k}")
+    model = load_model(_model(args), resolve_device(args.device))
+    if args.show:
+        make_dirs(Path(args.show))  # before any work: a folder that cannot be made fails now
     invert = {"auto": None, "dark-on-light": True, "light-on-dark": False}[args.polarity]
     failures = 0
     for i, p in enumerate(predict_images(args.paths, model, invert, keep_preprocessed=bool(args.show))):
@@ -234,12 +324,12 @@ def _predict(args: argparse.Namespace) -> int:
             failures += 1
             print(f"mnistlab: error: {p.error}", file=sys.stderr)
             if args.json:
-                print(json.dumps(p.to_dict()), flush=True)
+                print(to_json(p.to_dict()), flush=True)
             continue
         if args.json:
-            print(json.dumps(p.to_dict()), flush=True)
+            print(to_json(p.to_dict()), flush=True)
         else:
-            ranked = sorted(range(10), key=lambda d: -p.probabilities[d])[: max(1, args.top_k)]
+            ranked = sorted(range(10), key=lambda d: -p.probabilities[d])[: args.top_k]
             others = "  ".join(f"{d}: {100 * p.probabilities[d]:.1f}%" for d in ranked[1:])
             print(f"{p.path}: {p.label} ({100 * p.confidence:.1f}%)" + (f"  [{others}]" if others else ""), flush=True)
         if args.show:
@@ -249,26 +339,31 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+_QUIT = {"exit", "quit", "q"}
+
+
 def _classify(args: argparse.Namespace) -> None:
     from mnistlab.checkpoint import load_model
+    from mnistlab.devices import resolve_device
     from mnistlab.predict import predict_images
 
-    model = load_model(args.model)
+    model = load_model(_model(args), resolve_device(args.device))
     while True:
         print("Please enter a filepath:", flush=True)
         try:
             line = input().strip()
         except EOFError:
             break
-        if line == "exit":
+        if line.lower() in _QUIT:
             print("Exiting...")
             break
-        if not line:
+        path = os.path.expanduser(line.strip("'\""))  # a path pasted with quotes, or starting with ~
+        if not path:
             continue
-        if Path(line).is_dir():
-            print(f"mnistlab: error: {line}: a folder; give one image file", file=sys.stderr, flush=True)
+        if Path(path).is_dir():
+            print(f"mnistlab: error: {path}: a folder; give one image file", file=sys.stderr, flush=True)
             continue
-        p = next(predict_images([line], model))
+        p = next(predict_images([path], model))
         if p.error is not None:
             print(f"mnistlab: error: {p.error}", file=sys.stderr, flush=True)
         else:
@@ -278,9 +373,10 @@ def _classify(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     from mnistlab.predict import inspect
 
-    default = Path(args.model) / "inspect" if args.model and Path(args.model).is_dir() else Path("runs/inspect")
+    model = _model(args)
+    default = Path(model) / "inspect" if model and Path(model).is_dir() else Path("runs/inspect")
     out = Path(args.out) if args.out else default
-    summary = inspect(args.model, out, args.data_dir, args.device)
+    summary = inspect(model, out, args.data_dir, args.device)
     print(f"test accuracy {100 * summary['accuracy']:.2f}% ({summary['errors']} misclassified)")
     print(
         "most confused (true -> predicted: count): "
@@ -292,7 +388,7 @@ def _inspect(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from mnistlab.export import export_onnx
 
-    check = export_onnx(args.model, args.onnx, args.data_dir)
+    check = export_onnx(_model(args), args.onnx, args.data_dir, force=args.force)
     print(
         f"wrote {check.path}: onnxruntime matches PyTorch on {check.images} test images "
         f"(max probability difference {check.max_abs_diff:.1e}, same digit for all)"
@@ -300,15 +396,19 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _configs(args: argparse.Namespace) -> None:
-    from mnistlab.config import load_config, shipped_configs
+    from mnistlab.config import Config, load_config, shipped_configs
 
+    if args.keys:
+        for key, value in Config().flat().items():
+            print(f"{key} = {json.dumps(value)}")
+        return
     names = sorted(shipped_configs())
     width = max(map(len, names))
     for name in names:
         print(f"{name:<{width}}  {load_config(name).description}")
 
 
-COMMANDS = {
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "train": _train,
     "evaluate": _evaluate,
     "reproduce": _reproduce,
@@ -322,16 +422,32 @@ COMMANDS = {
 }
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return COMMANDS[args.command](args) or 0
+        code = COMMANDS[args.command](args) or 0
+        sys.stdout.flush()  # here, where a reader that went away can still be handled
+        return code
     except MnistlabError as exc:
         print(f"mnistlab: error: {exc}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("mnistlab: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("mnistlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`mnistlab configs | head -1`): stop quietly, as command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

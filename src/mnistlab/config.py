@@ -8,6 +8,7 @@ falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +27,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
 LOSSES = ("cross-entropy", "nll", "mse", "hinge")
 SCHEDULERS = ("none", "step", "cosine", "onecycle")
 MONITORS = ("val_loss", "val_accuracy")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 DATASETS = ("mnist", "fashion-mnist", "kmnist")  # the registry in data.py; here so configs need no torch
 
 
@@ -121,18 +123,48 @@ class Config:
     def to_toml(self) -> str:
         return _dump_toml(self.to_dict())
 
+    def flat(self) -> dict[str, Any]:
+        """Every setting as a dotted key (`optimizer.lr`), the name and description left out."""
+        return {
+            f"{section}.{key}": value
+            for section, table in self.to_dict().items()
+            if isinstance(table, dict)
+            for key, value in table.items()
+        }
+
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
-        """A copy with dotted keys replaced, e.g. `{"training.epochs": 3, "optimizer.lr": 0.01}`."""
+        """A copy with dotted keys replaced, e.g. `{"training.epochs": 3, "optimizer.lr": 0.01}` (None: keep).
+
+        Where a setting changes, the description says so, so that a run's title never claims the settings it
+        was loaded with when it trained with others.
+        """
         data = self.to_dict()
+        changed = []
         for dotted, value in overrides.items():
             if value is None:
                 continue
             section, _, key = dotted.rpartition(".")
-            target = data[section] if section else data
-            if key not in target:
-                raise MnistlabError(f"unknown config key {dotted!r}")
+            target = data.get(section) if section else data
+            if not isinstance(target, dict) or key not in target:
+                raise MnistlabError(f"unknown config key {dotted!r} (see `mnistlab configs --keys`)")
+            if section and target[key] != value:
+                changed.append(f"{dotted}={_toml_value(value)}")
             target[key] = value
+        if changed and "description" not in overrides:
+            data["description"] = f"{self.description} (changed: {', '.join(changed)})".strip()
         return config_from_dict(data, source=f"{self.name} with overrides")
+
+    def summary(self) -> str:
+        """One line saying what this config trains, from its values (not its description)."""
+        m, o, t = self.model, self.optimizer, self.training
+        if m.kind == "mlp":
+            net = "-".join(map(str, [784, *m.hidden, 10])) + f" MLP ({', '.join(m.activations)})"
+        else:
+            net = f"CNN of {len(m.layers)} layers"
+        output = "Softmax output into " if m.softmax_output else ""
+        momentum = f" momentum {o.momentum:g}{' nesterov' if o.nesterov else ''}" if o.momentum else ""
+        schedule = f", {t.scheduler} schedule" if t.scheduler != "none" else ""
+        return f"{net}, {output}{t.loss}, {o.name} lr {o.lr:g}{momentum}{schedule}, batch {t.batch_size}"
 
 
 _SECTIONS = {
@@ -243,6 +275,17 @@ def _validate(config: Config, source: str) -> None:
         problems.append("data.val_size must be 0 or more")
     if d.dataset not in DATASETS:
         problems.append(f"data.dataset: unknown {d.dataset!r} (choose from {', '.join(DATASETS)})")
+    problems += [
+        f"{key} must be a finite number, got {value!r}"
+        for key, value in config.flat().items()
+        if isinstance(value, float) and not math.isfinite(value)
+    ]
+    if t.min_delta < 0 or t.gamma <= 0 or t.step_size < 1:
+        problems.append("training.min_delta must be 0 or more, training.gamma positive, training.step_size at least 1")
+    if o.momentum < 0 or o.weight_decay < 0:
+        problems.append("optimizer.momentum and optimizer.weight_decay must be 0 or more")
+    if o.momentum >= 1:
+        problems.append("optimizer.momentum must be below 1")
     if problems:
         raise MnistlabError(f"{source}: " + "; ".join(problems))
 

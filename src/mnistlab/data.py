@@ -259,6 +259,8 @@ def resolve_files(
         root, origin = Path(env), "MNISTLAB_DATA"
     else:
         root, origin = cache_dir(), ""
+    if origin and root.is_file():
+        raise MnistlabError(f"{origin} {root} is a file; point it at the folder that holds the {dataset} files")
     if origin and not root.is_dir():
         raise MnistlabError(f"{origin} {root} does not exist (point it at a folder with the {dataset} files)")
     found = [_find_file(root, info, f) for f in info.files]
@@ -267,7 +269,31 @@ def resolve_files(
         names = ", ".join(f.name for f in missing)
         raise MnistlabError(f"{dataset} files not found in {root} (missing {names}) and download is off")
     sources = info.mirrors if mirrors is None else mirrors
-    return [path or download_file(f, root / info.name, sources) for f, path in zip(info.files, found)]
+    paths = []
+    for file, path in zip(info.files, found):
+        if path is None:
+            try:
+                path = download_file(file, root / info.name, sources)
+            except MnistlabError as exc:
+                raise MnistlabError(f"{exc}. {_where_files_go(root, info, file)}") from None
+        paths.append(path)
+    return paths
+
+
+def _where_files_go(root: Path, info: DatasetInfo, file: DataFile) -> str:
+    """What to do when a file is neither found nor downloadable: where it was looked for, and what was there."""
+    names = (file.name, file.name.removesuffix(".gz"))
+    near = [root / n for n in names if (root / n).is_file()]
+    found = (
+        f"{near[0]} is there but is not {info.name}'s {file.name} (checksum differs: truncated, or another dataset?). "
+        if near
+        else ""
+    )
+    return (
+        f"{found}Without a network, put the four {info.name} files ({', '.join(f.name for f in info.files)}; "
+        f"gzipped or not) in {root / info.name}/ or torchvision's {root / info.torchvision_dir / 'raw'}/, "
+        "and give that root with --data-dir or MNISTLAB_DATA"
+    )
 
 
 def _checksum_ok(path: Path, file: DataFile) -> bool:

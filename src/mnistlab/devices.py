@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 
+from mnistlab.config import DEVICES
 from mnistlab.errors import MnistlabError
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def mps_available() -> bool:

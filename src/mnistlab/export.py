@@ -19,6 +19,7 @@ from torch import nn
 from mnistlab.checkpoint import LoadedModel, load_model
 from mnistlab.data import to_float
 from mnistlab.errors import MnistlabError
+from mnistlab.files import make_dirs, replacing
 from mnistlab.predict import evaluation_split
 
 
@@ -40,47 +41,56 @@ class ExportCheck:
 
 
 def export_onnx(
-    model_path: str | Path | None, onnx_path: str | Path, data_dir: str | Path | None = None, check_images: int = 1000
+    model_path: str | Path | None,
+    onnx_path: str | Path,
+    data_dir: str | Path | None = None,
+    check_images: int = 1000,
+    force: bool = False,
 ) -> ExportCheck:
     """Export to ONNX (dynamic batch), then run onnxruntime and PyTorch on `check_images` test images and
-    require probabilities within 1e-4 and the same predicted digit for every image."""
+    require probabilities within 1e-4 and the same predicted digit for every image. Nothing is written unless
+    the check passes; an existing file is replaced only with `force`."""
+    out = Path(onnx_path)
+    if out.is_dir():
+        raise MnistlabError(f"{out}: is a folder; give the path of the .onnx file to write")
+    if out.exists() and not force:
+        raise MnistlabError(f"{out} already exists (use --force to replace it)")
+    make_dirs(out.parent)
     try:
         import onnxruntime
     except ImportError:
         raise MnistlabError("ONNX export needs onnx and onnxruntime: pip install 'mnistlab[onnx]'") from None
     loaded = load_model(model_path, "cpu")
     module = _Probabilities(loaded).eval()
-    out = Path(onnx_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.rand(2, 28, 28)
     batch = torch.export.Dim("batch", min=1)
     # The exporter reports its progress on stdout and warns about optional torchvision ops and its own
     # deprecations on stderr; none of it concerns the user, so keep the command's output clean.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (example,),
-            str(out),
-            input_names=["images"],
-            output_names=["probabilities"],
-            dynamic_shapes={"images": {0: batch}},
-            dynamo=True,
-            external_data=False,
-        )
     images = evaluation_split(loaded, data_dir).images[:check_images]
     x = to_float(images)
     with torch.inference_mode():
         expected = module(x).numpy()
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = session.run(["probabilities"], {"images": x.numpy()})[0]
-    diff = float(abs(got - expected).max())
-    agreement = float((got.argmax(1) == expected.argmax(1)).mean())
-    if diff >= 1e-4 or agreement < 1.0:
-        out.unlink(missing_ok=True)
-        raise MnistlabError(
-            f"ONNX check failed: max probability difference {diff:.2e}, argmax agreement {agreement:.4f}; "
-            "nothing was written"
-        )
+    with replacing(out) as tmp:  # the file appears only once the check has passed
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example,),
+                str(tmp),
+                input_names=["images"],
+                output_names=["probabilities"],
+                dynamic_shapes={"images": {0: batch}},
+                dynamo=True,
+                external_data=False,
+            )
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got = session.run(["probabilities"], {"images": x.numpy()})[0]
+        diff = float(abs(got - expected).max())
+        agreement = float((got.argmax(1) == expected.argmax(1)).mean())
+        if not diff < 1e-4 or agreement < 1.0:  # `not <` so that a NaN difference fails too
+            raise MnistlabError(
+                f"ONNX check failed: max probability difference {diff:.2e}, argmax agreement {agreement:.4f}; "
+                "nothing was written"
+            )
     return ExportCheck(out, len(x), diff, agreement)

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -144,38 +144,56 @@ class FolderLock:
     """An exclusive lock on an output folder, held by whatever writes it, for as long as it writes.
 
     A lock file (`.lock`) inside the folder is locked with `flock`: the kernel releases it when the process
-    ends however it ends, so a crashed run never leaves a stale lock. A second writer is refused at once.
+    ends however it ends, so a crashed command never leaves a stale lock. A second writer is refused at once.
+    Released, the lock file is removed, and so is the folder if the lock made it and nothing was written.
     """
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._fd: int | None = None
+        self._created = False
 
     def acquire(self) -> FolderLock:
+        self._created = not self.folder.exists()
         make_dirs(self.folder)
         path = self.folder / LOCK
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-        except OSError as exc:
-            raise describe_os_error(path, exc) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            except OSError as exc:
+                raise describe_os_error(path, exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise MnistlabError(
+                    f"{self.folder} is being written by another mnistlab command ({holder}); wait for it to "
+                    "finish, or choose another --out"
+                ) from None
+            # The last holder removes the file on release: if it did so between our open and our flock, we
+            # hold a lock on a file no one else will open, so try again on the new one.
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise MnistlabError(
-                f"{self.folder} is being written by another mnistlab command ({holder}); wait for it to finish, "
-                "or choose another --out"
-            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}".encode())
         self._fd = fd
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
+        if self._fd is None:
+            return
+        with suppress(OSError):
+            (self.folder / LOCK).unlink()
+        os.close(self._fd)  # closing the descriptor releases the flock
+        self._fd = None
+        if self._created:
+            with suppress(OSError):
+                self.folder.rmdir()  # only succeeds when nothing was written
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

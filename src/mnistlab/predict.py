@@ -13,7 +13,7 @@ from mnistlab.data import Split, load_data
 from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import Evaluation, evaluate_model
-from mnistlab.files import check_output_dir, clear_dir, write_json
+from mnistlab.files import FolderLock, check_output_dir, clear_dir, write_json
 from mnistlab.losses import make_loss
 from mnistlab.models import ShiftAveraged
 from mnistlab.preprocess import Preprocessed, load_image, preprocess
@@ -54,6 +54,12 @@ def make_ensemble(
     out = check_output_dir(out_dir, force)
     if len(members) < 2:
         raise MnistlabError("an ensemble needs at least two members")
+    with FolderLock(out):
+        check_output_dir(out, force)  # again, now that no one else can write there
+        return _make_ensemble(members, out, data_dir, device)
+
+
+def _make_ensemble(members: list[str | Path], out: Path, data_dir: str | Path | None, device: str) -> dict:
     dev = resolve_device(device)
     loaded = [load_model(m, dev) for m in members]  # validates every member before anything is written
     datasets = {m.dataset for m in loaded}

@@ -11,13 +11,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mnistlab.checkpoint import CHECKPOINT, load_model
 from mnistlab.config import Config, load_config
-from mnistlab.data import load_data
+from mnistlab.data import MnistData, load_data
 from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError
-from mnistlab.files import atomic_write_text
+from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, is_empty_output
 from mnistlab.plots import plot_overlay
-from mnistlab.training import Run, train
+from mnistlab.training import Run, resume, train
 
 SEED_CONFIGS = ("seed-a", "seed-b", "seed-c", "seed-a-fixed", "seed-b-fixed", "seed-c-fixed")
 # Studies are data: (run name, shipped config, overrides). Each trains the report's best network, corrected.
@@ -68,38 +69,78 @@ def study_configs(study: str, epochs: int | None = None) -> list[Config]:
 
 def reproduce(
     out_dir: str | Path,
+    *,
+    study: str = "seed",
     epochs: int | None = None,
+    data: MnistData | None = None,
     data_dir: str | Path | None = None,
     device: str = "auto",
-    quiet: bool = False,
     force: bool = False,
-    study: str = "seed",
+    quiet: bool = False,
 ) -> Path:
-    """Train a study's configs (by default the report's six) into `out_dir/<name>/`; write `out_dir/report.md`."""
+    """Train a study's configs (by default the report's six) into `out_dir/<name>/`; write `out_dir/report.md`.
+
+    Run again after an interruption, it keeps the finished runs, resumes the interrupted one and trains the
+    rest; `force` starts every run afresh.
+    """
     out = Path(out_dir)
-    configs = study_configs(study, epochs)
-    taken = [c.name for c in configs if (out / c.name).exists() and any((out / c.name).iterdir())]
-    if taken and not force:
-        raise MnistlabError(f"{out} already has runs ({', '.join(taken)}); use --force to overwrite, or --out")
-    dev = resolve_device(device)
+    configs = study_configs(study, epochs)  # every config validated before any training
     first = configs[0]
-    data = load_data(first.data.dataset, data_dir, first.data.val_size, first.training.seed, dev)
-    runs = []
-    for config in configs:
-        if (config.data.val_size, config.training.seed) != (first.data.val_size, first.training.seed):
-            raise MnistlabError("a study's configs must share one seed and validation size")
-        runs.append(train(config, out / config.name, device=str(dev), quiet=quiet, force=force, data=data))
-    if study != "seed":
-        return compare(
-            [r.run_dir for r in runs],
-            out,
-            title=f"Study: {study}",
-            command=f"mnistlab reproduce --study {study}" + (f" --epochs {epochs}" if epochs else ""),
-        )
-    plot_overlay({r.config.name: r.epochs for r in runs}, out / "overlay.png")
-    report = out / "report.md"
-    atomic_write_text(report, _report(runs, out))
-    return report
+    shared = (first.data.dataset, first.data.val_size, first.training.seed)
+    if any((c.data.dataset, c.data.val_size, c.training.seed) != shared for c in configs):
+        raise MnistlabError(f"study {study!r}: its configs must share one dataset, seed and validation size")
+    check_output_dir(out, force=True)  # a file in the way is an error even with --force
+    with FolderLock(out):
+        plan = [(config, "new" if force else _run_status(out / config.name, config)) for config in configs]
+        dev = resolve_device(device)
+        if data is None and any(status != "done" for _, status in plan):
+            data = load_data(first.data.dataset, data_dir, first.data.val_size, first.training.seed, dev)
+        common = {"data": data, "device": str(dev), "quiet": quiet}
+        runs = []
+        for config, status in plan:
+            run_dir = out / config.name
+            if status == "done":
+                runs.append(_finished_run(run_dir, config))
+            elif status == "resume":
+                runs.append(resume(run_dir, config=config, **common))
+            else:
+                runs.append(train(config, out_dir=run_dir, force=force, **common))
+        if study != "seed":
+            return compare(
+                [r.run_dir for r in runs if r.run_dir is not None],
+                out,
+                title=f"Study: {study}",
+                command=f"mnistlab reproduce --study {study}" + (f" --epochs {epochs}" if epochs else ""),
+                force=True,
+            )
+        plot_overlay({r.config.name: r.epochs for r in runs}, out / "overlay.png")
+        report = out / "report.md"
+        atomic_write_text(report, _report(runs, out))
+        return report
+
+
+def _run_status(run_dir: Path, config: Config) -> str:
+    """What a study finds in a run's folder: nothing yet ("new"), an interrupted run of this config ("resume"),
+    a finished one ("done"); anything else is an error, so no one's run is overwritten without --force."""
+    if is_empty_output(run_dir):
+        return "new"
+    if (run_dir / "model.safetensors").is_file() and (run_dir / "config.toml").is_file():
+        status = "done"
+    elif (run_dir / CHECKPOINT).is_file():
+        status = "resume"
+    else:
+        raise MnistlabError(f"{run_dir} holds something other than a run of {config.name}; use --force to replace it")
+    saved = load_config(run_dir / "config.toml") if (run_dir / "config.toml").is_file() else config
+    if saved.flat() != config.flat():
+        raise MnistlabError(f"{run_dir} holds a run of different settings; use --force to replace it, or another --out")
+    return status
+
+
+def _finished_run(run_dir: Path, config: Config) -> Run:
+    """A finished run read back from its folder."""
+    _, metrics = _load_run(run_dir)
+    model = load_model(run_dir).model
+    return Run(config, model, metrics["epochs"], run_dir, metrics.get("best_epoch"), metrics.get("stop_reason", ""))
 
 
 def _row(run: Run, out: Path) -> dict[str, Any]:
@@ -201,15 +242,6 @@ def _load_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
     return load_config(run_dir / "config.toml"), metrics
 
 
-def _flatten(config: Config) -> dict[str, Any]:
-    return {
-        f"{section}.{key}": value
-        for section, table in config.to_dict().items()
-        if isinstance(table, dict)
-        for key, value in table.items()
-    }
-
-
 def _best(epochs: list[dict], key: str) -> tuple[float | None, int | None]:
     scored = [e for e in epochs if e.get(key) is not None]
     if not scored:
@@ -224,16 +256,27 @@ def _pct_or_dash(value: float | None, epoch: int | None = None) -> str:
     return f"{100 * value:.2f}%" + (f" ({epoch})" if epoch is not None else "")
 
 
-def compare(run_dirs: list[str | Path], out_dir: str | Path, title: str = "Run comparison", command: str = "") -> Path:
+def compare(
+    run_dirs: list[str | Path],
+    out_dir: str | Path,
+    *,
+    title: str = "Run comparison",
+    command: str = "",
+    force: bool = False,
+) -> Path:
     """A Markdown report comparing runs: what differs in their configs, their accuracies, epochs and time,
-    with overlay plots of their curves. Returns the report's path."""
+    with overlay plots of their curves. Returns the report's path. Existing report files in `out_dir` are
+    replaced only with `force`."""
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
         raise MnistlabError("compare needs at least one run directory")
     loaded = [(d, *_load_run(d)) for d in dirs]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    flat = [_flatten(c) for _, c, _ in loaded]
+    check_output_dir(out, force=True)  # a file in the way, or under a file, is an error even with --force
+    existing = [name for name in ("report.md", "test-curves.png", "val-curves.png") if (out / name).exists()]
+    if existing and not force:
+        raise MnistlabError(f"{out} already has a comparison ({', '.join(existing)}); use --force to replace it")
+    flat = [c.flat() for _, c, _ in loaded]
     keys = sorted({k for f in flat for k in f})
     differing = [k for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1]
     names = [d.name for d in dirs]

@@ -1,14 +1,18 @@
 """The training loop: one config in, one run directory out.
 
-Per epoch: shuffle by a seeded permutation, take batches by indexing the in-memory uint8 tensor, convert each
-batch to float at once, step. Running loss and accuracy stay on the device and are read once per epoch, so
-the loop never waits on a per-batch `.item()`. After every epoch a checkpoint (weights, optimizer, schedule,
-RNG states, metrics) replaces the previous one atomically, so a run can be resumed exactly where it stopped.
+A run is set up (the data on the device, a `RunState` holding everything that changes as it trains, a `Steps`
+holding what does not), then each epoch is three named steps: `train_epoch` (a seeded permutation, batches by
+indexing the in-memory uint8 tensor, whole-batch conversion and augmentation, one optimizer step per batch),
+`evaluate_epoch` (validation and test loss and accuracy) and `RunDirectory.save_epoch` (one checkpoint,
+replaced atomically, so a run resumes exactly where it stopped). Running loss and accuracy stay on the device
+and are read once per epoch, so the loop never waits on a per-batch `.item()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -22,18 +26,19 @@ from tqdm import tqdm
 
 from mnistlab import devices
 from mnistlab.augment import augment_batch, is_active
-from mnistlab.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, save_model
-from mnistlab.config import Config, load_config
+from mnistlab.checkpoint import CHECKPOINT, Checkpoint, save_model
+from mnistlab.config import Config, config_from_dict, load_config
 from mnistlab.data import DATASETS, MnistData, batches, load_data, standardize_, to_float
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import loss_and_accuracy
-from mnistlab.files import atomic_write_text, check_output_dir, clear_dir, write_json
-from mnistlab.gradients import make_gradient_fn
-from mnistlab.losses import make_loss
+from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, clear_dir, write_json
+from mnistlab.gradients import GradientFn, make_gradient_fn
+from mnistlab.losses import LossFn, make_loss
 from mnistlab.models import build_model, count_parameters
 from mnistlab.optimizers import make_optimizer, make_scheduler, make_step, optimizer_tensors, restore_optimizer
-from mnistlab.plots import plot_curves
 from mnistlab.subnormals import flush_subnormals
+
+EpochCallback = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -56,11 +61,144 @@ class Run:
     def best(self) -> dict[str, Any]:
         return self.epochs[(self.best_epoch or len(self.epochs)) - 1]
 
+    @property
+    def saved(self) -> dict[str, Any]:
+        """The metrics of the epoch whose weights the run ends with (the best one with early stopping)."""
+        return self.best if self.config.training.early_stopping else self.final
 
-class _Improvement:
+
+def train(
+    config: Config,
+    *,
+    out_dir: str | Path | None = None,
+    data: MnistData | None = None,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    force: bool = False,
+    quiet: bool = False,
+    tensorboard: bool = False,
+    on_epoch_end: EpochCallback | None = None,
+) -> Run:
+    """Train `config`; with `out_dir`, write the run directory (and a checkpoint after every epoch) there.
+
+    `data` lets callers that train several configs load the dataset once; `on_epoch_end` gets each epoch's
+    metrics (raising KeyboardInterrupt from it stops the run as Ctrl-C would).
+    """
+    outputs = RunDirectory(out_dir, force=force, tensorboard=tensorboard) if out_dir is not None else None
+    if tensorboard and outputs is None:
+        raise MnistlabError("--tensorboard needs a run directory to write its logs into")
+    return _fit(
+        config,
+        outputs=outputs,
+        checkpoint=None,
+        data=data,
+        data_dir=data_dir,
+        device=device,
+        quiet=quiet,
+        on_epoch_end=on_epoch_end,
+    )
+
+
+def resume(
+    run_dir: str | Path,
+    *,
+    epochs: int | None = None,
+    config: Config | None = None,
+    data: MnistData | None = None,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    quiet: bool = False,
+    tensorboard: bool = False,
+    on_epoch_end: EpochCallback | None = None,
+) -> Run:
+    """Continue the run in `run_dir` from its last checkpoint, to `epochs` in total when given.
+
+    On the CPU the result is identical, epoch by epoch, to a run that was never interrupted. `data`, as for
+    `train`, must then be the data the run started with. A run that early stopping ended trains on when given
+    more epochs, with a fresh patience.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MnistlabError(f"{run_dir}: no such run directory to resume")
+    outputs = RunDirectory(run_dir, resuming=True, tensorboard=tensorboard)
+    try:
+        checkpoint = Checkpoint.load(run_dir / CHECKPOINT)
+        saved = _checkpoint_config(checkpoint, run_dir)
+        if config is not None and _differences(
+            saved, config.with_overrides({"training.epochs": saved.training.epochs})
+        ):
+            raise MnistlabError(
+                f"{run_dir} was trained with a different config ({saved.name}); resume it without --config"
+            )
+        done = checkpoint.state["epoch"]
+        early_stopped = checkpoint.state.get("stop_reason") == "early_stopping"
+        if epochs is not None and epochs != saved.training.epochs:
+            if saved.training.scheduler in ("cosine", "onecycle"):
+                raise MnistlabError(
+                    f"{run_dir} uses the {saved.training.scheduler} schedule, which is laid out for "
+                    f"{saved.training.epochs} epochs; it cannot be resumed with --epochs {epochs}"
+                )
+            if epochs < done:
+                raise MnistlabError(f"{run_dir} has trained {done} epochs already; --epochs {epochs} is fewer")
+            saved = saved.with_overrides({"training.epochs": epochs})
+        train_on = done < saved.training.epochs and (not early_stopped or epochs is not None)
+        if not train_on and (run_dir / "model.safetensors").is_file():
+            how = "by early stopping" if early_stopped else f"after {done} epochs"
+            raise MnistlabError(
+                f"{run_dir} is already complete (stopped {how}, {done} epochs trained); "
+                f"give --epochs with a total above {done} to train further"
+            )
+        if train_on and early_stopped:  # asked for more epochs after early stopping: train on, with a fresh patience
+            checkpoint.state["stop_reason"] = "epoch_limit"
+            checkpoint.state["tracker"]["bad_epochs"] = 0
+    except BaseException:
+        outputs.close()
+        raise
+    return _fit(
+        saved,
+        outputs=outputs,
+        checkpoint=checkpoint,
+        data=data,
+        data_dir=data_dir,
+        device=device,
+        quiet=quiet,
+        on_epoch_end=on_epoch_end,
+    )
+
+
+def _checkpoint_config(checkpoint: Checkpoint, run_dir: Path) -> Config:
+    """The config a checkpoint was trained with; config.toml, a copy for people to read, must still agree."""
+    on_disk = load_config(run_dir / "config.toml") if (run_dir / "config.toml").is_file() else None
+    stored = checkpoint.state.get("config")
+    if stored is None:  # written by mnistlab 0.1, which kept the config in config.toml only
+        if on_disk is None:
+            raise MnistlabError(f"{run_dir}: no config.toml, so this is not a run directory (or it is incomplete)")
+        return on_disk
+    config = config_from_dict(stored, source=f"{run_dir / CHECKPOINT}")
+    if on_disk is not None:
+        ignore = {"training.epochs": config.training.epochs}
+        edited = _differences(config, on_disk.with_overrides(ignore))
+        if edited:
+            raise MnistlabError(
+                f"{run_dir}/config.toml was edited after training started ({', '.join(edited[:3])}); a run resumes "
+                "with the settings it started with: undo the edit, or start a new run with the edited config"
+            )
+    return config
+
+
+def _differences(a: Config, b: Config) -> list[str]:
+    """`key: old -> new` for each config value that differs, as dotted keys."""
+    flat_a, flat_b = a.flat(), b.flat()
+    return [f"{k}: {flat_a[k]!r} -> {flat_b.get(k)!r}" for k in flat_a if flat_a[k] != flat_b.get(k)]
+
+
+# ---------------------------------------------------------------------------------------------- run state
+
+
+class Tracker:
     """Tracks the best epoch by the monitored validation metric (lower loss or higher accuracy)."""
 
-    def __init__(self, monitor: str, min_delta: float, state: dict | None = None):
+    def __init__(self, monitor: str, min_delta: float, state: dict[str, Any] | None = None):
         self.monitor, self.min_delta = monitor, min_delta
         self.sign = -1.0 if monitor.endswith("loss") else 1.0
         state = state or {}
@@ -69,6 +207,7 @@ class _Improvement:
         self.bad_epochs: int = state.get("bad_epochs", 0)
 
     def update(self, epoch: int, record: dict[str, Any]) -> bool:
+        """Whether `record` improves on the best so far (and becomes the best)."""
         value = record.get(self.monitor)
         if value is None:
             return False
@@ -82,71 +221,7 @@ class _Improvement:
         return {"best_value": self.best_value, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
 
 
-def train(
-    config: Config,
-    out_dir: str | Path | None = None,
-    data_dir: str | Path | None = None,
-    device: str = "auto",
-    quiet: bool = False,
-    force: bool = False,
-    data: MnistData | None = None,
-    tensorboard: bool = False,
-    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-) -> Run:
-    """Train `config`; with `out_dir`, write the run directory (and a checkpoint after every epoch) there.
-
-    `data` lets callers that train several configs load the dataset once; `on_epoch_end` gets each epoch's
-    metrics (raising KeyboardInterrupt from it stops the run as Ctrl-C would).
-    """
-    run_dir = check_output_dir(out_dir, force) if out_dir is not None else None
-    return _fit(config, run_dir, None, data_dir, device, quiet, data, tensorboard, on_epoch_end)
-
-
-def resume(
-    run_dir: str | Path,
-    epochs: int | None = None,
-    data_dir: str | Path | None = None,
-    device: str = "auto",
-    quiet: bool = False,
-    config: Config | None = None,
-    tensorboard: bool = False,
-    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-    data: MnistData | None = None,
-) -> Run:
-    """Continue the run in `run_dir` from its last checkpoint, to `epochs` in total when given.
-
-    On the CPU the result is identical, epoch by epoch, to a run that was never interrupted. `data`, as for
-    `train`, must then be the data the run started with.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise MnistlabError(f"{run_dir}: no such run directory to resume")
-    if not (run_dir / "config.toml").is_file():
-        raise MnistlabError(f"{run_dir}: no config.toml, so this is not a run directory (or it is incomplete)")
-    saved = load_config(run_dir / "config.toml")
-    if config is not None and config.with_overrides({"training.epochs": saved.training.epochs}) != saved:
-        raise MnistlabError(f"{run_dir} was trained with a different config ({saved.name}); resume it without --config")
-    tensors, state = load_checkpoint(run_dir / CHECKPOINT)
-    if epochs is not None and epochs != saved.training.epochs:
-        if saved.training.scheduler in ("cosine", "onecycle"):
-            raise MnistlabError(
-                f"{run_dir} uses the {saved.training.scheduler} schedule, which is laid out for "
-                f"{saved.training.epochs} epochs; it cannot be resumed with --epochs {epochs}"
-            )
-        saved = saved.with_overrides({"training.epochs": epochs})
-    if state["epoch"] >= saved.training.epochs or state.get("stop_reason") == "early_stopping":
-        raise MnistlabError(
-            f"{run_dir} is already complete ({state['epoch']} epochs, stopped by {state.get('stop_reason')}); "
-            "give a larger --epochs to train further"
-        )
-    return _fit(saved, run_dir, (tensors, state), data_dir, device, quiet, data, tensorboard, on_epoch_end)
-
-
-def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-class _Ema:
+class Ema:
     """An exponential moving average of a model's weights, updated after every optimizer step.
 
     The decay ramps up from about 0.1 over the first steps ((1 + n) / (10 + n)), so early weights do not
@@ -157,8 +232,8 @@ class _Ema:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.steps = decay, 0
         self._live = model
-        self._params = [p for p in model.parameters()]
-        self._averaged = [p for p in self.model.parameters()]
+        self._params = list(model.parameters())
+        self._averaged = list(self.model.parameters())
 
     @torch.no_grad()
     def update(self) -> None:
@@ -172,227 +247,367 @@ class _Ema:
             averaged.copy_(live)
 
 
+class RunState:
+    """Everything about a run in progress that changes as it trains, and so goes into its checkpoint: the
+    model, optimizer, schedule, weight average, random generators, best-epoch tracker and per-epoch metrics."""
+
+    def __init__(self, config: Config, device: torch.device, steps_per_epoch: int):
+        t = config.training
+        self.config, self.device = config, device
+        torch.manual_seed(t.seed)  # model initialisation
+        self.model = build_model(config.model).to(device)
+        if t.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(self.model.parameters(), config.optimizer, device)
+        self.scheduler = make_scheduler(self.optimizer, t, steps_per_epoch)
+        self.ema = Ema(self.model, t.ema_decay) if t.ema_decay else None
+        self.shuffle = torch.Generator().manual_seed(t.seed)  # batch order
+        self.warp = torch.Generator(device=device).manual_seed(t.seed + 1)  # augmentation
+        self.tracker = Tracker(t.monitor, t.min_delta)
+        self.epochs: list[dict[str, Any]] = []
+        self.best_weights: dict[str, torch.Tensor] = {}
+        self.stop_reason = "epoch_limit"
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The network that is evaluated, selected and saved: the weight average when there is one."""
+        return self.ema.model if self.ema else self.model
+
+    @property
+    def epoch(self) -> int:
+        """Epochs finished so far."""
+        return len(self.epochs)
+
+    def end_epoch(self, record: dict[str, Any]) -> bool:
+        """Record an epoch's metrics, keep the best weights for early stopping; True when training should stop."""
+        t = self.config.training
+        self.epochs.append(record)
+        if self.tracker.update(record["epoch"], record) and t.early_stopping:
+            self.best_weights = {k: v.detach().clone() for k, v in self.evaluated.state_dict().items()}
+        stop = bool(t.early_stopping) and self.tracker.bad_epochs >= t.early_stopping
+        self.stop_reason = "early_stopping" if stop else "epoch_limit"
+        return stop
+
+    def finish(self) -> Run:
+        """The run's result, ending on the best epoch's weights where early stopping is on."""
+        if self.config.training.early_stopping and self.best_weights:
+            self.evaluated.load_state_dict(self.best_weights)
+        return Run(self.config, self.evaluated, self.epochs, None, self.tracker.best_epoch, self.stop_reason)
+
+    def to_checkpoint(self) -> Checkpoint:
+        optimizer, optimizer_state = optimizer_tensors(self.optimizer)
+        rng = {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state(), "warp": self.warp.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return Checkpoint(
+            model=self.model.state_dict(),
+            optimizer=optimizer,
+            rng=rng,
+            ema=self.ema.model.state_dict() if self.ema else {},
+            best=self.best_weights,
+            state={
+                "epoch": self.epoch,
+                "epochs": self.epochs,
+                "config": self.config.to_dict(),
+                "optimizer": optimizer_state,
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "tracker": self.tracker.state(),
+                "stop_reason": self.stop_reason,
+                "ema_steps": self.ema.steps if self.ema else 0,
+            },
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls, config: Config, device: torch.device, steps_per_epoch: int, checkpoint: Checkpoint
+    ) -> RunState:
+        """The state a checkpoint holds, for `config` (its own, or the same with more epochs)."""
+        self = cls(config, device, steps_per_epoch)
+        state = checkpoint.state
+        self.model.load_state_dict(checkpoint.model)
+        restore_optimizer(self.optimizer, checkpoint.optimizer, state["optimizer"])
+        if self.scheduler:
+            self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(checkpoint.rng["torch"])
+        self.shuffle.set_state(checkpoint.rng["shuffle"])
+        self.warp.set_state(checkpoint.rng["warp"])
+        if device.type == "cuda" and "cuda" in checkpoint.rng:
+            torch.cuda.set_rng_state(checkpoint.rng["cuda"], device)
+        if self.ema:
+            self.ema.model.load_state_dict(checkpoint.ema)
+            self.ema.steps = state["ema_steps"]
+        self.best_weights = {k: v.to(device) for k, v in checkpoint.best.items()}
+        self.tracker = Tracker(config.training.monitor, config.training.min_delta, state["tracker"])
+        self.epochs = state["epochs"]
+        self.stop_reason = state["stop_reason"]
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class Steps:
+    """What stays fixed while a run trains: how a batch is prepared, its gradients computed, the step taken."""
+
+    loss_fn: LossFn
+    gradients: GradientFn
+    step: Callable[[], None]
+    normalize: tuple[float, float] | None
+    autocast: contextlib.AbstractContextManager
+    augmenting: bool
+
+    @classmethod
+    def for_state(cls, state: RunState, data: MnistData) -> Steps:
+        config, t = state.config, state.config.training
+        loss_fn = make_loss(t.loss, config.model.softmax_output, t.label_smoothing)
+        autocast = devices.autocast(state.device, t.amp)
+        return cls(
+            loss_fn=loss_fn,
+            gradients=make_gradient_fn(state.model, config, loss_fn, autocast),
+            step=make_step(state.optimizer),
+            normalize=(data.mean, data.std) if config.data.normalize else None,
+            autocast=autocast,
+            augmenting=is_active(config.augment),
+        )
+
+
+def train_epoch(state: RunState, steps: Steps, data: MnistData, bar: tqdm) -> dict[str, float]:
+    """One pass over the training split in a seeded random order; returns its mean loss and accuracy."""
+    config = state.config
+    state.model.train()
+    loss_sum = torch.zeros((), device=state.device)
+    correct = torch.zeros((), dtype=torch.int64, device=state.device)
+    for batch in batches(data.train, config.training.batch_size, state.shuffle):
+        x = to_float(batch.images)
+        if steps.augmenting:
+            x = augment_batch(x, config.augment, state.warp)
+        loss, out = steps.gradients(standardize_(x, steps.normalize), batch.labels)
+        steps.step()
+        if state.scheduler:
+            state.scheduler.step()
+        if state.ema:
+            state.ema.update()
+        loss_sum += loss * len(batch)
+        correct += (out.argmax(1) == batch.labels).sum()
+        bar.update()
+    if state.ema:
+        state.ema.copy_buffers()
+    n = len(data.train)
+    return {"train_loss": loss_sum.item() / n, "train_accuracy": correct.item() / n}
+
+
+def evaluate_epoch(state: RunState, steps: Steps, data: MnistData) -> dict[str, float]:
+    """Validation (when there is a split) and test loss and accuracy of the evaluated network."""
+    record = {}
+    with steps.autocast:
+        for name, split in (("val", data.val), ("test", data.test)):
+            if split is not None:
+                loss, accuracy = loss_and_accuracy(state.evaluated, split, steps.loss_fn, steps.normalize)
+                record[f"{name}_loss"], record[f"{name}_accuracy"] = loss, accuracy
+    return record
+
+
+def _check_finite(record: dict[str, Any], config: Config, epoch: int) -> None:
+    """Stop at the first epoch whose loss is not a number: nothing after it could be trusted or saved."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        o = config.optimizer
+        raise MnistlabError(
+            f"training diverged in epoch {epoch}: {bad[0]} is {record[bad[0]]} (not finite); lower the learning "
+            f"rate (optimizer.lr = {o.lr:g} with {o.name}, --lr) and train again. "
+            + ("The run directory keeps the last good epoch." if epoch > 1 else "Nothing was saved.")
+        )
+
+
 def _fit(
     config: Config,
-    run_dir: Path | None,
-    checkpoint: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+    *,
+    outputs: RunDirectory | None,
+    checkpoint: Checkpoint | None,
+    data: MnistData | None,
     data_dir: str | Path | None,
     device: str,
     quiet: bool,
-    data: MnistData | None,
-    tensorboard: bool,
-    on_epoch_end: Callable[[dict[str, Any]], None] | None,
+    on_epoch_end: EpochCallback | None,
 ) -> Run:
-    dev = devices.resolve_device(device)
-    t = config.training
-    if data is None:
-        data = load_data(config.data.dataset, data_dir, config.data.val_size, t.seed, dev)
-    data = data.to(dev)
-    if run_dir is not None and checkpoint is None:
-        clear_dir(run_dir)  # only now: a failed start leaves no half-made run directory
-        atomic_write_text(run_dir / "config.toml", config.to_toml())  # first, so an interrupted run can resume
-    normalize = (data.mean, data.std) if config.data.normalize else None
-    steps = (len(data.train) + t.batch_size - 1) // t.batch_size
-
-    torch.manual_seed(t.seed)  # model initialisation
-    model = build_model(config.model).to(dev)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model.parameters(), config.optimizer)
-    scheduler = make_scheduler(optimizer, t, steps)
-    loss_fn = make_loss(t.loss, config.model.softmax_output, t.label_smoothing)
-    shuffle = torch.Generator().manual_seed(t.seed)
-    augmenting = is_active(config.augment)
-    warp = torch.Generator(device=dev).manual_seed(t.seed + 1)
-    ema = _Ema(model, t.ema_decay) if t.ema_decay else None
-    evaluated = ema.model if ema else model  # what is evaluated, selected and saved
-    autocast = devices.autocast(dev, t.amp)
-    tracker = _Improvement(t.monitor, t.min_delta)
-    run = Run(config, evaluated, run_dir=run_dir)
-    best_weights: dict[str, torch.Tensor] | None = None
-    if checkpoint is not None:
-        tensors, state = checkpoint
-        model.load_state_dict(_prefixed(tensors, "model."))
-        restore_optimizer(optimizer, tensors, state["optimizer"])
-        if scheduler:
-            scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        shuffle.set_state(tensors["rng.shuffle"])
-        warp.set_state(tensors["rng.warp"])
-        if dev.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
-        if ema:
-            ema.model.load_state_dict(_prefixed(tensors, "ema."))
-            ema.steps = state["ema_steps"]
-        best_weights = {k: v.to(dev) for k, v in _prefixed(tensors, "best.").items()} or None
-        tracker = _Improvement(t.monitor, t.min_delta, state["tracker"])
-        run.epochs = state["epochs"]
-
-    gradients = make_gradient_fn(model, config, loss_fn, autocast)
-    step = make_step(optimizer)
     log = _Logger(quiet)
-    writer = _tensorboard_writer(run_dir) if tensorboard else None
-    # Subnormal floats are slow on x86 CPUs, and Adam's moments reach them within an epoch: flushing them to
-    # zero keeps every epoch as fast as the first, with the same accuracy (docs/benchmarks.md).
-    flush_subnormals(True)
-    start_epoch = len(run.epochs) + 1
-    log.line(
-        f"{'resuming' if checkpoint else 'training'} {config.name} on {data.name} ({len(data.train)} train, "
-        f"{len(data.val) if data.val else 0} val, {len(data.test)} test) on {dev}, "
-        f"{count_parameters(model):,} parameters" + (f", from epoch {start_epoch}" if checkpoint else "")
-    )
     try:
-        for epoch in range(start_epoch, t.epochs + 1):
+        dev = devices.resolve_device(device)
+        t = config.training
+        if data is None:
+            data = load_data(config.data.dataset, data_dir, config.data.val_size, t.seed, dev)
+        data = data.to(dev)
+        steps_per_epoch = (len(data.train) + t.batch_size - 1) // t.batch_size
+        if checkpoint is None:
+            state = RunState(config, dev, steps_per_epoch)
+        else:
+            state = RunState.from_checkpoint(config, dev, steps_per_epoch, checkpoint)
+        steps = Steps.for_state(state, data)
+        log.line(
+            f"{'resuming' if checkpoint else 'training'} {config.name} on {data.name} ({len(data.train)} train, "
+            f"{len(data.val) if data.val else 0} val, {len(data.test)} test) on {_describe_device(dev, t.amp)}, "
+            f"{count_parameters(state.model):,} parameters" + (f", from epoch {state.epoch + 1}" if checkpoint else "")
+        )
+        # Subnormal floats are slow on x86 CPUs, and Adam's moments reach them within an epoch: flushing them to
+        # zero keeps every epoch as fast as the first, with the same accuracy (docs/benchmarks.md).
+        flush_subnormals(True)
+        last = state.epoch if state.stop_reason == "early_stopping" else t.epochs  # resumed only to be finished
+        for epoch in range(state.epoch + 1, last + 1):
             start = time.perf_counter()
-            model.train()
-            loss_sum = torch.zeros((), device=dev)
-            correct = torch.zeros((), dtype=torch.int64, device=dev)
-            bar = log.bar(steps, f"epoch {epoch}/{t.epochs}")
-            for batch in batches(data.train, t.batch_size, shuffle):
-                x = to_float(batch.images)
-                if augmenting:
-                    x = augment_batch(x, config.augment, warp)
-                loss, out = gradients(standardize_(x, normalize), batch.labels)
-                step()
-                if scheduler:
-                    scheduler.step()
-                if ema:
-                    ema.update()
-                loss_sum += loss * len(batch)
-                correct += (out.argmax(1) == batch.labels).sum()
-                bar.update()
+            bar = log.bar(steps_per_epoch, f"epoch {epoch}/{t.epochs}")
+            record: dict[str, Any] = {"epoch": epoch, **train_epoch(state, steps, data, bar)}
             bar.close()
-            if ema:
-                ema.copy_buffers()
-            train_seconds = time.perf_counter() - start
-            record: dict[str, Any] = {
-                "epoch": epoch,
-                "train_loss": loss_sum.item() / len(data.train),
-                "train_accuracy": correct.item() / len(data.train),
-            }
-            with autocast:
-                if data.val is not None:
-                    record["val_loss"], record["val_accuracy"] = loss_and_accuracy(
-                        evaluated, data.val, loss_fn, normalize
-                    )
-                record["test_loss"], record["test_accuracy"] = loss_and_accuracy(
-                    evaluated, data.test, loss_fn, normalize
-                )
-            record["lr"] = optimizer.param_groups[0]["lr"]
-            record["train_seconds"] = train_seconds
+            record["train_seconds"] = time.perf_counter() - start
+            record.update(evaluate_epoch(state, steps, data))
+            record["lr"] = state.optimizer.param_groups[0]["lr"]
             record["seconds"] = time.perf_counter() - start
-            run.epochs.append(record)
-            if tracker.update(epoch, record) and t.early_stopping:
-                best_weights = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
-            stop = bool(t.early_stopping) and tracker.bad_epochs >= t.early_stopping
-            run.stop_reason = "early_stopping" if stop else "epoch_limit"
+            _check_finite(record, config, epoch)
+            stop = state.end_epoch(record)
             log.line(_epoch_line(record, t.epochs))
-            if writer is not None:
-                for key, value in record.items():
-                    if key != "epoch":
-                        writer.add_scalar(key.replace("_", "/", 1), value, epoch)
-            if run_dir is not None:
-                tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-                tensors.update({f"best.{k}": v for k, v in (best_weights or {}).items()})
-                if ema:
-                    tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
-                opt_tensors, opt_state = optimizer_tensors(optimizer)
-                tensors.update(opt_tensors)
-                tensors["rng.torch"] = torch.get_rng_state()
-                tensors["rng.shuffle"] = shuffle.get_state()
-                tensors["rng.warp"] = warp.get_state()
-                if dev.type == "cuda":
-                    tensors["rng.cuda"] = torch.cuda.get_rng_state(dev)
-                state = {
-                    "epoch": epoch,
-                    "epochs": run.epochs,
-                    "optimizer": opt_state,
-                    "scheduler": scheduler.state_dict() if scheduler else None,
-                    "tracker": tracker.state(),
-                    "stop_reason": run.stop_reason,
-                    "ema_steps": ema.steps if ema else 0,
-                }
-                save_checkpoint(run_dir / CHECKPOINT, tensors, state)
-                write_json(run_dir / "metrics.json", _metrics(run, tracker, dev))
+            if outputs is not None:
+                outputs.save_epoch(state, dev)
             if on_epoch_end is not None:
                 on_epoch_end(record)
             if stop:
+                tracker = state.tracker
                 log.line(
                     f"early stopping: {t.monitor} has not improved for {t.early_stopping} epochs "
                     f"(best {tracker.best_value:.4f} at epoch {tracker.best_epoch})"
                 )
                 break
+        run = state.finish()
+        if outputs is not None:
+            run.run_dir = outputs.path
+            outputs.finish(run, steps.normalize, dev)
+            log.line(f"wrote {outputs.path}/ (model.safetensors, model.json, metrics.json, curves.png, config.toml)")
+        return run
     except KeyboardInterrupt:
-        if run_dir is not None and run.epochs:
+        if outputs is not None and outputs.saved:
             log.line(
-                f"interrupted; {len(run.epochs)} epochs are saved. Resume with: mnistlab train --resume {run_dir}",
+                f"interrupted; {outputs.saved} epochs are saved. Resume with: mnistlab train --resume {outputs.path}",
                 force=True,
             )
         raise
     finally:
         flush_subnormals(False)  # PyTorch's default, for whatever the caller does next
-        if writer is not None:
-            writer.close()
-
-    if t.early_stopping and best_weights is not None:
-        evaluated.load_state_dict(best_weights)  # always end on the best epoch, however the run ended
-    run.best_epoch = tracker.best_epoch
-    if run_dir is not None:
-        _write_run(run, run_dir, normalize, tracker, dev)
-        log.line(f"wrote {run_dir}/ (model.safetensors, model.json, metrics.json, curves.png, config.toml)")
-    return run
+        if outputs is not None:
+            outputs.close()
 
 
-def _tensorboard_writer(run_dir: Path | None):
+def _describe_device(device: torch.device, amp: bool) -> str:
+    """The device and its number format, for the log: results differ by CPU and precision, so say which."""
+    precision = "bfloat16 autocast" if amp and devices.bf16_native(device) else "float32"
+    if amp and precision == "float32":
+        precision += " (amp is on, but this device has no native bfloat16)"
+    if device.type == "cpu":
+        return f"cpu, {torch.get_num_threads()} threads, {precision} [{devices.describe_cpu()}]"
+    return f"{device}, {precision}"
+
+
+# ---------------------------------------------------------------------------------------------- run directory
+
+
+class RunDirectory:
+    """The folder a run writes, locked while the run lasts.
+
+    Nothing is written into it until the first epoch is saved (config.toml, checkpoint, metrics.json), and
+    only then is an old run replaced (`--force`): a run that fails or is interrupted before that leaves the
+    folder as it found it. The model files and curves are written when the run ends.
+    """
+
+    def __init__(self, path: str | Path, *, force: bool = False, resuming: bool = False, tensorboard: bool = False):
+        self.path = Path(path)
+        self.resuming = resuming
+        if tensorboard:
+            _check_tensorboard()
+        if not resuming:
+            check_output_dir(self.path, force)  # before any work
+        self._lock = FolderLock(self.path).acquire()
+        if not resuming:
+            try:
+                check_output_dir(self.path, force)  # again: another run may have finished meanwhile
+            except MnistlabError:
+                self._lock.release()
+                raise
+        self._tensorboard = tensorboard
+        self._writer = None
+        self.saved = 0  # epochs saved by this process
+
+    def save_epoch(self, state: RunState, device: torch.device) -> None:
+        """After an epoch: the checkpoint, metrics.json and the TensorBoard scalars; config.toml at the first."""
+        if not self.saved and not self.resuming:
+            clear_dir(self.path)
+            atomic_write_text(self.path / "config.toml", state.config.to_toml())
+        state.to_checkpoint().save(self.path / CHECKPOINT)
+        write_json(self.path / "metrics.json", _metrics(state, device))
+        self.saved = state.epoch
+        if self._tensorboard:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=str(self.path / "tensorboard"))
+            record = state.epochs[-1]
+            for key, value in record.items():
+                if key != "epoch":
+                    self._writer.add_scalar(key.replace("_", "/", 1), value, record["epoch"])
+
+    def finish(self, run: Run, normalize: tuple[float, float] | None, device: torch.device) -> None:
+        """The finished run's model files, metrics, config (with the epochs it was trained to) and curves."""
+        from mnistlab.plots import plot_curves
+
+        config = run.config
+        atomic_write_text(self.path / "config.toml", config.to_toml())
+        saved = run.saved
+        save_model(
+            run.model,
+            config.model,
+            self.path,
+            normalize,
+            metadata={
+                "config": config.name,
+                "dataset": config.data.dataset,
+                "classes": list(DATASETS[config.data.dataset].classes),
+                "loss": config.training.loss,
+                "label_smoothing": config.training.label_smoothing,
+                "epoch": saved["epoch"],
+                "test_accuracy": saved["test_accuracy"],
+            },
+        )
+        plot_curves(run.epochs, self.path / "curves.png", f"{config.name}: {config.summary()}")
+
+    def close(self) -> None:
+        """Release the lock (which removes the folder again if this run made it and never saved into it)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._lock.release()
+
+
+def _check_tensorboard() -> None:
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        import torch.utils.tensorboard  # noqa: F401
     except ImportError:
         raise MnistlabError(
             "--tensorboard needs the tensorboard package: pip install 'mnistlab[tensorboard]'"
         ) from None
-    if run_dir is None:
-        raise MnistlabError("--tensorboard needs a run directory to write its logs into")
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
-def _metrics(run: Run, tracker: _Improvement, device: torch.device) -> dict[str, Any]:
-    restored = bool(run.config.training.early_stopping)
+def _metrics(state: RunState, device: torch.device) -> dict[str, Any]:
+    config, tracker = state.config, state.tracker
+    restored = bool(config.training.early_stopping)
     return {
-        "config": run.config.name,
+        "config": config.name,
         "device": str(device),
         "torch": torch.__version__,
-        "epochs": run.epochs,
-        "final": run.epochs[-1] if run.epochs else None,
+        "epochs": state.epochs,
+        "final": state.epochs[-1] if state.epochs else None,
         "monitor": tracker.monitor,
         "best_epoch": tracker.best_epoch,
         "best_value": tracker.best_value,
-        "stop_reason": run.stop_reason,
-        "saved_model_epoch": tracker.best_epoch if restored else len(run.epochs),
+        "stop_reason": state.stop_reason,
+        "saved_model_epoch": tracker.best_epoch if restored else state.epoch,
     }
-
-
-def _write_run(
-    run: Run, run_dir: Path, normalize: tuple[float, float] | None, tracker: _Improvement, device: torch.device
-) -> None:
-    atomic_write_text(run_dir / "config.toml", run.config.to_toml())  # with the epochs it was resumed to
-    saved = run.best if run.config.training.early_stopping else run.final
-    save_model(
-        run.model,
-        run.config.model,
-        run_dir,
-        normalize,
-        metadata={
-            "config": run.config.name,
-            "dataset": run.config.data.dataset,
-            "classes": list(DATASETS[run.config.data.dataset].classes),
-            "loss": run.config.training.loss,
-            "label_smoothing": run.config.training.label_smoothing,
-            "epoch": saved["epoch"],
-            "test_accuracy": saved["test_accuracy"],
-        },
-    )
-    write_json(run_dir / "metrics.json", _metrics(run, tracker, device))
-    plot_curves(run.epochs, run_dir / "curves.png", f"{run.config.name}: {run.config.description}")
 
 
 def _epoch_line(r: dict[str, Any], total: int) -> str:

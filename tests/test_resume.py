@@ -1,0 +1,111 @@
+"""Checkpoints and resume on the real MNIST: an interrupted run (in-process, or a real SIGINT to the CLI) resumes to
+exactly the metrics of an uninterrupted one; resume's mistakes are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mnistlab.config import load_config
+from mnistlab.training import train
+
+from .helpers import assert_user_error, interrupted_and_resumed, mnistlab, subset, without_time
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def test_interrupted_run_resumes_to_identical_metrics(mnist_data, tmp_path):
+    """Interrupted after epoch 2 of 4 and resumed == never interrupted, epoch by epoch, on the CPU."""
+    data = subset(mnist_data, 8000, 1000)
+    config = load_config("seed-b-fixed").with_overrides(
+        {
+            "training.epochs": 4,
+            "optimizer.name": "sgd",
+            "optimizer.lr": 0.05,
+            "optimizer.momentum": 0.9,
+            "optimizer.nesterov": True,
+            "training.scheduler": "onecycle",
+            "training.early_stopping": 10,
+        }
+    )
+    whole = train(config, out_dir=tmp_path / "whole", quiet=True, data=data, device="cpu")
+    resumed = interrupted_and_resumed(config, tmp_path / "cut", data, after=2)
+    assert without_time(resumed.epochs) == without_time(whole.epochs)
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_ctrl_c_saves_and_resume_continues_identically(mnist_path, tmp_path):
+    """A real SIGINT to the CLI mid-run, then `train --resume`: the metrics match an uninterrupted run."""
+    args = ["--config", "seed-b-fixed", "--epochs", "4", "--data-dir", str(mnist_path)]
+    whole = mnistlab("train", *args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnistlab", "train", *args, "--out", str(cut)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+        # A shell that starts jobs in the background makes them ignore SIGINT, and Python then never turns
+        # Ctrl-C into KeyboardInterrupt; give the child the default, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 300
+    while not (cut / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    done = json.loads((cut / "metrics.json").read_text())["epochs"]
+    if len(done) == 4:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr
+    assert f"mnistlab train --resume {cut}" in stderr
+
+    resumed = mnistlab("train", "--resume", str(cut), "--data-dir", str(mnist_path))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"from epoch {len(done) + 1}" in resumed.stderr
+    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())["epochs"]
+    b = json.loads((cut / "metrics.json").read_text())["epochs"]
+    assert without_time(a) == without_time(b)
+
+
+def test_resume_mistakes_are_one_line_errors(mnist_path, tmp_path):
+    assert_user_error(mnistlab("train", "--resume", str(tmp_path / "nope")), "no such run directory")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(mnistlab("train", "--resume", str(tmp_path / "empty")), "nothing to resume")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.toml").write_text(load_config("seed-a").to_toml())
+    assert_user_error(mnistlab("train", "--resume", str(partial)), "nothing to resume")
+
+    run = tmp_path / "run"
+    trained = mnistlab(
+        "train",
+        "--config",
+        "seed-a",
+        "--epochs",
+        "1",
+        "--val-size",
+        "0",
+        "--out",
+        str(run),
+        "--data-dir",
+        str(mnist_path),
+    )
+    assert trained.returncode == 0, trained.stderr
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert_user_error(mnistlab("train", "--resume", str(run), "--config", "seed-b"), "different config")
+    assert_user_error(mnistlab("train", "--resume", str(run), "--lr", "0.1"), "only --epochs may change")
+    assert_user_error(mnistlab("train", "--resume", str(run), "--data-dir", str(mnist_path)), "already complete")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert_user_error(mnistlab("train"), "--config")
