@@ -20,14 +20,22 @@ def _uniform(n: int, bound: float, generator: torch.Generator, device: torch.dev
     return (torch.rand(n, generator=generator, device=device) * 2 - 1) * bound
 
 
-def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(
+    images: torch.Tensor, config: AugmentConfig, generator: torch.Generator, share: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Randomly warp float images (B, 28, 28) in [0, 1]; the result stays in [0, 1] with a black background.
 
     Each image gets its own rotation, scale, shear and translation (uniform within the configured bounds).
     The matrix maps output coordinates to input ones, which is what `affine_grid` wants; the distributions
     are symmetric, so sampling the inverse transform is as good as sampling the transform.
+
+    `share = (start, total)`: `images` are rows start... of a batch of `total` (one rank's share in distributed
+    training); the random draws are made for the whole batch and this share's are used, so the images get the
+    very warps they would get in one process.
     """
-    b, h, w = images.shape
+    rows = slice(None) if share is None else slice(share[0], share[0] + len(images))
+    _, h, w = images.shape
+    b = len(images) if share is None else share[1]
     dev = images.device
     angle = _uniform(b, math.radians(config.rotate), generator, dev)
     shear = _uniform(b, math.radians(config.shear), generator, dev)
@@ -43,18 +51,19 @@ def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.
         ],
         1,
     )
-    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
+    grid = F.affine_grid(theta[rows], [len(images), 1, h, w], align_corners=False)
     if config.elastic_alpha:
-        grid = grid + _elastic_field(b, h, w, config, generator, dev)
+        grid = grid + _elastic_field(b, h, w, config, generator, dev, rows)
     out = F.grid_sample(images.unsqueeze(1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.squeeze(1).clamp_(0, 1)
 
 
 def _elastic_field(
-    b: int, h: int, w: int, config: AugmentConfig, generator: torch.Generator, dev: torch.device
+    b: int, h: int, w: int, config: AugmentConfig, generator: torch.Generator, dev: torch.device, rows: slice
 ) -> torch.Tensor:
-    """Smooth random displacements (Simard et al. 2003): uniform noise blurred by a Gaussian, in grid units."""
-    noise = torch.rand(b, 2, h, w, generator=generator, device=dev) * 2 - 1
+    """Smooth random displacements (Simard et al. 2003): uniform noise blurred by a Gaussian, in grid units,
+    drawn for the `b` images of the batch and returned for `rows`."""
+    noise = (torch.rand(b, 2, h, w, generator=generator, device=dev) * 2 - 1)[rows]
     radius = max(1, round(3 * config.elastic_sigma))
     xs = torch.arange(-radius, radius + 1, device=dev, dtype=noise.dtype)
     kernel = torch.exp(-(xs**2) / (2 * config.elastic_sigma**2))

@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train in N processes on this machine (torchrun --standalone --nproc-per-node N; see docs/distributed.md)",
+    )
     p.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard (needs tensorboard)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _add_data_dir(p)
@@ -226,10 +232,16 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int | None:
+    from mnistlab import distributed
+    from mnistlab.checkpoint import CHECKPOINT
     from mnistlab.config import load_config
     from mnistlab.training import resume, train
 
+    if args.nproc is not None:
+        if distributed.environment_world_size() > 1:
+            raise MnistlabError("--nproc starts torchrun itself; under torchrun, leave it out")
+        return distributed.launch(args.nproc, _without_nproc(args.argv))
     overrides = {key: getattr(args, flag) for key, flag in _TRAIN_FLAGS.items()}
     overrides.update(parse_set(args.set))
     common = {"data_dir": args.data_dir, "device": args.device, "quiet": args.quiet, "tensorboard": args.tensorboard}
@@ -243,15 +255,34 @@ def _train(args: argparse.Namespace) -> None:
         raise MnistlabError("give --config NAME|FILE to start a run, or --resume RUN_DIR to continue one")
     else:
         config = load_config(args.config).with_overrides(overrides)
-        run = train(config, out_dir=args.out or f"runs/{config.name}", force=args.force, **common)
-    if args.quiet:
-        return
+        out = Path(args.out or f"runs/{config.name}")
+        if distributed.restarted() and (out / CHECKPOINT).is_file():
+            # torchrun restarted the job after a rank failed (--max-restarts): go on from the last checkpoint.
+            run = resume(out, epochs=config.training.epochs, config=config, **common)
+        else:
+            run = train(config, out_dir=out, force=args.force, **common)
+    if args.quiet or run.run_dir is None:  # quiet, or a rank other than 0 of a distributed run
+        return None
     saved = run.saved
     print(
         f"test accuracy {100 * saved['test_accuracy']:.2f}%, test loss {saved['test_loss']:.4f} "
         f"(model of epoch {saved['epoch']} of {len(run.epochs)}; stopped by {run.stop_reason})"
     )
     print(f"outputs in {run.run_dir}/ (curves: {run.run_dir}/curves.png)")
+    return None
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line with `--nproc N` (or `--nproc=N`) taken out, for the processes torchrun starts."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- the others
@@ -427,7 +458,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = COMMANDS[args.command](args) or 0

@@ -7,6 +7,7 @@ Python runs in the hot loop.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -349,8 +350,9 @@ def download_file(file: DataFile, folder: Path, mirrors: Sequence[str], timeout:
             failures.append(f"{url}: checksum mismatch")
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             failures.append(f"{url}: {getattr(exc, 'reason', exc)}")
-    if created and folder.exists():
-        folder.rmdir()  # leave no trace of a failed download
+    if created:
+        with contextlib.suppress(OSError):  # leave no trace of a failed download (unless another process wrote there)
+            folder.rmdir()
     raise MnistlabError(f"could not download {file.name}: " + "; ".join(failures))
 
 
@@ -366,6 +368,10 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __getitem__(self, rows: slice) -> Split:
+        """A contiguous part of the split, as views (no copy)."""
+        return Split(self.images[rows], self.labels[rows])
 
     def to(self, device: torch.device | str) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
@@ -434,15 +440,28 @@ def standardize_(x: torch.Tensor, normalize: tuple[float, float] | None) -> torc
     return x
 
 
+def batch_indices(
+    n: int, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> Iterator[torch.Tensor]:
+    """The indices of each batch of `n` items: shuffled by a permutation drawn from `generator`, in order without
+    it. Every process of a distributed training draws the same permutation and takes its share of each batch."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    order = order.to(device)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def take(split: Split, index: torch.Tensor) -> Split:
+    """The rows `index` of `split`. index_select rather than images[idx]: the same rows, about 6x faster on a CPU
+    for a batch of 64."""
+    return Split(split.images.index_select(0, index), split.labels.index_select(0, index))
+
+
 def batches(split: Split, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Split]:
     """Batches of `split` by index: shuffled by a permutation drawn from `generator`, in order without it."""
-    n = len(split)
     if generator is None:
-        for start in range(0, n, batch_size):
+        for start in range(0, len(split), batch_size):
             yield Split(split.images[start : start + batch_size], split.labels[start : start + batch_size])
         return
-    order = torch.randperm(n, generator=generator).to(split.images.device)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        # index_select rather than images[idx]: the same rows, about 6x faster on a CPU for a batch of 64.
-        yield Split(split.images.index_select(0, idx), split.labels.index_select(0, idx))
+    for index in batch_indices(len(split), batch_size, generator, split.images.device):
+        yield take(split, index)

@@ -43,24 +43,23 @@ def predict_scores(
 
 
 @torch.inference_mode()
-def loss_and_accuracy(
+def loss_and_correct(
     model: nn.Module,
     split: Split,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     normalize: tuple[float, float] | None = None,
-) -> tuple[float, float]:
-    """Mean loss and accuracy over a split: one host synchronisation at the end, not per batch."""
-    total_loss = torch.zeros((), device=split.images.device)
-    correct = torch.zeros((), dtype=torch.int64, device=split.images.device)
+) -> torch.Tensor:
+    """The summed loss and the number of correct predictions over a split, as one float64 tensor on its device
+    (sums, so that shares of a split evaluated apart add up; read once, not per batch)."""
+    sums = torch.zeros(2, dtype=torch.float64, device=split.images.device)
     was_training = model.training
     model.eval()
     for batch in batches(split, 2000):
         out = model(to_float(batch.images, normalize))
-        total_loss += loss_fn(out, batch.labels) * len(batch)
-        correct += (out.argmax(1) == batch.labels).sum()
+        sums[0] += loss_fn(out, batch.labels) * len(batch)
+        sums[1] += (out.argmax(1) == batch.labels).sum()
     model.train(was_training)
-    n = max(len(split), 1)
-    return total_loss.item() / n, correct.item() / n
+    return sums
 
 
 def evaluate_model(

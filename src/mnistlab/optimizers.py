@@ -49,6 +49,10 @@ def make_scheduler(
     total = t.epochs * steps_per_epoch
     warmup = round(t.warmup_epochs * steps_per_epoch)
     if t.scheduler == "onecycle":
+        # OneCycle needs at least two steps in each of its phases (PyTorch divides by a phase's length less one).
+        if total < 4:
+            raise MnistlabError(f"the onecycle schedule needs at least 4 steps, but this run has {total}")
+        warmup = min(max(warmup, 2), total - 2) if warmup else 0
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],

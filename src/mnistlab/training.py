@@ -24,13 +24,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mnistlab import devices
+from mnistlab import devices, distributed
 from mnistlab.augment import augment_batch, is_active
 from mnistlab.checkpoint import CHECKPOINT, Checkpoint, save_model
 from mnistlab.config import Config, config_from_dict, load_config
-from mnistlab.data import DATASETS, MnistData, batches, load_data, standardize_, to_float
+from mnistlab.data import DATASETS, MnistData, batch_indices, load_data, standardize_, take, to_float
 from mnistlab.errors import MnistlabError
-from mnistlab.evaluation import loss_and_accuracy
+from mnistlab.evaluation import loss_and_correct
 from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, clear_dir, write_json
 from mnistlab.gradients import GradientFn, make_gradient_fn
 from mnistlab.losses import LossFn, make_loss
@@ -82,21 +82,29 @@ def train(
     """Train `config`; with `out_dir`, write the run directory (and a checkpoint after every epoch) there.
 
     `data` lets callers that train several configs load the dataset once; `on_epoch_end` gets each epoch's
-    metrics (raising KeyboardInterrupt from it stops the run as Ctrl-C would).
+    metrics (raising KeyboardInterrupt from it stops the run as Ctrl-C would). Started by torchrun, each process
+    trains its share of every batch (`mnistlab.distributed`) and rank 0 writes the run directory.
     """
-    outputs = RunDirectory(out_dir, force=force, tensorboard=tensorboard) if out_dir is not None else None
-    if tensorboard and outputs is None:
+    if tensorboard and out_dir is None:
         raise MnistlabError("--tensorboard needs a run directory to write its logs into")
-    return _fit(
-        config,
-        outputs=outputs,
-        checkpoint=None,
-        data=data,
-        data_dir=data_dir,
-        device=device,
-        quiet=quiet,
-        on_epoch_end=on_epoch_end,
-    )
+    cluster, dev = distributed.join(devices.resolve_device(device))
+    try:
+        outputs = None
+        if out_dir is not None:
+            outputs = _on_main(cluster, lambda: RunDirectory(out_dir, force=force, tensorboard=tensorboard))
+        return _fit(
+            config,
+            outputs=outputs,
+            checkpoint=None,
+            data=data,
+            data_dir=data_dir,
+            device=dev,
+            cluster=cluster,
+            quiet=quiet,
+            on_epoch_end=on_epoch_end,
+        )
+    finally:
+        distributed.leave(cluster)
 
 
 def resume(
@@ -115,9 +123,32 @@ def resume(
 
     On the CPU the result is identical, epoch by epoch, to a run that was never interrupted. `data`, as for
     `train`, must then be the data the run started with. A run that early stopping ended trains on when given
-    more epochs, with a fresh patience.
+    more epochs, with a fresh patience. Under torchrun, rank 0 reads the checkpoint and sends it to the others.
     """
-    run_dir = Path(run_dir)
+    cluster, dev = distributed.join(devices.resolve_device(device))
+    try:
+        opened = _on_main(cluster, lambda: _open_for_resume(Path(run_dir), epochs, config, tensorboard))
+        outputs = opened[0] if cluster.main else None
+        checkpoint, saved = cluster.from_main(opened[1:] if cluster.main else None)
+        return _fit(
+            saved,
+            outputs=outputs,
+            checkpoint=checkpoint,
+            data=data,
+            data_dir=data_dir,
+            device=dev,
+            cluster=cluster,
+            quiet=quiet,
+            on_epoch_end=on_epoch_end,
+        )
+    finally:
+        distributed.leave(cluster)
+
+
+def _open_for_resume(
+    run_dir: Path, epochs: int | None, config: Config | None, tensorboard: bool
+) -> tuple[RunDirectory, Checkpoint, Config]:
+    """The locked run directory, its checkpoint and the config to train on to, after every check."""
     if not run_dir.is_dir():
         raise MnistlabError(f"{run_dir}: no such run directory to resume")
     outputs = RunDirectory(run_dir, resuming=True, tensorboard=tensorboard)
@@ -154,16 +185,23 @@ def resume(
     except BaseException:
         outputs.close()
         raise
-    return _fit(
-        saved,
-        outputs=outputs,
-        checkpoint=checkpoint,
-        data=data,
-        data_dir=data_dir,
-        device=device,
-        quiet=quiet,
-        on_epoch_end=on_epoch_end,
-    )
+    return outputs, checkpoint, saved
+
+
+def _on_main(cluster: distributed.Cluster, make: Callable[[], Any]) -> Any:
+    """`make()` on rank 0 only (what touches the run directory); its user error stops every rank."""
+    result, error = None, None
+    if cluster.main:
+        try:
+            result = make()
+        except MnistlabError as exc:
+            error = exc
+    message = cluster.from_main(str(error) if error else None)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise MnistlabError(f"rank {cluster.rank}: stopped with rank 0, which said: {message}")
+    return result
 
 
 def _checkpoint_config(checkpoint: Checkpoint, run_dir: Path) -> Config:
@@ -251,13 +289,23 @@ class RunState:
     """Everything about a run in progress that changes as it trains, and so goes into its checkpoint: the
     model, optimizer, schedule, weight average, random generators, best-epoch tracker and per-epoch metrics."""
 
-    def __init__(self, config: Config, device: torch.device, steps_per_epoch: int):
+    def __init__(
+        self,
+        config: Config,
+        device: torch.device,
+        steps_per_epoch: int,
+        cluster: distributed.Cluster = distributed.SINGLE,
+    ):
         t = config.training
-        self.config, self.device = config, device
-        torch.manual_seed(t.seed)  # model initialisation
+        self.config, self.device, self.cluster = config, device, cluster
+        torch.manual_seed(t.seed)  # model initialisation: the same weights on every rank
         self.model = build_model(config.model).to(device)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if cluster.active:
+            torch.manual_seed(t.seed + 1_000_003 * cluster.rank)  # each rank its own dropout masks
+            if device.type == "cuda":
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = make_optimizer(self.model.parameters(), config.optimizer, device)
         self.scheduler = make_scheduler(self.optimizer, t, steps_per_epoch)
         self.ema = Ema(self.model, t.ema_decay) if t.ema_decay else None
@@ -294,11 +342,20 @@ class RunState:
             self.evaluated.load_state_dict(self.best_weights)
         return Run(self.config, self.evaluated, self.epochs, None, self.tracker.best_epoch, self.stop_reason)
 
-    def to_checkpoint(self) -> Checkpoint:
-        optimizer, optimizer_state = optimizer_tensors(self.optimizer)
-        rng = {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state(), "warp": self.warp.get_state()}
+    def rank_rng(self) -> dict[str, torch.Tensor]:
+        """This process's own generator states (dropout's, CUDA's): each rank of a distributed run has its own."""
+        rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def to_checkpoint(self, ranks_rng: list[dict[str, torch.Tensor]] | None = None) -> Checkpoint:
+        """The checkpoint of this state; `ranks_rng` are every rank's `rank_rng()` (rank 0's alone by default)."""
+        optimizer, optimizer_state = optimizer_tensors(self.optimizer)
+        ranks_rng = ranks_rng or [self.rank_rng()]
+        rng = {"shuffle": self.shuffle.get_state(), "warp": self.warp.get_state(), **ranks_rng[0]}
+        for rank, states in enumerate(ranks_rng[1:], start=1):
+            rng.update({f"{name}.{rank}": value for name, value in states.items()})
         return Checkpoint(
             model=self.model.state_dict(),
             optimizer=optimizer,
@@ -314,25 +371,34 @@ class RunState:
                 "tracker": self.tracker.state(),
                 "stop_reason": self.stop_reason,
                 "ema_steps": self.ema.steps if self.ema else 0,
+                "world_size": self.cluster.world_size,
             },
         )
 
     @classmethod
     def from_checkpoint(
-        cls, config: Config, device: torch.device, steps_per_epoch: int, checkpoint: Checkpoint
+        cls,
+        config: Config,
+        device: torch.device,
+        steps_per_epoch: int,
+        checkpoint: Checkpoint,
+        cluster: distributed.Cluster = distributed.SINGLE,
     ) -> RunState:
-        """The state a checkpoint holds, for `config` (its own, or the same with more epochs)."""
-        self = cls(config, device, steps_per_epoch)
+        """The state a checkpoint holds, for `config` (its own, or the same with more epochs). A rank whose own
+        generator states are not in it (resumed with more ranks than it was saved with) keeps fresh ones."""
+        self = cls(config, device, steps_per_epoch, cluster)
         state = checkpoint.state
         self.model.load_state_dict(checkpoint.model)
         restore_optimizer(self.optimizer, checkpoint.optimizer, state["optimizer"])
         if self.scheduler:
             self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(checkpoint.rng["torch"])
+        suffix = f".{cluster.rank}" if cluster.rank else ""
+        if "torch" + suffix in checkpoint.rng:
+            torch.set_rng_state(checkpoint.rng["torch" + suffix])
         self.shuffle.set_state(checkpoint.rng["shuffle"])
         self.warp.set_state(checkpoint.rng["warp"])
-        if device.type == "cuda" and "cuda" in checkpoint.rng:
-            torch.cuda.set_rng_state(checkpoint.rng["cuda"], device)
+        if device.type == "cuda" and "cuda" + suffix in checkpoint.rng:
+            torch.cuda.set_rng_state(checkpoint.rng["cuda" + suffix], device)
         if self.ema:
             self.ema.model.load_state_dict(checkpoint.ema)
             self.ema.steps = state["ema_steps"]
@@ -373,38 +439,52 @@ class Steps:
 
 
 def train_epoch(state: RunState, steps: Steps, data: MnistData, bar: tqdm) -> dict[str, float]:
-    """One pass over the training split in a seeded random order; returns its mean loss and accuracy."""
-    config = state.config
+    """One pass over the training split in a seeded random order; returns its mean loss and accuracy.
+
+    In a distributed run each rank takes its share of every batch, and the shares' gradients are combined into
+    the batch's before the step, so every rank takes the step a single process would.
+    """
+    config, cluster = state.config, state.cluster
     state.model.train()
-    loss_sum = torch.zeros((), device=state.device)
-    correct = torch.zeros((), dtype=torch.int64, device=state.device)
-    for batch in batches(data.train, config.training.batch_size, state.shuffle):
+    params = [p for p in state.model.parameters() if p.requires_grad]
+    sums = torch.zeros(2, dtype=torch.float64, device=state.device)  # loss, correct
+    order = batch_indices(len(data.train), config.training.batch_size, state.shuffle, state.device)
+    for index in order:
+        rows = cluster.share(len(index))
+        batch = take(data.train, index[rows])
         x = to_float(batch.images)
         if steps.augmenting:
-            x = augment_batch(x, config.augment, state.warp)
+            x = augment_batch(x, config.augment, state.warp, (rows.start, len(index)))
         loss, out = steps.gradients(standardize_(x, steps.normalize), batch.labels)
+        cluster.share_gradients(params, len(batch), len(index))
         steps.step()
         if state.scheduler:
             state.scheduler.step()
         if state.ema:
             state.ema.update()
-        loss_sum += loss * len(batch)
-        correct += (out.argmax(1) == batch.labels).sum()
+        sums[0] += loss * len(batch)
+        sums[1] += (out.argmax(1) == batch.labels).sum()
         bar.update()
+    cluster.broadcast_buffers(state.model)  # BatchNorm's running statistics: rank 0's, as DDP does
     if state.ema:
         state.ema.copy_buffers()
+    loss_sum, correct = cluster.sum_(sums).tolist()
     n = len(data.train)
-    return {"train_loss": loss_sum.item() / n, "train_accuracy": correct.item() / n}
+    return {"train_loss": loss_sum / n, "train_accuracy": correct / n}
 
 
 def evaluate_epoch(state: RunState, steps: Steps, data: MnistData) -> dict[str, float]:
-    """Validation (when there is a split) and test loss and accuracy of the evaluated network."""
-    record = {}
+    """Validation (when there is a split) and test loss and accuracy of the evaluated network; in a distributed
+    run each rank evaluates its share and the sums are combined, so the figures are one process's."""
+    cluster, record = state.cluster, {}
     with steps.autocast:
         for name, split in (("val", data.val), ("test", data.test)):
             if split is not None:
-                loss, accuracy = loss_and_accuracy(state.evaluated, split, steps.loss_fn, steps.normalize)
-                record[f"{name}_loss"], record[f"{name}_accuracy"] = loss, accuracy
+                sums = loss_and_correct(
+                    state.evaluated, split[cluster.share(len(split))], steps.loss_fn, steps.normalize
+                )
+                loss_sum, correct = cluster.sum_(sums).tolist()
+                record[f"{name}_loss"], record[f"{name}_accuracy"] = loss_sum / len(split), correct / len(split)
     return record
 
 
@@ -427,27 +507,30 @@ def _fit(
     checkpoint: Checkpoint | None,
     data: MnistData | None,
     data_dir: str | Path | None,
-    device: str,
+    device: torch.device,
+    cluster: distributed.Cluster,
     quiet: bool,
     on_epoch_end: EpochCallback | None,
 ) -> Run:
-    log = _Logger(quiet)
+    log = _Logger(quiet or not cluster.main)  # in a distributed run, rank 0 alone prints
+    dev = device
     try:
-        dev = devices.resolve_device(device)
         t = config.training
         if data is None:
-            data = load_data(config.data.dataset, data_dir, config.data.val_size, t.seed, dev)
+            data = _load_data_once_per_machine(config, data_dir, dev, cluster)
         data = data.to(dev)
         steps_per_epoch = (len(data.train) + t.batch_size - 1) // t.batch_size
         if checkpoint is None:
-            state = RunState(config, dev, steps_per_epoch)
+            state = RunState(config, dev, steps_per_epoch, cluster)
         else:
-            state = RunState.from_checkpoint(config, dev, steps_per_epoch, checkpoint)
+            state = RunState.from_checkpoint(config, dev, steps_per_epoch, checkpoint, cluster)
         steps = Steps.for_state(state, data)
         log.line(
             f"{'resuming' if checkpoint else 'training'} {config.name} on {data.name} ({len(data.train)} train, "
-            f"{len(data.val) if data.val else 0} val, {len(data.test)} test) on {_describe_device(dev, t.amp)}, "
-            f"{count_parameters(state.model):,} parameters" + (f", from epoch {state.epoch + 1}" if checkpoint else "")
+            f"{len(data.val) if data.val else 0} val, {len(data.test)} test) on {_describe_device(dev, t.amp)}"
+            + (f", {cluster.world_size} processes ({cluster.backend})" if cluster.active else "")
+            + f", {count_parameters(state.model):,} parameters"
+            + (f", from epoch {state.epoch + 1}" if checkpoint else "")
         )
         # Subnormal floats are slow on x86 CPUs, and Adam's moments reach them within an epoch: flushing them to
         # zero keeps every epoch as fast as the first, with the same accuracy (docs/benchmarks.md).
@@ -463,10 +546,11 @@ def _fit(
             record["lr"] = state.optimizer.param_groups[0]["lr"]
             record["seconds"] = time.perf_counter() - start
             _check_finite(record, config, epoch)
-            stop = state.end_epoch(record)
+            stop = cluster.from_main(state.end_epoch(record))  # rank 0 decides; every rank stops with it
             log.line(_epoch_line(record, t.epochs))
+            ranks_rng = cluster.gather(state.rank_rng())
             if outputs is not None:
-                outputs.save_epoch(state, dev)
+                outputs.save_epoch(state, dev, ranks_rng)
             if on_epoch_end is not None:
                 on_epoch_end(record)
             if stop:
@@ -493,6 +577,18 @@ def _fit(
         flush_subnormals(False)  # PyTorch's default, for whatever the caller does next
         if outputs is not None:
             outputs.close()
+
+
+def _load_data_once_per_machine(
+    config: Config, data_dir: str | Path | None, device: torch.device, cluster: distributed.Cluster
+) -> MnistData:
+    """The dataset, downloaded (where missing) by one process per machine while the others wait for it."""
+    if cluster.local_rank:
+        cluster.barrier()
+    data = load_data(config.data.dataset, data_dir, config.data.val_size, config.training.seed, device)
+    if not cluster.local_rank:
+        cluster.barrier()
+    return data
 
 
 def _describe_device(device: torch.device, amp: bool) -> str:
@@ -534,12 +630,12 @@ class RunDirectory:
         self._writer = None
         self.saved = 0  # epochs saved by this process
 
-    def save_epoch(self, state: RunState, device: torch.device) -> None:
+    def save_epoch(self, state: RunState, device: torch.device, ranks_rng: list[dict[str, torch.Tensor]]) -> None:
         """After an epoch: the checkpoint, metrics.json and the TensorBoard scalars; config.toml at the first."""
         if not self.saved and not self.resuming:
             clear_dir(self.path)
             atomic_write_text(self.path / "config.toml", state.config.to_toml())
-        state.to_checkpoint().save(self.path / CHECKPOINT)
+        state.to_checkpoint(ranks_rng).save(self.path / CHECKPOINT)
         write_json(self.path / "metrics.json", _metrics(state, device))
         self.saved = state.epoch
         if self._tensorboard:
@@ -599,6 +695,8 @@ def _metrics(state: RunState, device: torch.device) -> dict[str, Any]:
     return {
         "config": config.name,
         "device": str(device),
+        "world_size": state.cluster.world_size,
+        "backend": state.cluster.backend,
         "torch": torch.__version__,
         "epochs": state.epochs,
         "final": state.epochs[-1] if state.epochs else None,

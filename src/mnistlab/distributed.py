@@ -1,0 +1,191 @@
+"""One training across several processes, GPUs or machines, on torch.distributed.
+
+Under `torchrun` (or `mnistlab train --nproc N`, which starts torchrun), every process runs the same training.
+Data parallel, with the config's `batch_size` kept as the global batch: every rank draws the same seeded
+permutation a single process would, takes a contiguous 1/N share of each batch, computes the gradients of its
+share, and the shares' gradients are summed across ranks weighted by their size, so each step is the step one
+process would take, up to float rounding, and the learning rate needs no rescaling. This is what
+DistributedDataParallel does after backward; it is done explicitly here (one all-reduce of all gradients per
+step) so that it also serves the hand-derived MLP gradients, which bypass autograd and so DDP's hooks.
+
+Evaluation is sharded without padding (sums of losses and correct counts), so accuracy is exactly the single
+process's on the same weights. BatchNorm's running statistics are rank 0's, broadcast after each epoch (DDP's
+default); on CUDA the layers are SyncBatchNorm, which also shares the batch statistics across ranks. Only rank 0
+writes files and prints. A rank that dies or hangs fails the others' next collective within the timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mnistlab.errors import MnistlabError
+
+# How long a rank waits in a collective for the others before giving up (a rank that died or hung).
+TIMEOUT_S = float(os.environ.get("MNISTLAB_DIST_TIMEOUT", "60"))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """This process's place among the processes of one training (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    backend: str | None = None
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the files and prints (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def share(self, total: int) -> slice:
+        """This rank's contiguous share of `total` items, as `torch.tensor_split` cuts them: sizes differ by at
+        most one, nothing is padded or repeated (one process: all of them)."""
+        base, extra = divmod(total, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+    def sum_(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over all ranks, in place."""
+        if self.active:
+            self._run(dist.all_reduce, values)
+        return values
+
+    def share_gradients(self, params: list[torch.Tensor], local: int, total: int) -> None:
+        """Turn each rank's mean gradient over its `local` images into the mean over the `total` of the batch."""
+        if not self.active:
+            return
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads]).mul_(local / total)
+        self._run(dist.all_reduce, flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm's running statistics) to every rank."""
+        if self.active:
+            for buffer in model.buffers():
+                self._run(dist.broadcast, buffer, src=0)
+
+    def barrier(self) -> None:
+        if self.active:
+            self._run(dist.barrier)
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (any picklable value made by mnistlab itself, never a user's file)."""
+        if not self.active:
+            return value
+        box = [value]
+        self._run(dist.broadcast_object_list, box, src=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value`, in rank order, on every rank."""
+        if not self.active:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        self._run(dist.all_gather_object, out, value)
+        return out
+
+    def _run(self, collective, *args, **kwargs) -> None:
+        """A collective operation; a peer that died or hung (past the timeout) is a one-line error naming this
+        rank, instead of a hang or a traceback from the backend."""
+        try:
+            collective(*args, **kwargs)
+        except (RuntimeError, dist.DistError) as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise MnistlabError(
+                f"rank {self.rank} of {self.world_size}: lost the other ranks (one died, or hung for over "
+                f"{TIMEOUT_S:g} s: {reason}); the last checkpoint is intact, resume with --resume"
+            ) from None
+
+
+SINGLE = Cluster()
+
+
+def environment_world_size() -> int:
+    """The number of processes torchrun (or any launcher setting WORLD_SIZE) started for this training."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise MnistlabError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def join(device: torch.device) -> tuple[Cluster, torch.device]:
+    """This process's Cluster and device: rank 0 of 1 unless a launcher set WORLD_SIZE > 1, in which case the
+    process group is started (gloo on CPU, nccl on CUDA) and this rank's CPU threads or GPU are chosen."""
+    world = environment_world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        # torchrun gives each process one thread unless told otherwise, a silent loss on a small machine: share
+        # the cores among this machine's ranks instead (docs/distributed.md measures both).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world <= 1:
+        return SINGLE, device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise MnistlabError(f"training on several processes needs the CPU or CUDA, not {device.type}")
+    if not dist.is_initialized():  # else the caller's own process group, which it also ends
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        _started.add(dist.group.WORLD)
+    cluster = Cluster(dist.get_rank(), dist.get_world_size(), local_rank, local_world, backend)
+    return cluster, device
+
+
+_started: set = set()  # the process group `join` started, which `leave` ends
+
+
+def leave(cluster: Cluster) -> None:
+    """End the process group `join` started (after a finished or failed training)."""
+    if cluster.active and dist.is_initialized() and dist.group.WORLD in _started:
+        _started.discard(dist.group.WORLD)
+        dist.destroy_process_group()
+
+
+def restarted() -> bool:
+    """Whether torchrun restarted this job after a failure (`--max-restarts`): it then resumes its checkpoint."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """`torchrun --standalone --nproc-per-node NPROC -m mnistlab ARGV` in this process: what `--nproc` does."""
+    from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if nproc < 1:
+        raise MnistlabError(f"--nproc must be at least 1, got {nproc}")
+    args = ["--standalone", "--nproc-per-node", str(nproc), "-m", "mnistlab", *argv]
+    # The ranks set their own thread counts (`join`); this only spares the user torchrun's warning about it.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        run.main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except ChildFailedError as exc:  # torchrun has printed each rank's own message and its failure table
+        rank, failure = exc.get_first_failure()
+        print(
+            f"mnistlab: error: rank {rank} of {nproc} failed (exit code {failure.exitcode}); see above", file=sys.stderr
+        )
+        return 1
+    return 0
