@@ -111,3 +111,28 @@ def test_subnormals_flush_on_every_thread():
     finally:
         flush_subnormals(False)
     assert torch.count_nonzero(subnormal * 1.0) == len(subnormal)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_without_the_private_kernel_the_step_is_optimizer_step(name, monkeypatch):
+    """The fused kernels `make_step` calls are private to PyTorch: where one is missing (another release), the
+    step falls back to `optimizer.step()` and still trains."""
+    from mnistlab.optimizers import _KERNELS
+
+    config = load_config("seed-b-fixed").with_overrides({"optimizer.name": name, "optimizer.lr": 0.01})
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
+    # As a release where the kernel has another name: PyTorch's own fused path, which uses its name, still works.
+    monkeypatch.setitem(_KERNELS, kind, _KERNELS[kind] + "_removed")
+    model = build_model(ModelConfig(kind="mlp", hidden=[8], activations=["relu"]))
+    optimizer = make_optimizer(model.parameters(), config.optimizer)
+    step = make_step(optimizer)
+    assert step == optimizer.step
+    x, y = torch.rand(32, 28, 28), torch.arange(32) % 10
+    losses = []
+    for _ in range(20):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
