@@ -181,8 +181,11 @@ def _data_with_corrupt_file(ctx: Context) -> None:
 # ---------------------------------------------------------------------------------------------- fault runners
 
 
-def _interrupt(sig: int) -> Callable[[Context, list[str]], subprocess.CompletedProcess]:
-    """Start the command, send `sig` once its first checkpoint exists (mid-run), and wait for it to end."""
+def interrupt(
+    sig: int, when: str = "checkpoint.safetensors"
+) -> Callable[[Context, list[str]], subprocess.CompletedProcess]:
+    """Start the command, send `sig` once the file `when` exists in its --out folder (by default its first
+    checkpoint: mid-run), and wait for it to end."""
 
     def runner(ctx: Context, argv: list[str]) -> subprocess.CompletedProcess:
         out = Path(argv[argv.index("--out") + 1])
@@ -195,8 +198,8 @@ def _interrupt(sig: int) -> Callable[[Context, list[str]], subprocess.CompletedP
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.monotonic() + 300
-        while not (out / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while not (out / when).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=300)
         return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
@@ -364,7 +367,7 @@ CASES: list[Case] = [
         [*_TRAIN, "--epochs", "30", "--out", "{tmp}/sigint"],
         130,
         "mnistlab: interrupted",
-        runner=_interrupt(signal.SIGINT),
+        runner=interrupt(signal.SIGINT),
         one_line=False,
     ),
     Case(
@@ -372,7 +375,7 @@ CASES: list[Case] = [
         [*_TRAIN, "--epochs", "30", "--out", "{tmp}/sigterm"],
         143,
         "terminated (SIGTERM)",
-        runner=_interrupt(signal.SIGTERM),
+        runner=interrupt(signal.SIGTERM),
         one_line=False,
     ),
     # resume

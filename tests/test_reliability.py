@@ -32,7 +32,7 @@ from mnistlab.reports import reproduce
 from mnistlab.training import resume, train
 
 from .helpers import subset, without_time
-from .reliability_cases import CASES, Case, Context, fresh_run, run_cli
+from .reliability_cases import CASES, Case, Context, fresh_run, interrupt, run_cli
 
 # ---------------------------------------------------------------------------------------------- every case
 
@@ -406,41 +406,19 @@ def test_divergence_keeps_the_last_good_epoch_and_writes_no_nan(mnist_path: Path
 
 def test_interrupt_before_the_first_epoch_leaves_no_folder(mnist_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mnistlab",
-            "train",
-            "--config",
-            "seed-b-fixed",
-            "--data-dir",
-            str(mnist_path),
-            "--out",
-            str(out),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    deadline = time.monotonic() + 60
-    while not (out / ".lock").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    argv = ["train", "--config", "seed-b-fixed", "--data-dir", str(mnist_path), "--out", str(out)]
+    stopped = interrupt(signal.SIGINT, when=".lock")(Context(tmp_path, mnist_path, out), argv)
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr
     assert not out.exists()  # so a retry needs no --force
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_mid_run_then_resume_gives_identical_metrics(sig, mnist_path: Path, tmp_path: Path) -> None:
-    from .reliability_cases import _interrupt
-
     args = ["train", "--config", "seed-b-fixed", "--epochs", "3", "--val-size", "1000", "--data-dir", str(mnist_path)]
     whole = run_cli([*args, "--out", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr
     cut = tmp_path / "cut"
-    stopped = _interrupt(sig)(Context(tmp_path, mnist_path, cut), [*args, "--out", str(cut)])
+    stopped = interrupt(sig)(Context(tmp_path, mnist_path, cut), [*args, "--out", str(cut)])
     done = json.loads((cut / "metrics.json").read_text())["epochs"]
     if len(done) == 3:
         pytest.skip("the run finished before the signal arrived")
