@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--tta", action="store_true", help="average each image with its four 1-pixel shifts")
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        help="evaluate on your own images instead of the test split: DIR/<class>/*.png, folders named by class "
+        "(0-9, or the model's class names), as torchvision's ImageFolder lays them out",
+    )
     _add_common(p)
 
     p = sub.add_parser(
@@ -133,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, metavar="FILE", help="where to write the .onnx file")
     _add_common(p, device=False)
 
+    p = sub.add_parser(
+        "serve", help="a web page to draw or upload digits, with a JSON API (needs mnistlab[web])", formatter_class=fmt
+    )
+    p.add_argument("models", nargs="*", metavar="MODEL", help="run directories or model files to serve as well")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: reachable from the network)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    p.add_argument("--collect", metavar="DIR", help="show 'That was a N' buttons that save drawings into DIR/<N>/")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+
     sub.add_parser("configs", help="list the shipped configs", formatter_class=fmt)
     return parser
 
@@ -182,14 +197,22 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from mnistlab.predict import evaluate
+    from mnistlab.predict import evaluate, evaluate_images
 
-    result = evaluate(args.model, args.data_dir, args.device, args.tta)
+    if args.images:
+        found = evaluate_images(args.images, args.model, args.device, args.tta)
+        for problem in found.skipped:
+            print(f"mnistlab: warning: {problem} (not counted)", file=sys.stderr)
+        result, what = found.evaluation, f"accuracy on {found.count} images in {args.images}"
+    else:
+        result, what = evaluate(args.model, args.data_dir, args.device, args.tta), "test accuracy"
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps(result.to_dict() | ({"images": found.count, "skipped": found.skipped} if args.images else {})))
         return
-    print(f"test accuracy {100 * result.accuracy:.2f}%, loss {result.loss:.4f}")
-    print("per-class accuracy: " + "  ".join(f"{d}: {100 * a:.2f}%" for d, a in enumerate(result.per_class_accuracy)))
+    print(f"{what} {100 * result.accuracy:.2f}%, loss {result.loss:.4f}")
+    rows = zip(result.per_class_accuracy, result.confusion_matrix)
+    shown = [f"{100 * a:.2f}%" if sum(row) else "-" for a, row in rows]  # "-": no image of that class
+    print("per-class accuracy: " + "  ".join(f"{d}: {a}" for d, a in enumerate(shown)))
     print("confusion matrix (rows: true digit, columns: predicted):")
     print("      " + "".join(f"{d:>6}" for d in range(10)))
     for d, row in enumerate(result.confusion_matrix):
@@ -299,6 +322,24 @@ def _export(args: argparse.Namespace) -> None:
     )
 
 
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        from mnistlab.serve import create_app, is_loopback, listen, run, url_of
+    except ImportError as exc:
+        raise MnistlabError(f"mnistlab serve needs the web extra: pip install 'mnistlab[web]' ({exc})") from None
+
+    sock = listen(args.host, args.port)  # first, so a taken port is reported before the models load
+    app = create_app([None, *args.models], args.collect, args.device)
+    if not is_loopback(args.host):
+        print(
+            f"mnistlab: warning: listening on {args.host}: the page and API are reachable from the network, "
+            "without any authentication",
+            file=sys.stderr,
+        )
+    print(f"serving {len(args.models) + 1} model(s) at {url_of(sock)} (Ctrl-C to stop)", flush=True)
+    run(app, sock)
+
+
 def _configs(args: argparse.Namespace) -> None:
     from mnistlab.config import load_config, shipped_configs
 
@@ -319,6 +360,7 @@ COMMANDS = {
     "inspect": _inspect,
     "export": _export,
     "configs": _configs,
+    "serve": _serve,
 }
 
 
