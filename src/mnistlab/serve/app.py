@@ -241,7 +241,8 @@ def create_app(
 
     @app.get("/api/health", summary="Whether the server answers")
     async def health() -> dict:
-        return {"status": "ok", "models": len(served)}
+        """Also how many images the models have classified, in how many forward passes (batching at work)."""
+        return {"status": "ok", "models": len(served), "images": batcher.images, "forward_passes": batcher.passes}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

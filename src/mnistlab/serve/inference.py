@@ -209,6 +209,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self._queue: list[tuple[torch.Tensor, asyncio.Future]] = []
         self._task: asyncio.Task | None = None  # the running drain; kept so it is not garbage-collected
+        self.images = self.passes = 0  # how many images went through in how many forward passes
 
     async def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Each model's probabilities (10,) for one preprocessed image (28, 28)."""
@@ -230,6 +231,7 @@ class MicroBatcher:
                         if not future.done():
                             future.set_exception(exc)
                     continue
+                self.images, self.passes = self.images + len(taken), self.passes + 1
                 for i, (_, future) in enumerate(taken):
                     if not future.done():  # its client may have gone away
                         future.set_result([probs[i] for probs in outputs])
