@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the web extra is not installed (pip install 'mnistlab[web]')")
@@ -57,13 +58,24 @@ class Server:
         self.thread.join(30)
 
 
+def train_small(out: Path, mnist_data, images: int) -> Path:
+    """seed-b-fixed trained for one epoch on the first `images` training images (well under a second)."""
+    threads = torch.get_num_threads()
+    # One thread: this small MLP gains nothing from a second, and two spin badly when the cores are busy
+    # (20,000 images: 0.5 s with one thread, 6 s with two while another process ran).
+    torch.set_num_threads(1)
+    try:
+        config = load_config("seed-b-fixed").with_overrides({"training.epochs": 1})
+        train(config, out_dir=out, data=subset(mnist_data, images, 1000), device="cpu", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, mnist_data):
-    """seed-b-fixed trained for one epoch on 5,000 images: a second, different model to serve (about 1 s)."""
-    out = tmp_path_factory.mktemp("runs") / "seed-b-small"
-    config = load_config("seed-b-fixed").with_overrides({"training.epochs": 1})
-    train(config, out_dir=out, data=subset(mnist_data, 5000, 1000), device="cpu", quiet=True)
-    return out
+    """A second, different model to serve."""
+    return train_small(tmp_path_factory.mktemp("runs") / "seed-b-small", mnist_data, 5000)
 
 
 @pytest.fixture(scope="module")

@@ -210,7 +210,7 @@ def evaluate_images(
     skipped: list[str] = []
     for i, (path, label) in enumerate(files):
         try:
-            batch.append(preprocess(load_image(path), invert=invert).tensor)
+            batch.append(preprocess(path, invert=invert).tensor)
             labels.append(label)
         except MnistlabError as exc:
             skipped.append(str(exc))

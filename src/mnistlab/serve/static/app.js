@@ -216,7 +216,7 @@ function element(tag, className, text) {
   return e;
 }
 
-function percent(x) { return `${(100 * x).toFixed(x > 0.999 || x < 0.001 ? 2 : 1)}%`; }
+function percent(x) { return `${(100 * x).toFixed(1)}%`; }
 
 function accuracy(model) {
   if (model.test_accuracy !== null) return `test accuracy ${percent(model.test_accuracy)}`;
