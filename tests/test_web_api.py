@@ -285,6 +285,12 @@ def bad_requests(tmp: Path) -> list[tuple[str, dict, int, str]]:
             "multipart",
         ),
         ("invalid JSON", {"content": b"{image:", "headers": {"Content-Type": "application/json"}}, 400, "valid JSON"),
+        (
+            "JSON nested too deep",
+            {"content": b"[" * 100_000, "headers": {"Content-Type": "application/json"}},
+            400,
+            "valid JSON",
+        ),
         ("JSON without image", {"json": {"picture": data_url(png)}}, 400, 'no "image" key'),
         ("JSON image not a string", {"json": {"image": [1, 2, 3]}}, 400, "data URL string"),
         ("not a data URL", {"json": {"image": base64.b64encode(png).decode()}}, 400, "malformed data URL"),
