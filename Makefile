@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # otherwise mnistlab looks in its cache and downloads.
 export MNISTLAB_DATA ?= $(if $(wildcard ../shared/data/mnist/SHA256SUMS),$(abspath ../shared/data/mnist),)
 
-.PHONY: install install-dev demo test lint reproduce bench clean
+.PHONY: install install-dev demo serve test lint reproduce bench clean
 
 # The stamp files make `make install` a no-op when nothing it depends on changed.
 $(BIN)/python:
@@ -27,6 +27,10 @@ install-dev: $(VENV)/.installed-dev
 
 demo: install
 	$(BIN)/mnistlab train --config seed-b --out runs/demo --force
+
+# The draw-a-digit page with the bundled model on http://127.0.0.1:8000/ (Ctrl-C to stop).
+serve: install
+	$(BIN)/mnistlab serve
 
 test: install-dev
 	$(BIN)/python -m pytest

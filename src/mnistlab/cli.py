@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--tta", action="store_true", help="average each image with its four 1-pixel shifts")
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        help="evaluate on your own images instead of the test split: DIR/<class>/*.png, folders named by class "
+        "(0-9, or the model's class names), as torchvision's ImageFolder lays them out",
+    )
     _add_data_dir(p)
     _add_device(p)
 
@@ -184,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, metavar="FILE", help="where to write the .onnx file")
     p.add_argument("--force", action="store_true", help="replace an existing FILE")
     _add_data_dir(p)
+
+    p = sub.add_parser(
+        "serve", help="a web page to draw or upload digits, with a JSON API (needs mnistlab[web])", formatter_class=fmt
+    )
+    p.add_argument("models", nargs="*", metavar="MODEL", help="run directories or model files to serve as well")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: reachable from the network)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    p.add_argument("--collect", metavar="DIR", help="show 'That was a N' buttons that save drawings into DIR/<N>/")
+    _add_device(p)
 
     p = sub.add_parser("configs", help="list the shipped configs", formatter_class=fmt)
     p.add_argument("--keys", action="store_true", help="list every config key with its default instead")
@@ -290,14 +305,22 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from mnistlab.files import to_json
-    from mnistlab.predict import evaluate
+    from mnistlab.predict import evaluate, evaluate_images
 
-    result = evaluate(_model(args), args.data_dir, args.device, args.tta)
+    if args.images:
+        found = evaluate_images(args.images, _model(args), args.device, args.tta)
+        for problem in found.skipped:
+            print(f"mnistlab: warning: {problem} (not counted)", file=sys.stderr)
+        result, what = found.evaluation, f"accuracy on {found.count} images in {args.images}"
+    else:
+        result, what = evaluate(_model(args), args.data_dir, args.device, args.tta), "test accuracy"
     if args.json:
-        print(to_json(result.to_dict()))
+        print(to_json(result.to_dict() | ({"images": found.count, "skipped": found.skipped} if args.images else {})))
         return
-    print(f"test accuracy {100 * result.accuracy:.2f}%, loss {result.loss:.4f}")
-    print("per-class accuracy: " + "  ".join(f"{d}: {100 * a:.2f}%" for d, a in enumerate(result.per_class_accuracy)))
+    print(f"{what} {100 * result.accuracy:.2f}%, loss {result.loss:.4f}")
+    rows = zip(result.per_class_accuracy, result.confusion_matrix)
+    shown = [f"{100 * a:.2f}%" if sum(row) else "-" for a, row in rows]  # "-": no image of that class
+    print("per-class accuracy: " + "  ".join(f"{d}: {a}" for d, a in enumerate(shown)))
     print("confusion matrix (rows: true digit, columns: predicted):")
     print("      " + "".join(f"{d:>6}" for d in range(10)))
     for d, row in enumerate(result.confusion_matrix):
@@ -426,6 +449,24 @@ def _export(args: argparse.Namespace) -> None:
     )
 
 
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        from mnistlab.serve import create_app, is_loopback, listen, run, url_of
+    except ImportError as exc:
+        raise MnistlabError(f"mnistlab serve needs the web extra: pip install 'mnistlab[web]' ({exc})") from None
+
+    sock = listen(args.host, args.port)  # first, so a taken port is reported before the models load
+    app = create_app([None, *args.models], args.collect, args.device)
+    if not is_loopback(args.host):
+        print(
+            f"mnistlab: warning: listening on {args.host}: the page and API are reachable from the network, "
+            "without any authentication",
+            file=sys.stderr,
+        )
+    print(f"serving {len(args.models) + 1} model(s) at {url_of(sock)} (Ctrl-C to stop)", flush=True)
+    run(app, sock)
+
+
 def _configs(args: argparse.Namespace) -> None:
     from mnistlab.config import Config, load_config, shipped_configs
 
@@ -450,6 +491,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "inspect": _inspect,
     "export": _export,
     "configs": _configs,
+    "serve": _serve,
 }
 
 

@@ -12,7 +12,7 @@ from mnistlab.checkpoint import LoadedModel, load_model, save_ensemble
 from mnistlab.data import Split, load_data
 from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError
-from mnistlab.evaluation import Evaluation, evaluate_model
+from mnistlab.evaluation import Evaluation, evaluate_model, evaluate_scores
 from mnistlab.files import FolderLock, check_output_dir, clear_dir, write_json
 from mnistlab.losses import make_loss
 from mnistlab.models import ShiftAveraged
@@ -161,6 +161,73 @@ def predict_images(
         if len(tensors) >= chunk:
             yield from flush()
     yield from flush()
+
+
+@dataclass
+class FolderEvaluation:
+    """A model measured on a folder of labelled images (`evaluate_images`)."""
+
+    evaluation: Evaluation
+    count: int  # images counted
+    skipped: list[str]  # why each image that could not be used was left out
+
+
+def image_folder(folder: str | Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """(image, class index) in torchvision's ImageFolder layout: FOLDER/<class>/<images>, each subfolder named
+    by a class number (0-9) or a class name of the model. Files lying in FOLDER itself are ignored, as there."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise MnistlabError(f"{root}: not a folder (give a folder with one subfolder of images per class)")
+    index = {name.lower(): i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
+    found = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub.name.lower() not in index:
+            raise MnistlabError(
+                f"{sub}: not a class of this model; name each folder by a class number 0-{len(classes) - 1} "
+                f"or name ({', '.join(classes)})"
+            )
+        images = sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        found += [(p, index[sub.name.lower()]) for p in images]
+    if not found:
+        raise MnistlabError(f"{root}: no images in class folders ({root}/<class>/*.png, ...)")
+    return found
+
+
+def evaluate_images(
+    folder: str | Path,
+    model_path: str | Path | None = None,
+    device: str = "auto",
+    tta: bool = False,
+    invert: bool | None = None,
+    chunk: int = 256,
+) -> FolderEvaluation:
+    """Accuracy, loss, per-class accuracy and confusion matrix of a model (default: the bundled one) on a
+    folder of images named by class (`image_folder`), each prepared by `preprocess` as `predict` does.
+    Images that cannot be read or hold no digit are left out and listed in `skipped`."""
+    dev = resolve_device(device)
+    loaded = load_model(model_path, dev)
+    files = image_folder(folder, loaded.classes)
+    model, loss_fn = loaded.model, loaded.loss_fn()
+    if tta:
+        model, loss_fn = ShiftAveraged(loaded.model, loaded.probabilities), make_loss("nll", True)
+    batch: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
+    labels: list[int] = []
+    skipped: list[str] = []
+    for i, (path, label) in enumerate(files):
+        try:
+            batch.append(preprocess(path, invert=invert).tensor)
+            labels.append(label)
+        except MnistlabError as exc:
+            skipped.append(str(exc))
+        if batch and (len(batch) == chunk or i == len(files) - 1):
+            with torch.inference_mode():
+                scores.append(model(torch.stack(batch).to(dev)).float().cpu())
+            batch.clear()
+    if not labels:
+        raise MnistlabError(f"{folder}: none of its {len(files)} images could be used (first: {skipped[0]})")
+    evaluation = evaluate_scores(torch.cat(scores), torch.tensor(labels), loss_fn)
+    return FolderEvaluation(evaluation, len(labels), skipped)
 
 
 def inspect(

@@ -1,0 +1,365 @@
+"""The web app's JSON API over real HTTP: a real uvicorn server on a free loopback port, serving the bundled model
+and a small model trained here; good requests answered as `mnistlab predict` would, every kind of bad request
+refused with a one-line JSON 4xx, and the server still serving afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the web extra is not installed (pip install 'mnistlab[web]')")
+import httpx
+import uvicorn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mnistlab.checkpoint import load_model
+from mnistlab.config import load_config
+from mnistlab.predict import classify, evaluate_images
+from mnistlab.preprocess import preprocess
+from mnistlab.serve import MAX_BODY, create_app, is_loopback, listen
+from mnistlab.training import train
+
+from .digit_images import blank_png
+from .drawings import STROKES, drawing, drawn_png, png_bytes
+from .helpers import subset
+from .test_cli import assert_user_error, mnistlab
+
+
+class Server:
+    """A real uvicorn server for an app, in a thread of this process, on a free loopback port."""
+
+    def __init__(self, app):
+        self.sock = listen("127.0.0.1", 0)
+        self.host, self.port = self.sock.getsockname()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def train_small(out: Path, mnist_data, images: int) -> Path:
+    """seed-b-fixed trained for one epoch on the first `images` training images (well under a second)."""
+    threads = torch.get_num_threads()
+    # One thread: this small MLP gains nothing from a second, and two spin badly when the cores are busy
+    # (20,000 images: 0.5 s with one thread, 6 s with two while another process ran).
+    torch.set_num_threads(1)
+    try:
+        config = load_config("seed-b-fixed").with_overrides({"training.epochs": 1})
+        train(config, out_dir=out, data=subset(mnist_data, images, 1000), device="cpu", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, mnist_data):
+    """A second, different model to serve."""
+    return train_small(tmp_path_factory.mktemp("runs") / "seed-b-small", mnist_data, 5000)
+
+
+@pytest.fixture(scope="module")
+def models(small_run):
+    return [load_model(None), load_model(small_run)]
+
+
+@pytest.fixture(scope="module")
+def collect_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("collected")
+
+
+@pytest.fixture(scope="module")
+def server(models, collect_dir):
+    running = Server(create_app(models, collect_dir=collect_dir, device="cpu"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+def post_image(client: httpx.Client, data: bytes, path: str = "/api/predict", **fields) -> httpx.Response:
+    return client.post(path, files={"image": ("drawing.png", data, "image/png")}, data=fields)
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+# ---------------------------------------------------------------------------------------------- good requests
+
+
+def test_health_models_page_and_openapi(client, small_run):
+    assert client.get("/api/health").json()["status"] == "ok"
+    info = client.get("/api/models").json()
+    assert info["collect"] is True
+    bundled, small = info["models"]
+    assert (bundled["name"], small["name"]) == ("bundled", "seed-b-small")
+    assert bundled["architecture"].startswith("3 x CNN conv32 conv32 pool")
+    assert bundled["test_accuracy"] is None and bundled["members_test_accuracy"] == [0.9965, 0.9968, 0.9965]
+    assert small["architecture"] == "MLP 784-512-10 relu"
+    assert small["test_accuracy"] == json.loads((small_run / "model.json").read_text())["metadata"]["test_accuracy"]
+    assert bundled["classes"] == [str(d) for d in range(10)]
+
+    page = client.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for asset in ("app.js", "style.css"):
+        assert client.get(f"/static/{asset}").status_code == 200
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/api/predict"]["post"]["requestBody"]["content"]
+    assert set(body) == {"multipart/form-data", "application/json"}
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "http" not in docs.text.split("<body>")[0]  # nothing from a CDN
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert client.get(f"/swagger/{asset}").status_code == 200 and f"/swagger/{asset}" in docs.text
+
+
+@pytest.mark.parametrize("digit", sorted(STROKES))
+def test_predict_answers_as_the_predict_path_does(client, models, digit):
+    png = drawn_png(digit)
+    answer = post_image(client, png).json()
+    assert answer == client.post("/api/predict", json={"image": data_url(png)}).json()  # both ways in, same out
+
+    pre = preprocess(Image.open(io.BytesIO(png)))  # the one preprocessing path, called directly
+    seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["preprocessed"]))))
+    assert seen.shape == (28, 28) and np.array_equal(seen, np.round(pre.digit * 255).astype(np.uint8))
+    for model, prediction in zip(models, answer["predictions"]):
+        expected = classify(model, [pre.tensor])[0]
+        assert prediction["probabilities"] == pytest.approx(expected.tolist(), abs=1e-5)
+        assert prediction["label"] == int(expected.argmax()) and prediction["class"] == str(prediction["label"])
+        assert prediction["confidence"] == max(prediction["probabilities"])
+    assert [p["model"] for p in answer["predictions"]] == ["bundled", "seed-b-small"]
+    assert answer["predictions"][0]["label"] == int(digit)
+
+
+def test_concurrent_requests_share_forward_passes_and_keep_their_answers(server, client, mnist_data):
+    """Many requests at once: the micro-batcher runs them together, and each still gets its own image's answer."""
+    images = mnist_data.test.images[:24].numpy()
+    pngs = [png_bytes(Image.fromarray(d)) for d in images]
+    expected = [post_image(client, png).json() for png in pngs]  # one at a time
+    before = client.get("/api/health").json()
+
+    async def burst() -> list[dict]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            sent = [c.post("/api/predict", files={"image": ("d.png", png, "image/png")}) for png in pngs * 2]
+            return [r.json() for r in await asyncio.gather(*sent)]
+
+    answers = asyncio.run(burst())
+    after = client.get("/api/health").json()
+    for got, want in zip(answers, expected * 2):
+        for g, w in zip(got["predictions"], want["predictions"]):
+            assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-5)
+    assert len(answers) == 48
+    assert after["images"] - before["images"] == 48
+    assert after["forward_passes"] - before["forward_passes"] < 48  # batched, at least once
+
+
+def test_collect_saves_server_named_pngs_that_evaluate_images_reads(client, collect_dir):
+    names = []
+    for digit in ("1", "7", "0"):
+        # The client's file name is ignored: nothing it sends becomes part of a path.
+        files = {"image": ("../../escape.png", drawn_png(digit), "image/png")}
+        response = client.post("/api/collect", files=files, data={"label": digit})
+        assert response.status_code == 200, response.text
+        saved = response.json()["saved"]
+        assert re.fullmatch(rf"{digit}/\d{{8}}-\d{{6}}-[0-9a-f]{{8}}\.png", saved)
+        names.append(saved)
+    response = client.post("/api/collect", json={"image": data_url(drawn_png("7")), "label": 7})
+    assert response.status_code == 200 and response.json()["count"] == 2
+    files = sorted(str(p.relative_to(collect_dir)) for p in collect_dir.rglob("*") if p.is_file())
+    assert len(files) == 4 and set(names) <= set(files)
+    assert not list(collect_dir.parent.glob("escape*"))
+
+    found = evaluate_images(collect_dir, device="cpu")
+    assert found.count == 4 and found.skipped == [] and found.evaluation.accuracy == 1.0
+
+
+def test_collect_is_off_without_a_folder(models):
+    running = Server(create_app(models[:1], device="cpu"))
+    try:
+        response = httpx.post(f"{running.url}/api/collect", files={"image": ("d.png", drawn_png("7"))})
+        assert response.status_code == 404 and "--collect" in response.json()["detail"]
+        assert httpx.get(f"{running.url}/api/models").json()["collect"] is False
+    finally:
+        running.stop()
+
+
+# ---------------------------------------------------------------------------------------------- bad requests
+
+
+def raw_http(server: Server, head: bytes, chunks: list[bytes] = (), wait: float = 10) -> tuple[int, dict]:
+    """Send a request by hand (headers, then body pieces, stopping when the server hangs up) and read the
+    response: for requests httpx will not make, such as a body that does not match its Content-Length."""
+    with socket.create_connection((server.host, server.port), timeout=wait) as sock:
+        sock.sendall(head)
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except OSError:  # the server refused and closed the connection before the body was all sent
+            pass
+        response = b""
+        while b"\r\n\r\n" not in response or len(response.split(b"\r\n\r\n", 1)[1]) < _length(response):
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            response += piece
+    status = int(response.split(b" ", 2)[1])
+    return status, json.loads(response.split(b"\r\n\r\n", 1)[1])
+
+
+def _length(response: bytes) -> int:
+    found = re.search(rb"(?i)content-length: *(\d+)", response)
+    return int(found.group(1)) if found else 0
+
+
+def multipart_head(server: Server, length: int | None) -> bytes:
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return (
+        f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+        f"Content-Type: multipart/form-data; boundary=b\r\n{framing}\r\n\r\n"
+    ).encode()
+
+
+def test_body_over_the_limit_is_refused_from_its_content_length_before_it_is_sent(server):
+    start = time.monotonic()
+    status, body = raw_http(server, multipart_head(server, 50 * MAX_BODY))  # 250 MB announced, none sent
+    assert status == 413 and "5 MB limit" in body["detail"]
+    assert time.monotonic() - start < 5
+
+
+def test_chunked_body_over_the_limit_is_refused_while_it_streams(server):
+    piece = b"x" * 65536
+    chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * (MAX_BODY // len(piece) + 8) + [b"0\r\n\r\n"]
+    status, body = raw_http(server, multipart_head(server, None), chunks)
+    assert status == 413 and "5 MB limit" in body["detail"]
+
+
+def bad_requests(tmp: Path) -> list[tuple[str, dict, int, str]]:
+    """(what, httpx request arguments, status, a phrase of the message) for each kind of bad request."""
+    png = drawn_png("7")
+    blank = png_bytes(drawing([]))
+
+    def upload(data: bytes, field: str = "image") -> dict:
+        return {"files": {field: ("upload.png", data, "image/png")}}
+
+    return [
+        ("file over 5 MB", upload(b"\x89PNG" + bytes(MAX_BODY)), 413, "5 MB limit"),
+        (
+            "image over the pixel limit",
+            upload(blank_png(tmp / "bomb.png", 20000, 20000).read_bytes()),
+            413,
+            "too large",
+        ),
+        ("not an image", upload(b"hello, I am a text file\n" * 10), 415, "not an image"),
+        ("truncated PNG", upload(png[: len(png) // 2]), 422, "truncated"),
+        ("empty file", upload(b""), 400, "empty image"),
+        ("empty body", {"headers": {"Content-Type": "application/json"}}, 400, "empty request body"),
+        ("wrong field name", upload(png, field="file"), 400, 'no field "image"'),
+        ("a form without files", {"data": {"image": "not a file"}}, 415, "content type"),
+        ("image field as text", {"files": {"x": ("x.txt", b"x")}, "data": {"image": "text"}}, 400, "text, not a file"),
+        (
+            "broken multipart",
+            {"content": b"--b\r\nnonsense", "headers": {"Content-Type": "multipart/form-data"}},
+            400,
+            "multipart",
+        ),
+        ("invalid JSON", {"content": b"{image:", "headers": {"Content-Type": "application/json"}}, 400, "valid JSON"),
+        (
+            "JSON nested too deep",
+            {"content": b"[" * 100_000, "headers": {"Content-Type": "application/json"}},
+            400,
+            "valid JSON",
+        ),
+        ("JSON without image", {"json": {"picture": data_url(png)}}, 400, 'no "image" key'),
+        ("JSON image not a string", {"json": {"image": [1, 2, 3]}}, 400, "data URL string"),
+        ("not a data URL", {"json": {"image": base64.b64encode(png).decode()}}, 400, "malformed data URL"),
+        ("data URL without base64", {"json": {"image": "data:image/png,abc"}}, 400, "malformed data URL"),
+        ("malformed base64", {"json": {"image": "data:image/png;base64,iVBOR$w0K"}}, 400, "malformed base64"),
+        ("data URL of text", {"json": {"image": "data:text/plain;base64,aGk="}}, 415, "not an image"),
+        ("unsupported content type", {"content": png, "headers": {"Content-Type": "image/png"}}, 415, "content type"),
+        ("blank canvas", upload(blank), 422, "blank"),
+    ]
+
+
+def test_every_bad_request_gets_a_one_line_4xx_and_the_server_keeps_serving(client, tmp_path):
+    for what, request, status, phrase in bad_requests(tmp_path):
+        response = client.post("/api/predict", **request)
+        assert response.status_code == status, (what, response.text)
+        detail = response.json()["detail"]
+        assert isinstance(detail, str) and "\n" not in detail and phrase in detail, (what, detail)
+    for label, status in (("", 400), ("../../x", 400), ("10", 400), ("-1", 400)):
+        response = post_image(client, drawn_png("7"), "/api/collect", label=label)
+        assert response.status_code == status and "label must be" in response.json()["detail"], label
+    assert client.get("/api/predict").status_code == 405
+    assert client.get("/api/health").json()["status"] == "ok"
+    assert post_image(client, drawn_png("7")).json()["predictions"][0]["label"] == 7
+
+
+valid_png = drawn_png("1")
+fuzzed_images = st.one_of(
+    st.binary(max_size=2000),
+    st.integers(0, len(valid_png)).map(lambda n: valid_png[:n]),
+    st.tuples(st.integers(0, len(valid_png) - 1), st.integers(0, 255)).map(
+        lambda c: valid_png[: c[0]] + bytes([c[1]]) + valid_png[c[0] + 1 :]
+    ),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(image=fuzzed_images, as_json=st.booleans(), media=st.sampled_from(["image/png", "", "text/plain"]))
+def test_fuzzed_images_never_get_a_server_error(client, image, as_json, media):
+    if as_json:
+        response = client.post(
+            "/api/predict", json={"image": f"data:{media};base64," + base64.b64encode(image).decode()}
+        )
+    else:
+        response = client.post("/api/predict", files={"image": ("f", image, media or "application/octet-stream")})
+    assert response.status_code in (200, 400, 413, 415, 422), response.text
+    if response.status_code != 200:
+        assert "\n" not in response.json()["detail"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(body=st.binary(max_size=500), media=st.sampled_from(["multipart/form-data; boundary=b", "application/json"]))
+def test_fuzzed_bodies_never_get_a_server_error(client, body, media):
+    response = client.post("/api/predict", content=body, headers={"Content-Type": media})
+    assert response.status_code in (400, 413, 415, 422), response.text
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def test_serve_reports_a_taken_port_in_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert_user_error(mnistlab("serve", "--port", str(taken.getsockname()[1])), "cannot listen", "--port")
+
+
+def test_only_loopback_addresses_count_as_private():
+    assert all(map(is_loopback, ["127.0.0.1", "127.1.2.3", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.10", "example.org"]))
