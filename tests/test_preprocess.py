@@ -648,6 +648,15 @@ def test_any_visible_digit_is_found_and_centred(case: tuple[Image.Image, str]) -
     assert abs(rows - CENTRE) < 0.5 and abs(cols - CENTRE) < 0.5, (about, rows, cols)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 300), st.integers(2, 300), st.integers(0, 255), st.floats(0, 6), st.integers(0, 2**32 - 1))
+def test_blank_noisy_images_are_refused(width: int, height: int, level: int, sigma: float, seed: int) -> None:
+    grey = level + np.random.default_rng(seed).standard_normal((height, width)) * sigma  # a scan of nothing
+    image = Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8))
+    with pytest.raises(MnistlabError, match="no digit found"):
+        preprocess(image)
+
+
 _DTYPES = [np.uint8, np.uint16, np.int32, np.float32, np.bool_]
 
 

@@ -35,6 +35,10 @@ WORK_SIDE = 1024  # larger images are reduced to this longer side before any ana
 GRID_SIDE = 128  # the ink mask is searched for blobs on a grid of at most this many cells a side
 MIN_CONTRAST = 0.08  # ink fainter than this against its background counts as no ink at all
 MIN_FLOOR = 0.02  # the lowest threshold for ink, even in a noise-free image
+# An image at most this many pixels a side with a difference this large between its darkest and lightest
+# levels (each held by two neighbouring pixels) holds a digit: a blank one's noise stays well below it.
+TINY_SIDE = 32
+TINY_CONTRAST = 0.2
 # A blob joins the digit when it holds this share of the main blob's ink and lies within this fraction of the
 # digit's longer side from it: the detached bar of a 5, not a speck across the page.
 PART_SHARE = 0.02
@@ -448,25 +452,41 @@ def _extract_ink(gray: np.ndarray, inverted: bool, name: str = "image") -> np.nd
     """
     background = _background(gray)
     residual = gray - background
+    contrast = MIN_CONTRAST
     if inverted:
         # On paper, light falls on ink and paper alike, so the ink's contrast scales with the paper's
         # brightness (1 - background here): dividing by it makes the ink as strong in shadow as in light.
-        residual = residual / np.maximum(1 - background, 0.05)
-    for noise_of in (lambda: _noise(residual), lambda: _local_noise(gray)):
-        floor = max(4 * noise_of(), MIN_FLOOR)
-        above = residual[residual > floor]
-        peak = float(np.percentile(above, 99)) if above.size else 0.0
-        if peak >= max(MIN_CONTRAST, 2 * floor):  # ink standing clear of the noise
-            break
-        # Else no ink, or a small or blurred digit that fills its frame, leaving no clean background to
-        # measure the noise on (what lies below the background surface is then partly ink): try the noise
-        # between neighbouring pixels.
-    else:
+        # The least contrast for ink is still counted in grey levels, so that noise on black "paper" is not
+        # magnified into ink.
+        paper = np.maximum(1 - background, 0.05)
+        residual = residual / paper
+        contrast = MIN_CONTRAST / float(paper.mean())
+    floor, peak = _floor_and_peak(residual, _noise(residual))
+    if peak < max(contrast, 2 * floor):
+        # No ink, or a small or blurred digit that fills its frame, leaving no clean background to measure the
+        # noise on (what lies below the background surface is then partly ink): try the noise between
+        # neighbouring pixels.
+        floor, peak = _floor_and_peak(residual, _local_noise(gray))
+    if peak < max(contrast, 2 * floor) and max(gray.shape) <= TINY_SIDE:
+        # A digit of a few pixels, nearly all of them part ink and part paper, leaves too few for any
+        # estimate of the noise: the paper is its darkest level, and a clear difference from it is ink.
+        darkest, lightest = _extremes(gray)
+        if lightest - darkest >= TINY_CONTRAST:
+            residual, floor, contrast = gray - darkest, MIN_FLOOR, MIN_CONTRAST
+            peak = float(residual.max())
+    if peak < max(contrast, 2 * floor):  # no ink, or none standing clear of the noise
         raise MnistlabError(f"{name}: no digit found (the image is blank)")
     mask = residual > max(floor, BLOB_LEVEL * peak)
     region = _digit_region(mask, residual)
     strong = float(np.percentile(residual[mask & region], 90))
     return np.where(region, np.clip((residual - floor) / (strong - floor), 0, 1), 0).astype(np.float32)
+
+
+def _floor_and_peak(residual: np.ndarray, noise: float) -> tuple[float, float]:
+    """The level below which a residual is noise, and the level of the strongest ink above it."""
+    floor = max(4 * noise, MIN_FLOOR)
+    above = residual[residual > floor]
+    return floor, float(np.percentile(above, 99)) if above.size else 0.0
 
 
 def _ink_box(ink: np.ndarray, level: float) -> tuple[int, int, int, int] | None:
