@@ -639,5 +639,5 @@ def preprocess(image: Image.Image | str | Path, invert: bool | None = None) -> P
         if fine_box is None:
             raise MnistlabError(f"{name}: no digit found (the image is blank)")
         digit = _place(fine, fine_box)
-    original = flat if flat.mode == "RGB" else flat.convert("RGB")
+    original = flat if flat.mode == "RGB" and flat is not image else flat.convert("RGB")  # never the caller's
     return Preprocessed(original, ink, inverted, box, digit, torch.from_numpy(digit))
