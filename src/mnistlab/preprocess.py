@@ -34,6 +34,7 @@ CENTRE = 14.0
 # million of a 20000x20000 decompression bomb, and about where Pillow itself starts to warn.
 MAX_PIXELS = 90_000_000
 WORK_SIDE = 1024  # larger images are reduced to this longer side before any analysis, for speed
+GLANCE_SIDE = 160  # and then looked at first on a copy of about this longer side
 GRID_SIDE = 128  # the ink mask is searched for blobs on a grid of at most this many cells a side
 MIN_CONTRAST = 0.08  # ink fainter than this against its background counts as no ink at all
 MIN_FLOOR = 0.02  # the lowest threshold for ink, even in a noise-free image
@@ -183,6 +184,11 @@ def _working_gray(flat: Image.Image) -> np.ndarray:
     if factor > 1:
         grey = grey.reduce(factor)
     return np.asarray(grey, dtype=np.float32) / 255
+
+
+def _reduced(gray: np.ndarray, factor: int) -> np.ndarray:
+    """`gray` reduced by an integer factor (area averaging); itself when the factor is 1."""
+    return gray if factor <= 1 else np.asarray(Image.fromarray(gray).reduce(factor))
 
 
 # ---------------------------------------------------------------------------------------------- 2. polarity
@@ -623,13 +629,22 @@ def preprocess(image: Image.Image | str | Path, invert: bool | None = None) -> P
             image = ImageOps.exif_transpose(image)
     flat = _flatten(image, name)
     gray = _working_gray(flat)
-    inverted = _decide_invert(gray) if invert is None else invert
+    # A first look at a copy reduced to about GLANCE_SIDE: when the digit there is still as large as the fine
+    # copy it is rendered from, that look is all it takes (a drawing app's canvas: 4 times fewer pixels).
+    glance = _reduced(gray, math.ceil(max(gray.shape) / GLANCE_SIDE))
+    inverted = _decide_invert(glance) if invert is None else invert
     if inverted:
-        gray = 1 - gray
+        gray, glance = 1 - gray, 1 - glance
     # MNIST's own digits have a black border: redoing their crop and fit would only blur them.
     mnist_like = gray.shape == (SIZE, SIZE) and float(np.median(gray[_frame(gray.shape)])) <= 0.1
-    ink = gray if mnist_like else _extract_ink(gray, inverted, name)
-    box = _ink_box(ink, 0 if mnist_like else BOX_LEVEL)
+    if mnist_like:
+        ink, box = gray, _ink_box(gray, 0)
+    else:
+        ink = _extract_ink(glance, inverted, name)
+        box = _ink_box(ink, BOX_LEVEL)
+        if glance is not gray and (box is None or max(box[2] - box[0], box[3] - box[1]) < FINE * FIT):
+            ink = _extract_ink(gray, inverted, name)  # a small digit: look again at full size
+            box = _ink_box(ink, BOX_LEVEL)
     if box is None:
         raise MnistlabError(f"{name}: no digit found (the image is blank)")
     if mnist_like:
