@@ -163,7 +163,7 @@ def _composite(rgba: Image.Image) -> Image.Image:
     with them: black strokes go on white, white strokes on black. A picture with transparent margins gets its
     own background colour, the median of its opaque pixels.
     """
-    sample = rgba.reduce(math.ceil(max(rgba.size) / WORK_SIDE))  # statistics need no more pixels than that
+    sample = rgba.reduce(math.ceil(max(rgba.size) / 256))  # statistics need no more pixels than that
     alpha = np.asarray(sample.getchannel("A"), dtype=np.float32) / 255
     luma = np.asarray(sample.convert("L"), dtype=np.float32) / 255
     coverage = float(alpha.mean())
@@ -575,8 +575,8 @@ def _place(ink: np.ndarray, box: Box) -> np.ndarray:
     CENTRE, anti-aliased, in [0, 1].
 
     The ink just outside the box (the soft edges below the box's level) comes along at the same scale, as the
-    partly covered pixels at the edge of MNIST's binary strokes did. The position is found by rendering,
-    measuring the centre of mass and rendering again: the resampler's overshoot, clipped, moves it a little.
+    partly covered pixels at the edge of MNIST's binary strokes did. The position is the source's centre of
+    mass, corrected by rendering once and measuring: the resampler's overshoot, clipped, moves it a little.
     """
     left, top, right, bottom = box
     fit_w, fit_h = _fit_size(right - left, bottom - top)
@@ -600,13 +600,13 @@ def _place(ink: np.ndarray, box: Box) -> np.ndarray:
         _paste(out, np.asarray(patch), row0, col0)
         return np.clip(out, 0, 1)
 
-    row, col = CENTRE + 0.5 - fit_h / 2, CENTRE + 0.5 - fit_w / 2  # the box centred, to begin with
+    # To begin with, the source's own centre of mass (pixel centres at index + 0.5) brought to CENTRE.
+    com_row, com_col = _centre_of_mass(crop)
+    row = CENTRE + 0.5 - (com_row + 0.5 - (top - y0)) * scale_y
+    col = CENTRE + 0.5 - (com_col + 0.5 - (left - x0)) * scale_x
     out = render(row, col)
-    for _ in range(2):
-        com_row, com_col = _centre_of_mass(out)
-        row, col = row + CENTRE - com_row, col + CENTRE - com_col
-        out = render(row, col)
-    return out
+    com_row, com_col = _centre_of_mass(out)
+    return render(row + CENTRE - com_row, col + CENTRE - com_col)
 
 
 # ---------------------------------------------------------------------------------------------- preprocess
