@@ -163,7 +163,8 @@ def _composite(rgba: Image.Image) -> Image.Image:
     with them: black strokes go on white, white strokes on black. A picture with transparent margins gets its
     own background colour, the median of its opaque pixels.
     """
-    sample = rgba.reduce(math.ceil(max(rgba.size) / 256))  # statistics need no more pixels than that
+    # Statistics need no more than 256 pixels a side; reducing a small image costs more than it saves.
+    sample = rgba if max(rgba.size) <= 512 else rgba.reduce(math.ceil(max(rgba.size) / 256))
     alpha = np.asarray(sample.getchannel("A"), dtype=np.float32) / 255
     luma = np.asarray(sample.convert("L"), dtype=np.float32) / 255
     coverage = float(alpha.mean())
