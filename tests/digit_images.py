@@ -1,5 +1,6 @@
 """Realistic test images built from MNIST *test* digits: ink on tinted, unevenly lit, noisy paper; drawing
-canvases with transparent backgrounds; files in several modes and formats; EXIF-rotated photos.
+canvases with transparent backgrounds; files in several modes and formats; EXIF-rotated photos; digits cropped
+tightly to their ink, at low resolution, and with very thick or very thin strokes.
 
 The builders take a uint8 28x28 MNIST digit (white ink on black) and return a PIL image or a saved path;
 `blank_png` writes a huge but tiny-on-disk PNG for decompression-bomb tests.
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 # The transposition that exif_transpose applies for each rotating orientation, undone to store the photo the
 # way a camera held sideways would have written it.
@@ -85,6 +86,55 @@ def canvas_rgba(digit: np.ndarray, size: int = 280, stroke_rgb: tuple[int, int, 
     return Image.fromarray(rgba)
 
 
+UP = 4  # restroke works on the digit enlarged this many times, where a stroke is about 10 pixels wide
+
+
+def restroke(digit: np.ndarray, change: int = 0) -> Image.Image:
+    """The digit enlarged UP times (bicubic, white ink on black, 'L'), its strokes thickened (`change` > 0) or
+    thinned (< 0) by `change` enlarged pixels on each side: a grey dilation or erosion with a square."""
+    tile = Image.fromarray(digit).resize((28 * UP, 28 * UP), Image.Resampling.BICUBIC)
+    if change > 0:
+        return tile.filter(ImageFilter.MaxFilter(2 * change + 1))
+    if change < 0:
+        return tile.filter(ImageFilter.MinFilter(-2 * change + 1))
+    return tile
+
+
+def tight_crop(
+    tile: Image.Image, longer_side: int, margin: float = 0.0, resample: Image.Resampling = Image.Resampling.BOX
+) -> np.ndarray:
+    """The ink's box in `tile` ('L', white ink on black) widened by `margin` times its longer side on every
+    side, resampled so its longer side is `longer_side` pixels, keeping the aspect ratio; ink = 1, in [0, 1].
+
+    The default BOX filter averages areas, as a low-resolution scanner does.
+    """
+    values = np.asarray(tile)
+    rows, cols = np.flatnonzero((values > 25).any(axis=1)), np.flatnonzero((values > 25).any(axis=0))
+    extra = margin * max(rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0])
+    pad = int(extra) + 1  # Pillow's source box may not reach outside the image
+    padded = Image.fromarray(np.pad(values, pad))
+    left, top = cols[0] + pad - extra, rows[0] + pad - extra
+    right, bottom = cols[-1] + 1 + pad + extra, rows[-1] + 1 + pad + extra
+    scale = longer_side / max(right - left, bottom - top)
+    size = (max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale)))
+    return np.asarray(padded.resize(size, resample, box=(left, top, right, bottom)), dtype=np.float32) / 255
+
+
+def scan(
+    ink: np.ndarray,
+    paper_rgb: tuple[int, int, int] = (240, 235, 220),
+    ink_rgb: tuple[int, int, int] = (20, 20, 40),
+    noise_sigma: float = 3.0,
+    seed: int = 0,
+) -> Image.Image:
+    """An evenly lit RGB scan of `ink` (in [0, 1], ink = 1) in `ink_rgb` on `paper_rgb`, with sensor noise."""
+    rng = np.random.default_rng(seed)
+    share = ink[..., None]
+    rgb = np.asarray(paper_rgb, np.float32) * (1 - share) + np.asarray(ink_rgb, np.float32) * share
+    rgb += rng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(noise_sigma)
+    return Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+
+
 def save_as(image: Image.Image, path: Path, mode: str | None = None, quality: int = 75) -> Path:
     """Save `image` converted to `mode` (RGB, RGBA, L, or P for an adaptive palette, keeping transparency),
     in the format its suffix names."""
@@ -138,6 +188,20 @@ KINDS = (
     "exif-rotated-jpeg",
     "light-on-dark-png",
 )
+# Harder kinds (issue 13): digits cropped tightly to their ink, so strokes touch the frame and ink may cover
+# most of it; low resolution, as-is or upsampled; very thick and very thin strokes.
+TOUGH_KINDS = (
+    "tight-crop-lowres-64",
+    "tight-crop-dark-on-light",
+    "tight-crop-light-on-dark",
+    "lowres-8",
+    "lowres-12",
+    "lowres-16",
+    "lowres-20",
+    "thick-strokes",
+    "thin-strokes",
+)
+CHALK = {"paper_rgb": (35, 45, 40), "ink_rgb": (230, 230, 215)}
 
 
 def realistic_image(kind: str, digit: np.ndarray, index: int, folder: Path) -> Path:
@@ -179,4 +243,33 @@ def realistic_image(kind: str, digit: np.ndarray, index: int, folder: Path) -> P
         return save_as(
             light_on_dark(digit, **{k: v for k, v in paper.items() if "rgb" not in k}), stem.with_suffix(".png")
         )
+    if kind in TOUGH_KINDS:
+        return save_as(tough_image(kind, digit, index), stem.with_suffix(".jpg" if "dark-on-light" in kind else ".png"))
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def tough_image(kind: str, digit: np.ndarray, index: int) -> Image.Image:
+    """One image of a TOUGH_KINDS kind showing `digit`; `index` varies colours, sizes and filters."""
+    rng = np.random.default_rng(index)
+    colours = {"paper_rgb": TINTS[index % len(TINTS)], "ink_rgb": INKS[index % len(INKS)], "seed": index}
+    if kind == "tight-crop-lowres-64":
+        # A form's box scanned at low resolution in grey, cropped to the digit, enlarged for viewing: the
+        # pen's width varies from MNIST's own to a quarter wider.
+        small = scan(tight_crop(restroke(digit, int(rng.integers(0, 5))), int(rng.integers(10, 17))), **colours)
+        scale = 64 / max(small.size)
+        size = (max(1, round(small.width * scale)), max(1, round(small.height * scale)))
+        resample = (Image.Resampling.NEAREST, Image.Resampling.BILINEAR)[index % 2]
+        return small.convert("L").resize(size, resample)
+    if kind.startswith("tight-crop-"):
+        ink = tight_crop(restroke(digit), int(rng.integers(40, 201)), resample=Image.Resampling.BICUBIC)
+        return scan(ink, noise_sigma=4, **(colours if kind.endswith("dark-on-light") else {**CHALK, "seed": index}))
+    if kind.startswith("lowres-"):
+        # As small as it was scanned, a little margin or none; every other one light on dark.
+        ink = tight_crop(restroke(digit), int(kind.split("-")[1]), margin=float(rng.uniform(0, 0.15)))
+        return scan(ink, noise_sigma=2, **(colours if index % 2 == 0 else {**CHALK, "seed": index})).convert("L")
+    if kind in ("thick-strokes", "thin-strokes"):
+        # Strokes about twice MNIST's width (up to 2.5 times), or about half (down to a third).
+        change = int(rng.integers(4, 8)) if kind == "thick-strokes" else -int(rng.integers(2, 4))
+        ink = tight_crop(restroke(digit, change), int(rng.integers(80, 201)), 0.2, Image.Resampling.BICUBIC)
+        return scan(ink, **colours)
     raise ValueError(f"unknown kind {kind!r}")

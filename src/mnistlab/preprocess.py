@@ -4,8 +4,10 @@ MNIST was made from binary NIST scans: each digit was scaled, keeping its aspect
 (the anti-aliasing made the grey levels), then placed in a 28x28 field so that its intensity-weighted centre
 of mass lies at the centre, white ink on black. `preprocess` repeats that on an arbitrary image, after the
 steps a scan never needed: flattening any mode to grey, choosing the ink's polarity, removing uneven
-lighting, paper tint and noise, and finding the digit in a larger picture. Every intermediate is kept in
-`Preprocessed` for display.
+lighting, paper tint and noise, finding the digit in a larger picture, and widening strokes much thinner than
+MNIST's. It holds for digits cropped tightly to their ink (strokes touching the frame, ink covering most of
+it), for sources of a few pixels and for very thick strokes. Every intermediate is kept in `Preprocessed` for
+display.
 """
 
 from __future__ import annotations
@@ -32,9 +34,14 @@ CENTRE = 14.0
 # million of a 20000x20000 decompression bomb, and about where Pillow itself starts to warn.
 MAX_PIXELS = 90_000_000
 WORK_SIDE = 1024  # larger images are reduced to this longer side before any analysis, for speed
+GLANCE_SIDE = 160  # and then looked at first on a copy of about this longer side
 GRID_SIDE = 128  # the ink mask is searched for blobs on a grid of at most this many cells a side
 MIN_CONTRAST = 0.08  # ink fainter than this against its background counts as no ink at all
 MIN_FLOOR = 0.02  # the lowest threshold for ink, even in a noise-free image
+# An image at most this many pixels a side with a difference this large between its darkest and lightest
+# levels (each held by two neighbouring pixels) holds a digit: a blank one's noise stays well below it.
+TINY_SIDE = 32
+TINY_CONTRAST = 0.2
 # A blob joins the digit when it holds this share of the main blob's ink and lies within this fraction of the
 # digit's longer side from it: the detached bar of a 5, not a speck across the page.
 PART_SHARE = 0.02
@@ -45,11 +52,24 @@ BLOB_LEVEL = 0.35  # blobs are made of the pixels above this share of the strong
 # thin strokes, whose cores never reach full strength.
 BOX_LEVEL = 0.4
 ABOVE_WEIGHT = 0.02  # the weight of a point above the background surface (ink) while fitting it
+_ORDERS = (1, 3, 6)  # terms of a flat level, a plane and a quadratic surface (1, x, y, x², xy, y²)
+SIMPLER = 0.8  # a surface with more terms is kept only when it leaves this share of the simpler one's noise
+QUIET = 0.002  # background noise below half an 8-bit grey level: flat, no other surface can do better
 _MARGIN = 2  # field pixels rendered around the box for the soft edges outside it
+FINE = 4  # the digit is measured, widened and rendered from a copy at this many times its size in the field
+# MNIST's strokes, measured as 2 x area / perimeter of the pixels above 0.5 on the test set, are 1.3-2.9 field
+# pixels wide (5th-95th percentile, median 2.0). Thinner strokes are widened to 1.3: on 500 test digits drawn
+# with strokes a half to a third of MNIST's width that lifts the bundled model from 94.0% to 97.0%. Thinning
+# wide strokes does not pay: it left strokes twice MNIST's width at 95.2% and cost blurred low-resolution
+# digits 1 point, whose soft edges measure wide.
+MIN_STROKE = 1.3
 
 _HIGH_DEPTH = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # What Pillow raises for files that are corrupt or truncated in various ways.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+
+
+Box = tuple[float, float, float, float]  # (left, top, right, bottom), as for Image.crop
 
 
 @dataclass
@@ -96,13 +116,16 @@ def load_image(path: str | Path) -> Image.Image:
             with Image.open(path) as image:
                 _check_size(image, str(path))  # from the header, before a single pixel is decoded
                 image.load()
-                return ImageOps.exif_transpose(image)
+                upright = ImageOps.exif_transpose(image)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise MnistlabError(f"{path}: image too large to open safely ({exc})") from None
     except Image.UnidentifiedImageError:
         raise MnistlabError(f"{path}: not an image (or in a format Pillow cannot read)") from None
     except _DECODE_ERRORS as exc:
         raise MnistlabError(f"{path}: corrupt or truncated image ({exc})") from None
+    # The upright copy has lost the name Image.open gave the file; preprocess's errors name it.
+    upright.filename = str(path)  # type: ignore[attr-defined]
+    return upright
 
 
 # ---------------------------------------------------------------------------------------------- 1. grey
@@ -116,7 +139,9 @@ def _flatten(image: Image.Image, name: str = "image") -> Image.Image:
     """
     if image.mode in _HIGH_DEPTH:
         values = np.asarray(image, dtype=np.float32)
-        low, high = float(values.min()), float(values.max())
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)  # a float image may hold NaN or inf
         scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
         return Image.fromarray(np.round(scaled).astype(np.uint8))
     if image.mode == "1":
@@ -138,7 +163,8 @@ def _composite(rgba: Image.Image) -> Image.Image:
     with them: black strokes go on white, white strokes on black. A picture with transparent margins gets its
     own background colour, the median of its opaque pixels.
     """
-    sample = rgba.reduce(math.ceil(max(rgba.size) / WORK_SIDE))  # statistics need no more pixels than that
+    # Statistics need no more than 256 pixels a side; reducing a small image costs more than it saves.
+    sample = rgba if max(rgba.size) <= 512 else rgba.reduce(math.ceil(max(rgba.size) / 256))
     alpha = np.asarray(sample.getchannel("A"), dtype=np.float32) / 255
     luma = np.asarray(sample.convert("L"), dtype=np.float32) / 255
     coverage = float(alpha.mean())
@@ -159,6 +185,11 @@ def _working_gray(flat: Image.Image) -> np.ndarray:
     if factor > 1:
         grey = grey.reduce(factor)
     return np.asarray(grey, dtype=np.float32) / 255
+
+
+def _reduced(gray: np.ndarray, factor: int) -> np.ndarray:
+    """`gray` reduced by an integer factor (area averaging); itself when the factor is 1."""
+    return gray if factor <= 1 else np.asarray(Image.fromarray(gray).reduce(factor))
 
 
 # ---------------------------------------------------------------------------------------------- 2. polarity
@@ -182,11 +213,36 @@ def _extremes(gray: np.ndarray) -> tuple[float, float]:
     return darkest, lightest
 
 
+def _border(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The flat indices of the frame of an image of `shape` (see _frame) and a weight for each of its pixels,
+    growing towards the corners: a digit cropped tightly to its ink touches the middle of every side, and a
+    thick one may cover most of the frame, but it seldom fills the corners."""
+    rows, cols = shape
+    band = max(1, min(shape) // 50)
+    on_edge = [np.flatnonzero((np.arange(n) < band) | (np.arange(n) >= n - band)) for n in shape]
+    inner_rows = np.flatnonzero((np.arange(rows) >= band) & (np.arange(rows) < rows - band))
+    row = np.concatenate([np.repeat(on_edge[0], cols), np.repeat(inner_rows, len(on_edge[1]))])
+    col = np.concatenate([np.tile(np.arange(cols), len(on_edge[0])), np.tile(on_edge[1], len(inner_rows))])
+    y, x = np.abs((row + 0.5) / rows * 2 - 1), np.abs((col + 0.5) / cols * 2 - 1)
+    return row * cols + col, x * y + 1e-3  # + a floor for images one pixel wide
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    cumulative = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
+
+
 def _decide_invert(gray: np.ndarray) -> bool:
-    """Whether the ink is darker than the background: the background is the median of the border, and the ink
-    is whichever extreme lies further from it. That also reads dark ink on mid-grey paper in a dim photo,
-    where asking only "is the background light?" would fail."""
-    background = float(np.median(gray[_frame(gray.shape)]))
+    """Whether the ink is darker than the background: the background is the level of the border (its median,
+    weighted towards the corners), and the ink is whichever extreme lies further from it. That also reads dark
+    ink on mid-grey paper in a dim photo, where asking only "is the background light?" would fail.
+
+    (On 800 digits cropped to 12-16 pixels with strokes 1-4 MNIST pixels wider a side than MNIST's own, the
+    plain median of the frame got 174 wrong, the corner-weighted one 54.)
+    """
+    frame, weights = _border(gray.shape)
+    background = _weighted_median(gray.ravel()[frame], weights)
     darkest, lightest = _extremes(gray)
     return background - darkest > lightest - background
 
@@ -195,30 +251,95 @@ def _decide_invert(gray: np.ndarray) -> bool:
 
 
 def _background(gray: np.ndarray) -> np.ndarray:
-    """The background under bright ink, as a smooth quadratic surface fitted robustly to the non-ink pixels.
+    """The background under bright ink, as a smooth surface fitted robustly to the non-ink pixels.
 
     Uneven lighting and paper tint vary slowly across a page, so a low-order surface follows them but can never
-    follow a stroke: no hole is dug in a digit however large it is, and a digit filling most of a tightly
-    cropped picture does not lift it. The fit runs on a copy reduced to 64 pixels a side.
+    follow a stroke: no hole is dug in a digit however large it is. A flat level, a plane and a quadratic are
+    fitted in turn, and the simplest that leaves the background about as quiet as the next is kept: where ink
+    fills most of a tightly cropped picture, the few background pixels left cannot pin a quadratic down, which
+    then bends through the strokes. The fit runs on a copy reduced to at most 64 pixels a side.
     """
     height, width = gray.shape
-    scale = min(1.0, 64 / max(height, width))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    small = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.BOX), dtype=np.float64)
-    design = np.stack([np.broadcast_to(t, small.shape).ravel() for t in _quadratic(*small.shape)], axis=1)
+    small = np.asarray(Image.fromarray(gray).reduce(math.ceil(max(height, width) / 64)), dtype=np.float64)
+    terms = _quadratic(*small.shape)
+    design = np.stack([np.broadcast_to(t, small.shape).ravel() for t in terms], axis=1)
     values = small.ravel()
-    # Asymmetric least squares: points above the surface (ink) count little, points below count fully, so the
-    # surface settles under the ink onto the background however much ink there is.
-    weight = np.ones_like(values)
-    for _ in range(10):
-        coef = _weighted_fit(design, values, weight)
-        weight = np.where(values > design @ coef, ABOVE_WEIGHT, 1 - ABOVE_WEIGHT)
-    # The little weight left on the ink still bends the surface a little; refit to the background alone.
+    border = _border(small.shape)
+    best: tuple[float, np.ndarray, float, float] | None = None
+    for order in _ORDERS:
+        fit = _fit_surface(design[:, :order], values, border)
+        if best is None or fit[0] < SIMPLER * best[0] - 1e-4:
+            best = fit
+        if best[0] < QUIET:  # already as flat as 8-bit levels go (a drawing app's canvas): nothing to gain
+            break
+    _, coef, low, high = best
+    if len(coef) == 1:
+        return np.full(gray.shape, np.clip(coef[0], low, high), dtype=np.float32)
+    surface = sum(c * t for c, t in zip(coef, _quadratic(height, width), strict=False))
+    # Under the ink the surface is extrapolated: it may not leave the range it takes on the background.
+    return np.clip(surface, low, high).astype(np.float32)
+
+
+def _fit_surface(
+    design: np.ndarray, values: np.ndarray, border: tuple[np.ndarray, np.ndarray]
+) -> tuple[float, np.ndarray, float, float]:
+    """A surface with the terms in `design` fitted under `values`: the noise of the background around it, its
+    coefficients, and the lowest and highest it is on the background. `border` is the frame's indices in
+    `values` and its pixels' weights (see _border)."""
+    coef = np.zeros(design.shape[1])
+    if design.shape[1] > 1:
+        # Asymmetric least squares: points above the surface (ink) count little, points below count fully, so
+        # a tilted or curved surface settles under the ink onto the background however much ink there is.
+        weight, above = np.ones_like(values), np.zeros(values.shape, dtype=bool)
+        for _ in range(10):
+            coef = _weighted_fit(design, values, weight)
+            now_above = values > design @ coef
+            if np.array_equal(now_above, above):  # the same weights again: converged
+                break
+            above = now_above
+            weight = np.where(above, ABOVE_WEIGHT, 1 - ABOVE_WEIGHT)
+    # The little weight left on the ink still bends the surface a little, and where blurred stroke edges
+    # outnumber the clean background (a small, tightly cropped digit) it sits above the background: move it
+    # onto the background's densest level and refit to the pixels within the noise of that.
     for _ in range(2):
         residual = values - design @ coef
-        coef = _weighted_fit(design, values, residual <= 2.5 * _noise(residual) + 0.01)
-    surface = sum(c * t for c, t in zip(coef, _quadratic(height, width), strict=True))
-    return np.broadcast_to(surface, gray.shape).astype(np.float32)
+        level, noise = _background_level(residual, border)
+        coef = _weighted_fit(design, values, np.abs(residual - level) <= 2.5 * noise + 0.01)
+    fitted = design @ coef
+    noise = _noise(values - fitted)
+    on_background = fitted[values - fitted <= 2.5 * noise + 0.01]
+    if on_background.size == 0:
+        on_background = fitted
+    return noise, coef, float(on_background.min()), float(on_background.max())
+
+
+def _background_level(residual: np.ndarray, border: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    """The densest level of the residuals in the background's class, and the noise around it from the
+    residuals below it (pure background, however much ink lies above).
+
+    Otsu's split divides background from ink, and the background's class is the one the border lies in: the
+    lower one, unless the caller forced the polarity the wrong way round.
+    """
+    bins = np.clip(((residual + 1) * 256).astype(np.intp), 0, 511)  # 1/256 wide over [-1, 1]
+    counts = np.bincount(bins, minlength=512)
+    split = _otsu(counts)
+    frame, weights = border
+    start, stop = (0, split + 1) if _weighted_median(bins[frame], weights) <= split else (split + 1, 512)
+    peak = start + int(np.argmax(np.convolve(counts[start:stop], [1, 2, 3, 2, 1], mode="same")))
+    level = (peak + 0.5) / 256 - 1
+    below = residual[bins < peak]
+    return level, 1.4826 * float(np.median(level - below)) if below.size else 0.0
+
+
+def _otsu(counts: np.ndarray) -> int:
+    """Otsu's threshold on a histogram: the last bin of the lower of the two classes with the most different
+    means (the last bin when there is nothing to split)."""
+    index = np.arange(len(counts))
+    weight, mass = np.cumsum(counts)[:-1], np.cumsum(counts * index)[:-1]
+    total, total_mass = int(counts.sum()), int((counts * index).sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (total_mass * weight - total * mass).astype(np.float64) ** 2 / (weight * (total - weight))
+    return int(np.nanargmax(between)) if np.isfinite(between).any() else len(counts) - 1
 
 
 def _weighted_fit(design: np.ndarray, values: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -235,6 +356,15 @@ def _quadratic(rows: int, cols: int) -> list[np.ndarray]:
     return [np.ones((1, 1)), x, y, x * x, x * y, y * y]
 
 
+def _local_noise(gray: np.ndarray) -> float:
+    """The noise as the robust spread of the differences between neighbouring pixels (strokes' edges are too
+    few to move a median), over the square root of 2 that a difference of two noisy pixels adds."""
+    if min(gray.shape) < 2:
+        return 0.0
+    steps = np.concatenate([np.diff(gray, axis=0).ravel(), np.diff(gray, axis=1).ravel()])
+    return 1.4826 * float(np.median(np.abs(steps))) / math.sqrt(2)
+
+
 def _noise(residual: np.ndarray) -> float:
     """The noise of the background around a surface fitted to it, from the pixels below the surface only: ink
     lies above it, so however much ink there is, this half is pure background (a robust standard deviation,
@@ -248,19 +378,39 @@ def _noise(residual: np.ndarray) -> float:
 
 def _label(cells: np.ndarray) -> np.ndarray:
     """8-connected components of a small boolean grid: every set cell gets the smallest flat index in its
-    component, every clear cell the grid's size. Minimum propagation with pointer jumping, all in numpy."""
+    component, every clear cell the grid's size.
+
+    The runs of set cells along each row are joined to the runs they touch in the next row (sharing a column
+    or a corner), and each run takes the least first cell among the runs it is joined to, by pointer jumping:
+    a few rounds over a few hundred runs in numpy, where spreading labels cell by cell took twenty over the
+    whole grid (1 ms for a drawing).
+    """
     height, width = cells.shape
-    off = height * width
-    labels = np.where(cells, np.arange(off).reshape(height, width), off)
+    edges = np.diff(np.pad(cells, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    rows, starts = np.nonzero(edges == 1)
+    ends = np.nonzero(edges == -1)[1]  # one past each run's last cell; runs in row-major order
+    # Runs a (row r) and b (row r + 1) touch when b starts at most where a ends and ends at least where a
+    # starts. With rows spaced wider than the grid, both ends sort in run order and the runs b of each a
+    # are a contiguous range.
+    span = width + 2
+    key_start, key_end = rows * span + starts, rows * span + ends
+    first = np.searchsorted(key_end, key_start + span)
+    counts = np.maximum(np.searchsorted(key_start, key_end + span, side="right") - first, 0)
+    upper = np.repeat(np.arange(len(rows)), counts)
+    lower = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+    origin = rows * width + starts  # each run's first cell: its own label, in increasing order
+    label = origin
     while True:
-        padded = np.pad(labels, 1, constant_values=off)
-        neighbours = np.min([padded[dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)], axis=0)
-        neighbours = np.where(cells, neighbours, off)
-        # Jump: a cell takes its label's label, so labels travel across a component in few rounds.
-        jumped = np.append(neighbours.ravel(), off)[neighbours]
-        if np.array_equal(jumped, labels):
-            return labels
-        labels = jumped
+        joined = label.copy()
+        np.minimum.at(joined, upper, label[lower])
+        np.minimum.at(joined, lower, label[upper])
+        joined = joined[np.searchsorted(origin, joined)]  # jump: take the label of the run it points to
+        if np.array_equal(joined, label):
+            break
+        label = joined
+    out = np.full(height * width, height * width)
+    out[np.flatnonzero(cells)] = np.repeat(label, ends - starts)
+    return out.reshape(height, width)
 
 
 def _digit_region(mask: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -268,15 +418,10 @@ def _digit_region(mask: np.ndarray, weight: np.ndarray) -> np.ndarray:
     enough to be part of it, found on a coarse grid and widened by one cell for the strokes' soft edges."""
     height, width = mask.shape
     cell = max(1, math.ceil(max(height, width) / GRID_SIDE))
-    rows, cols = math.ceil(height / cell), math.ceil(width / cell)
-
-    def pool(a: np.ndarray) -> np.ndarray:
-        padded = np.zeros((rows * cell, cols * cell), dtype=a.dtype)
-        padded[:height, :width] = a
-        return padded.reshape(rows, cell, cols, cell)
-
-    cells = pool(mask).any(axis=(1, 3))
-    mass = pool(np.where(mask, weight, 0)).sum(axis=(1, 3))
+    # The ink in each cell (a mean, by Pillow's reduce: three times faster than numpy's reshape and sum).
+    mass = np.asarray(Image.fromarray(np.where(mask, weight, 0).astype(np.float32)).reduce(cell))
+    cells = mass > 0
+    rows, cols = cells.shape
     labels = _label(cells)
     ys, xs = np.nonzero(cells)
     ids, blob = np.unique(labels[ys, xs], return_inverse=True)
@@ -302,10 +447,9 @@ def _digit_region(mask: np.ndarray, weight: np.ndarray) -> np.ndarray:
                 group = np.concatenate([np.minimum(group[:2], boxes[b, :2]), np.maximum(group[2:], boxes[b, 2:])])
                 grown = True
 
-    keep = np.zeros(rows * cols, dtype=bool)
-    keep[ys * cols + xs] = np.isin(blob, list(chosen))
-    keep = np.pad(keep.reshape(rows, cols), 1)
-    keep = np.max([keep[dy : dy + rows, dx : dx + cols] for dy in range(3) for dx in range(3)], axis=0)
+    keep = np.zeros((rows + 2, cols + 2), dtype=bool)  # with a margin of one cell
+    keep[ys + 1, xs + 1] = np.isin(blob, list(chosen))
+    keep = np.logical_or.reduce([keep[dy : dy + rows, dx : dx + cols] for dy in range(3) for dx in range(3)])
     return np.repeat(np.repeat(keep, cell, axis=0), cell, axis=1)[:height, :width]
 
 
@@ -318,19 +462,42 @@ def _extract_ink(gray: np.ndarray, inverted: bool, name: str = "image") -> np.nd
     """
     background = _background(gray)
     residual = gray - background
+    contrast = MIN_CONTRAST
     if inverted:
         # On paper, light falls on ink and paper alike, so the ink's contrast scales with the paper's
         # brightness (1 - background here): dividing by it makes the ink as strong in shadow as in light.
-        residual = residual / np.maximum(1 - background, 0.05)
-    floor = max(4 * _noise(residual), MIN_FLOOR)
-    above = residual[residual > floor]
-    peak = float(np.percentile(above, 99)) if above.size else 0.0
-    if peak < max(MIN_CONTRAST, 2 * floor):  # no ink, or none standing clear of the noise
+        # The least contrast for ink is still counted in grey levels, so that noise on black "paper" is not
+        # magnified into ink.
+        paper = np.maximum(1 - background, 0.05)
+        residual = residual / paper
+        contrast = MIN_CONTRAST / float(paper.mean())
+    # The noise from a quarter of the pixels, evenly spread, once there are plenty (as precise, 4 times faster).
+    floor, peak = _floor_and_peak(residual, _noise(residual[::2, ::2] if residual.size > 40_000 else residual))
+    if peak < max(contrast, 2 * floor):
+        # No ink, or a small or blurred digit that fills its frame, leaving no clean background to measure the
+        # noise on (what lies below the background surface is then partly ink): try the noise between
+        # neighbouring pixels.
+        floor, peak = _floor_and_peak(residual, _local_noise(gray))
+    if peak < max(contrast, 2 * floor) and max(gray.shape) <= TINY_SIDE:
+        # A digit of a few pixels, nearly all of them part ink and part paper, leaves too few for any
+        # estimate of the noise: the paper is its darkest level, and a clear difference from it is ink.
+        darkest, lightest = _extremes(gray)
+        if lightest - darkest >= TINY_CONTRAST:
+            residual, floor, contrast = gray - darkest, MIN_FLOOR, MIN_CONTRAST
+            peak = float(residual.max())
+    if peak < max(contrast, 2 * floor):  # no ink, or none standing clear of the noise
         raise MnistlabError(f"{name}: no digit found (the image is blank)")
     mask = residual > max(floor, BLOB_LEVEL * peak)
     region = _digit_region(mask, residual)
     strong = float(np.percentile(residual[mask & region], 90))
     return np.where(region, np.clip((residual - floor) / (strong - floor), 0, 1), 0).astype(np.float32)
+
+
+def _floor_and_peak(residual: np.ndarray, noise: float) -> tuple[float, float]:
+    """The level below which a residual is noise, and the level of the strongest ink above it."""
+    floor = max(4 * noise, MIN_FLOOR)
+    above = residual[residual > floor]
+    return floor, float(np.percentile(above, 99)) if above.size else 0.0
 
 
 def _ink_box(ink: np.ndarray, level: float) -> tuple[int, int, int, int] | None:
@@ -344,7 +511,7 @@ def _ink_box(ink: np.ndarray, level: float) -> tuple[int, int, int, int] | None:
 # ---------------------------------------------------------------------------------------------- 5-6. fit, centre
 
 
-def _fit_size(width: int, height: int) -> tuple[int, int]:
+def _fit_size(width: float, height: float) -> tuple[int, int]:
     """The (width, height) a box gets when its longer side is scaled to FIT, keeping the aspect ratio."""
     scale = FIT / max(width, height)
     return max(1, round(width * scale)), max(1, round(height * scale))
@@ -366,20 +533,59 @@ def _paste(target: np.ndarray, values: np.ndarray, row: int, col: int) -> None:
         target[y0:y1, x0:x1] = values[y0 - row : y1 - row, x0 - col : x1 - col]
 
 
-def _place(ink: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+def _fine_copy(ink: np.ndarray, box: tuple[int, int, int, int]) -> tuple[np.ndarray, Box]:
+    """The ink in and around `box`, resampled so that the box's longer side is FINE x FIT pixels (area
+    averaging when it shrinks, bicubic when a small source grows), and where the box lies in it."""
+    left, top, right, bottom = box
+    scale = FINE * FIT / max(right - left, bottom - top)
+    pad = math.ceil((_MARGIN + 2) * FINE / scale)
+    crop = np.zeros((bottom - top + 2 * pad, right - left + 2 * pad), dtype=np.float32)
+    _paste(crop, ink, pad - top, pad - left)
+    # Whole pixels of the copy over a slightly smaller source, so that the scale is exactly `scale`.
+    size = (max(1, math.floor(crop.shape[1] * scale)), max(1, math.floor(crop.shape[0] * scale)))
+    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
+    fine = Image.fromarray(crop).resize(size, resample, box=(0, 0, size[0] / scale, size[1] / scale))
+    fine_box = (pad * scale, pad * scale, (pad + right - left) * scale, (pad + bottom - top) * scale)
+    return np.clip(np.asarray(fine), 0, 1), fine_box
+
+
+def _stroke_width(ink: np.ndarray) -> float:
+    """The strokes' mean width in pixels: twice the area above half strength over the length of its edge."""
+    strong = ink > 0.5
+    edge = (strong[:, 1:] != strong[:, :-1]).sum() + (strong[1:] != strong[:-1]).sum()
+    edge += strong[0].sum() + strong[-1].sum() + strong[:, 0].sum() + strong[:, -1].sum()
+    return 2 * float(strong.sum()) / max(int(edge), 1)
+
+
+def _widen(fine: np.ndarray, box: Box) -> tuple[np.ndarray, Box | None]:
+    """Strokes thinner than MIN_STROKE in the field widened one pixel a side at a time (a grey dilation,
+    alternating a cross and a square so that the step is round), with the box of the result."""
+    rows, cols = fine.shape
+    for step in range(2 * FINE):
+        if box is None or _stroke_width(fine) * FIT / max(box[2] - box[0], box[3] - box[1]) >= MIN_STROKE:
+            break
+        padded = np.pad(fine, 1)
+        shifts = [(1, 1), (0, 1), (2, 1), (1, 0), (1, 2)] + ([(0, 0), (0, 2), (2, 0), (2, 2)] if step % 2 else [])
+        fine = np.maximum.reduce([padded[dy : dy + rows, dx : dx + cols] for dy, dx in shifts])
+        box = _ink_box(fine, BOX_LEVEL)
+    return fine, box
+
+
+def _place(ink: np.ndarray, box: Box) -> np.ndarray:
     """The digit in `box` scaled to fit FIT x FIT and placed in a SIZE x SIZE field with its centre of mass at
     CENTRE, anti-aliased, in [0, 1].
 
     The ink just outside the box (the soft edges below the box's level) comes along at the same scale, as the
-    partly covered pixels at the edge of MNIST's binary strokes did. The position is found by rendering,
-    measuring the centre of mass and rendering again: the resampler's overshoot, clipped, moves it a little.
+    partly covered pixels at the edge of MNIST's binary strokes did. The position is the source's centre of
+    mass, corrected by rendering once and measuring: the resampler's overshoot, clipped, moves it a little.
     """
     left, top, right, bottom = box
     fit_w, fit_h = _fit_size(right - left, bottom - top)
     scale_x, scale_y = fit_w / (right - left), fit_h / (bottom - top)
     pad = math.ceil((_MARGIN + 2) / min(scale_x, scale_y))
-    crop = np.zeros((bottom - top + 2 * pad, right - left + 2 * pad), dtype=np.float32)
-    _paste(crop, ink, pad - top, pad - left)
+    x0, y0 = math.floor(left) - pad, math.floor(top) - pad  # the crop's corner in `ink`
+    crop = np.zeros((math.ceil(bottom) + pad - y0, math.ceil(right) + pad - x0), dtype=np.float32)
+    _paste(crop, ink, -y0, -x0)
     source_image = Image.fromarray(crop)
 
     def render(row: float, col: float) -> np.ndarray:
@@ -387,7 +593,7 @@ def _place(ink: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
         fraction by shifting the source box, so that sub-pixel placement costs no extra blur."""
         row0, col0 = math.floor(row) - _MARGIN, math.floor(col) - _MARGIN
         rows, cols = fit_h + 2 * _MARGIN + 1, fit_w + 2 * _MARGIN + 1
-        source_left, source_top = pad + (col0 - col) / scale_x, pad + (row0 - row) / scale_y
+        source_left, source_top = left - x0 + (col0 - col) / scale_x, top - y0 + (row0 - row) / scale_y
         source = (source_left, source_top, source_left + cols / scale_x, source_top + rows / scale_y)
         patch = source_image.resize((cols, rows), Image.Resampling.LANCZOS, box=source)
         out = np.zeros((SIZE, SIZE), dtype=np.float32)
@@ -395,13 +601,13 @@ def _place(ink: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
         _paste(out, np.asarray(patch), row0, col0)
         return np.clip(out, 0, 1)
 
-    row, col = CENTRE + 0.5 - fit_h / 2, CENTRE + 0.5 - fit_w / 2  # the box centred, to begin with
+    # To begin with, the source's own centre of mass (pixel centres at index + 0.5) brought to CENTRE.
+    com_row, com_col = _centre_of_mass(crop)
+    row = CENTRE + 0.5 - (com_row + 0.5 - (top - y0)) * scale_y
+    col = CENTRE + 0.5 - (com_col + 0.5 - (left - x0)) * scale_x
     out = render(row, col)
-    for _ in range(2):
-        com_row, com_col = _centre_of_mass(out)
-        row, col = row + CENTRE - com_row, col + CENTRE - com_col
-        out = render(row, col)
-    return out
+    com_row, com_col = _centre_of_mass(out)
+    return render(row + CENTRE - com_row, col + CENTRE - com_col)
 
 
 # ---------------------------------------------------------------------------------------------- preprocess
@@ -424,14 +630,30 @@ def preprocess(image: Image.Image | str | Path, invert: bool | None = None) -> P
             image = ImageOps.exif_transpose(image)
     flat = _flatten(image, name)
     gray = _working_gray(flat)
-    inverted = _decide_invert(gray) if invert is None else invert
+    # A first look at a copy reduced to about GLANCE_SIDE: when the digit there is still as large as the fine
+    # copy it is rendered from, that look is all it takes (a drawing app's canvas: 4 times fewer pixels).
+    glance = _reduced(gray, math.ceil(max(gray.shape) / GLANCE_SIDE))
+    inverted = _decide_invert(glance) if invert is None else invert
     if inverted:
-        gray = 1 - gray
+        gray, glance = 1 - gray, 1 - glance
     # MNIST's own digits have a black border: redoing their crop and fit would only blur them.
     mnist_like = gray.shape == (SIZE, SIZE) and float(np.median(gray[_frame(gray.shape)])) <= 0.1
-    ink = gray if mnist_like else _extract_ink(gray, inverted, name)
-    box = _ink_box(ink, 0 if mnist_like else BOX_LEVEL)
+    if mnist_like:
+        ink, box = gray, _ink_box(gray, 0)
+    else:
+        ink = _extract_ink(glance, inverted, name)
+        box = _ink_box(ink, BOX_LEVEL)
+        if glance is not gray and (box is None or max(box[2] - box[0], box[3] - box[1]) < FINE * FIT):
+            ink = _extract_ink(gray, inverted, name)  # a small digit: look again at full size
+            box = _ink_box(ink, BOX_LEVEL)
     if box is None:
         raise MnistlabError(f"{name}: no digit found (the image is blank)")
-    digit = ink if mnist_like else _place(ink, box)
-    return Preprocessed(flat.convert("RGB"), ink, inverted, box, digit, torch.from_numpy(digit))
+    if mnist_like:
+        digit = ink
+    else:
+        fine, fine_box = _widen(*_fine_copy(ink, box))
+        if fine_box is None:
+            raise MnistlabError(f"{name}: no digit found (the image is blank)")
+        digit = _place(fine, fine_box)
+    original = flat if flat.mode == "RGB" and flat is not image else flat.convert("RGB")  # never the caller's
+    return Preprocessed(original, ink, inverted, box, digit, torch.from_numpy(digit))
