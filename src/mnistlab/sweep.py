@@ -801,7 +801,9 @@ class _Objective:
             _write_marker(run_dir, plan.study, number, "pruned", **details, **result)
             raise
         except KeyboardInterrupt:
-            _write_marker(run_dir, plan.study, number, "failed", reason="interrupted", **details)
+            result = self._result(reports, start, reason="interrupted")
+            trial.set_user_attr("result", result)
+            _write_marker(run_dir, plan.study, number, "failed", **details, **result)
             raise
         except MnistlabError as exc:
             result = self._result(reports, start, error=str(exc))
@@ -1126,7 +1128,8 @@ class _Progress:
         params = " ".join(f"{k}={show_value(self.plan.space[k].value_of(v))}" for k, v in t.params.items())
         acc = f"val acc {100 * r['val_accuracy']:.2f}%" if "val_accuracy" in r else ""
         loss = f"val loss {r['val_loss']:.4f}" if self.plan.metric == "val_loss" and "val_loss" in r else ""
-        parts = [f"trial {t.number} {state}", acc, loss, params, f"{r.get('epochs', 0)} ep {r.get('seconds', 0):.1f}s"]
+        took = f"{r['epochs']} ep {r['seconds']:.1f}s" if "seconds" in r else ""
+        parts = [f"trial {t.number} {state}", acc, loss, params, took]
         if best is not None:
             parts.append(f"{done}/{self.plan.trials}, best #{best.number} {_metric_text(self.plan.metric, best.value)}")
         return " | ".join(p for p in parts if p)
@@ -1141,7 +1144,9 @@ def state_text(t: optuna.trial.FrozenTrial) -> str:
         why = " (diverged)" if r.get("reason") == "diverged" else ""
         return f"pruned at epoch {r.get('pruned_at', '?')}{why}"
     if t.state == TrialState.FAIL:
-        return f"failed: {r['error']}" if "error" in r else "failed (interrupted or worker stopped)"
+        if "error" in r:
+            return f"failed: {r['error']}"
+        return f"failed ({r.get('reason', 'its worker stopped')})"
     return t.state.name.lower()
 
 
