@@ -271,7 +271,7 @@ training.batch_size = [32, 64]
     ("text", "needle"),
     [
         ('[space]\n"model.hidden" = [512, 64]', "each itself a list"),
-        ('[space]\noptimizer = [{ name = "sgd", lrr = 0.1 }, { name = "adam" }]', "unknown config key optimizer.lrr"),
+        ('[space]\noptimizer = [{ name = "sgd", lrr = 0.1 }, { name = "adam" }]', "unknown config key 'optimizer.lrr'"),
         ('[space]\n"optimizer.lr" = "log:1e-4:1"\n"optimizer" = [{ lr = 0.1 }, { lr = 0.2 }]', "set both"),
         ('[space]\n"optimizer.lr" = ["fast", "slow"]', "not a number"),
         ('[space]\n"optimizer.lr" = "log:1e-4:1"\n[sett]\nx = 1', "unknown key(s) sett"),

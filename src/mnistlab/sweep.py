@@ -262,16 +262,9 @@ def _file_choice(key: str, value: Any) -> Any:
         if isinstance(value, str) and not isinstance(default, str):
             return _parse_scalar(value, default, where)
         return _coerce(value, default, where)
-    fields = _sections()[key]
     if not isinstance(value, dict) or not value:
         raise MnistlabError(f"{where}: each choice for a whole section is a table of its keys, e.g. {{name = 'sgd'}}")
-    return {k: _file_choice(f"{key}.{k}", v) for k, v in value.items() if _known(key, k, fields)}
-
-
-def _known(section: str, field: str, fields: list[str]) -> bool:
-    if field not in fields:
-        raise MnistlabError(f"unknown config key {section}.{field} in the search space (known: {', '.join(fields)})")
-    return True
+    return {k: _file_choice(f"{key}.{k}", v) for k, v in value.items()}  # unknown keys: _default_of says so
 
 
 def _file_entry(key: str, value: Any) -> Param | Any:
@@ -315,9 +308,6 @@ class Space:
             self.params[key] = entry
         else:
             self.fixed[key] = entry
-
-    def to_dict(self) -> dict[str, Any]:
-        return {key: p.to_dict() for key, p in self.params.items()}
 
 
 @dataclass
@@ -428,6 +418,7 @@ class Plan:
     pruner: str
     storage: str  # an SQL database URL, or a journal file path
     out: Path
+    description: str = ""  # what the sweep asks (a preset's description), for the report
 
     @property
     def direction(self) -> str:
@@ -440,7 +431,8 @@ class Plan:
     def attrs(self) -> dict[str, Any]:
         """What makes a study this study; stored with it and compared when the study is continued."""
         space = {key: p.to_dict() for key, p in self.space.items()}
-        return json.loads(json.dumps({"space": space, "config": self.config.to_dict(), "metric": self.metric}))
+        attrs = {"space": space, "config": self.config.to_dict(), "metric": self.metric}
+        return json.loads(json.dumps({**attrs, "description": self.description}))
 
 
 def make_plans(
@@ -498,7 +490,8 @@ def make_plans(
         name = f"{study}-{base.name}" if len(bases) > 1 else study
         where = storage if storage and "://" in storage else str(Path(storage or part / JOURNAL).resolve())
         fixed = apply(base, spec.space.fixed)
-        plans.append(Plan(name, fixed, dict(spec.space.params), metric, trials, pruner, where, part.resolve()))
+        params = dict(spec.space.params)
+        plans.append(Plan(name, fixed, params, metric, trials, pruner, where, part.resolve(), spec.description))
     return plans
 
 
@@ -1238,7 +1231,8 @@ def load_sweep(folder: str | Path, storage: str | None = None) -> tuple[optuna.S
         raise MnistlabError(f"study {saved['study']!r} was not made by mnistlab sweep")
     space = {key: _param_from(key, d) for key, d in attrs["space"].items()}
     config = config_from_dict(attrs["config"], source=f"study {saved['study']}")
-    plan = Plan(saved["study"], config, space, attrs["metric"], 0, "", where, folder.resolve())
+    description = attrs.get("description", "")
+    plan = Plan(saved["study"], config, space, attrs["metric"], 0, "", where, folder.resolve(), description)
     return study, plan
 
 
@@ -1303,7 +1297,7 @@ def write_report(folder: Path, study: optuna.Study, plan: Plan) -> Path:
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     best = best_trial(study)
     percent = plan.metric.endswith("accuracy")
-    lines = [f"# Sweep {plan.study}", ""]
+    lines = [f"# Sweep {plan.study}", ""] + ([plan.description + ".", ""] if plan.description else [])
     counts = {s: sum(t.state == s for t in trials) for s in TrialState}
     sessions = [v for k, v in study.user_attrs.items() if k.startswith("session ")]
     trial_seconds = sum(_result(t).get("seconds", 0.0) for t in trials)
