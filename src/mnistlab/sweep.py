@@ -140,7 +140,7 @@ def show_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, dict):
-        return " ".join(f"{k}={show_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(f"{k}={show_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
         return "[" + ", ".join(show_value(v) for v in value) + "]"
     if isinstance(value, bool):
@@ -186,9 +186,9 @@ class Param:
         return list(self.choices) if self.kind == "choice" else [self.low, self.high]
 
     def spec(self) -> str:
-        """The range or the choices, as written on the command line (lists and tables as JSON)."""
+        """The range as written on the command line, or the choices, for the report."""
         if self.kind == "choice":
-            return " | ".join(show_value(c) for c in self.choices)
+            return ", ".join(show_value(c) for c in self.choices)
         return f"{self.kind}:{self.low!r}:{self.high!r}"
 
     def to_dict(self) -> dict[str, Any]:
