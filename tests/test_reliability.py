@@ -25,7 +25,7 @@ from mnistlab.checkpoint import CHECKPOINT, Checkpoint, load_model, save_model
 from mnistlab.config import ModelConfig, load_config
 from mnistlab.data import IMAGES_MAGIC, read_idx
 from mnistlab.errors import MnistlabError
-from mnistlab.files import finite_json
+from mnistlab.files import LOCK, FolderLock, finite_json
 from mnistlab.models import build_model
 from mnistlab.preprocess import preprocess
 from mnistlab.reports import reproduce
@@ -464,3 +464,18 @@ def test_an_interrupted_reproduce_continues_where_it_stopped(mnist_data, tmp_pat
     train(load_config("seed-a").with_overrides({"training.epochs": 2}), out_dir=other / "seed-a", data=data, quiet=True)
     with pytest.raises(MnistlabError, match="different settings"):
         reproduce(other, epochs=1, data=data, quiet=True)
+
+
+def test_a_folder_lock_nests_within_a_process_and_refuses_another(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    with FolderLock(folder):
+        with FolderLock(folder):  # a sweep holds its trial's folder while train writes it
+            pass
+        assert (folder / LOCK).exists()  # the inner release left the outer lock in place
+        other = subprocess.run(
+            [sys.executable, "-c", f"from mnistlab.files import FolderLock; FolderLock({str(folder)!r}).acquire()"],
+            capture_output=True,
+            text=True,
+        )
+        assert other.returncode == 1 and "is being written by another mnistlab command" in other.stderr
+    assert not folder.exists()  # made by the lock, nothing written: removed

@@ -27,6 +27,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
 LOSSES = ("cross-entropy", "nll", "mse", "hinge")
 SCHEDULERS = ("none", "step", "cosine", "onecycle")
 MONITORS = ("val_loss", "val_accuracy")
+PRUNERS = ("median", "hyperband", "none")  # for `mnistlab sweep`
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DATASETS = ("mnist", "fashion-mnist", "kmnist")  # the registry in data.py; here so configs need no torch
 

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from mnistlab.errors import MnistlabError
 
@@ -146,14 +146,26 @@ class FolderLock:
     A lock file (`.lock`) inside the folder is locked with `flock`: the kernel releases it when the process
     ends however it ends, so a crashed command never leaves a stale lock. A second writer is refused at once.
     Released, the lock file is removed, and so is the folder if the lock made it and nothing was written.
+    Within one process the lock nests: a sweep holds its trial's folder while `train` writes it.
     """
+
+    _held: ClassVar[dict[tuple[int, Path], int]] = {}  # (pid, folder) -> depth, for the locks this process holds
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._fd: int | None = None
         self._created = False
+        self._nested = False
+
+    def _key(self) -> tuple[int, Path]:
+        return os.getpid(), self.folder.resolve()
 
     def acquire(self) -> FolderLock:
+        key = self._key()
+        if key in FolderLock._held:
+            FolderLock._held[key] += 1
+            self._nested = True
+            return self
         self._created = not self.folder.exists()
         make_dirs(self.folder)
         path = self.folder / LOCK
@@ -182,11 +194,17 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}".encode())
         self._fd = fd
+        FolderLock._held[key] = 1
         return self
 
     def release(self) -> None:
+        if self._nested:
+            FolderLock._held[self._key()] -= 1
+            self._nested = False
+            return
         if self._fd is None:
             return
+        FolderLock._held.pop(self._key(), None)
         with suppress(OSError):
             (self.folder / LOCK).unlink()
         os.close(self._fd)  # closing the descriptor releases the flock

@@ -108,3 +108,63 @@ def plot_gallery(images, captions: Sequence[str], path: Path, title: str, column
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_sweep_objective(
+    numbers: Sequence[int],
+    values: Sequence[float],
+    pruned: Sequence[bool],
+    sign: int,
+    path: Path,
+    title: str,
+    ylabel: str,
+) -> Path:
+    """A sweep's objective by trial number: complete trials filled, pruned ones hollow (at the epoch they
+    stopped), and the best complete value so far as a step line (`sign` +1 when higher is better)."""
+    fig, ax = _subplots(figsize=(8, 4.5))
+    done = [(n, v) for n, v, p in zip(numbers, values, pruned) if not p]
+    cut = [(n, v) for n, v, p in zip(numbers, values, pruned) if p]
+    if done:
+        ax.scatter(*zip(*done), color="tab:blue", label="complete", zorder=3)
+        best, xs, ys = None, [], []
+        for n, v in sorted(done):
+            best = v if best is None or sign * v > sign * best else best
+            xs.append(n)
+            ys.append(best)
+        last = max(numbers)
+        ax.step([*xs, last], [*ys, ys[-1]], where="post", color="tab:orange", label="best so far")
+    if cut:
+        ax.scatter(*zip(*cut), facecolors="none", edgecolors="tab:gray", label="pruned", zorder=2)
+    ax.set(xlabel="trial", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_sweep_params(
+    axes: Mapping[str, Mapping], accuracies: Sequence[float], pruned: Sequence[bool], path: Path, title: str
+) -> Path:
+    """Validation accuracy against each searched parameter, one panel per parameter. `axes` maps a parameter
+    to {"values": x per trial, "ticks": labels of categorical positions or None, "log": log scale}."""
+    columns = min(3, max(1, len(axes)))
+    rows = -(-len(axes) // columns)
+    fig, grid = _subplots(rows, columns, figsize=(max(6.0, 4.2 * columns), 3.4 * rows + 0.4), squeeze=False)
+    for ax in grid.flat[len(axes) :]:
+        ax.axis("off")
+    for ax, (name, axis) in zip(grid.flat, axes.items()):
+        for hollow in (False, True):
+            points = [(x, a) for x, a, p in zip(axis["values"], accuracies, pruned) if p == hollow and x is not None]
+            if points:
+                style = {"facecolors": "none", "edgecolors": "tab:gray"} if hollow else {"color": "tab:blue"}
+                ax.scatter(*zip(*points), label="pruned" if hollow else "complete", **style)
+        if axis["ticks"] is not None:
+            ax.set_xticks(range(len(axis["ticks"])), axis["ticks"], rotation=20, fontsize="small")
+            ax.set_xlim(-0.5, len(axis["ticks"]) - 0.5)
+        if axis["log"]:
+            ax.set_xscale("log")
+        ax.set(xlabel=name, ylabel="val accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
