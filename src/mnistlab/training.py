@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mnistlab import devices
+from mnistlab.attacks import make_adversary
 from mnistlab.augment import augment_batch, is_active
 from mnistlab.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, save_model
 from mnistlab.config import Config, load_config
@@ -236,6 +237,8 @@ def _fit(
     # zero keeps every epoch as fast as the first, with the same accuracy (docs/benchmarks.md).
     flush_subnormals(True)
     start_epoch = len(run.epochs) + 1
+    # Adversarial training ([adversarial] in the config; None when off): see attacks.FastAdversary.
+    adversary = make_adversary(config.adversarial, model, normalize, config.model.softmax_output, steps, start_epoch)
     log.line(
         f"{'resuming' if checkpoint else 'training'} {config.name} on {data.name} ({len(data.train)} train, "
         f"{len(data.val) if data.val else 0} val, {len(data.test)} test) on {dev}, "
@@ -252,6 +255,8 @@ def _fit(
                 x = to_float(batch.images)
                 if augmenting:
                     x = augment_batch(x, config.augment, warp)
+                if adversary is not None:  # adversarial training: the batch becomes attacks on the current model
+                    x = adversary(x, batch.labels)
                 loss, out = gradients(standardize_(x, normalize), batch.labels)
                 step()
                 if scheduler:
@@ -278,6 +283,8 @@ def _fit(
                 record["test_loss"], record["test_accuracy"] = loss_and_accuracy(
                     evaluated, data.test, loss_fn, normalize
                 )
+            if adversary is not None:  # PGD accuracy on the epoch's first batch: shows catastrophic overfitting
+                record["train_pgd_accuracy"] = adversary.pgd_accuracy
             record["lr"] = optimizer.param_groups[0]["lr"]
             record["train_seconds"] = train_seconds
             record["seconds"] = time.perf_counter() - start
