@@ -116,7 +116,7 @@ def test_ensembles_are_attacked_through_their_averaged_probabilities(
     with torch.no_grad():
         averaged = ensemble.model(x)  # the ensemble's averaged probabilities
         torch.testing.assert_close(log_probabilities(ensemble.model, x, True).exp(), averaged, atol=1e-6, rtol=1e-5)
-    _, fooled = pgd(ensemble.model, x, y, 0.1, 20, 0.01, ensemble.probabilities, torch.Generator().manual_seed(0))
+    _, fooled = pgd(ensemble.model, x, y, 0.2, 20, 0.02, ensemble.probabilities, torch.Generator().manual_seed(0))
     assert accuracy(ensemble, x, y) > 0.85 and fooled.float().mean() > 0.9
 
 

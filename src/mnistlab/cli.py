@@ -323,7 +323,8 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _robustness(args: argparse.Namespace) -> None:
-    from mnistlab.robustness import RobustnessSettings, format_summary, parse_eps, parse_list, robustness, to_json_text
+    from mnistlab.files import to_json
+    from mnistlab.robustness import RobustnessSettings, format_summary, parse_eps, parse_list, robustness
 
     settings = RobustnessSettings(
         corruptions=parse_list(args.corruptions, "corruptions"),
@@ -339,7 +340,7 @@ def _robustness(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else default
     result = robustness(args.model, out, settings, args.data_dir, args.device, args.force, args.quiet)
     if args.json:
-        print(to_json_text(result))
+        print(to_json(result))
         return
     print(format_summary(result))
     print(f"report: {out}/report.md")

@@ -14,17 +14,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from mnistlab.attacks import fgsm, pgd
 from mnistlab.checkpoint import LoadedModel, load_model
 from mnistlab.corruptions import CORRUPTIONS, corrupt, parse_names
-from mnistlab.data import to_float
+from mnistlab.data import Split, to_float
 from mnistlab.devices import describe_cpu, resolve_device
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import predict_scores
-from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, clear_dir, to_json, write_json
+from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, clear_dir, write_json
 from mnistlab.plots import plot_gallery, plot_robustness
 from mnistlab.predict import evaluation_split
 
@@ -119,8 +120,10 @@ class _Progress:
         return tqdm(total=total, desc=desc, leave=False, disable=disable, file=sys.stderr)
 
 
-def _accuracies(loaded: LoadedModel, images: torch.Tensor, labels: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
-    """(predicted labels, correct flags) for uint8 images, computed on `device`."""
+def _predictions(
+    loaded: LoadedModel, images: torch.Tensor, labels: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted labels, correct flags) on the CPU for uint8 images, computed on `device`."""
     predicted = predict_scores(loaded.model, images.to(device)).argmax(1).cpu()
     return predicted, predicted == labels
 
@@ -158,22 +161,26 @@ def robustness(
     loaded = load_model(model_path, dev)
     test = evaluation_split(loaded, data_dir)
     settings.check(len(test))
+    name = str(model_path or "bundled model")
     if out is None:
-        return _measure(loaded, test, settings, dev, _Progress(quiet), str(model_path or "bundled model"))
+        return _measure(loaded, test, settings, dev, _Progress(quiet), name)[0]
     with FolderLock(out):
         clear_dir(out)
-        result = _measure(loaded, test, settings, dev, _Progress(quiet), str(model_path or "bundled model"))
+        result, example_images = _measure(loaded, test, settings, dev, _Progress(quiet), name)
         result["command"] = command_line(model_path, settings)
-        _write(result, out)
+        _write(result, example_images, out)
     return result
 
 
-def _measure(loaded: LoadedModel, test, settings: RobustnessSettings, dev, progress: _Progress, name: str) -> dict:
+def _measure(
+    loaded: LoadedModel, test: Split, settings: RobustnessSettings, dev: torch.device, progress: _Progress, name: str
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """The measurements, and the first test image clean and under each corruption (for the figure)."""
     classes = loaded.classes
     n = settings.images or len(test)
     images, labels = test.images[:n].cpu(), test.labels[:n].cpu()
     start = time.perf_counter()
-    predicted, correct = _accuracies(loaded, images, labels, dev)
+    predicted, correct = _predictions(loaded, images, labels, dev)
     clean = correct.float().mean().item()
     progress.line(f"{name} on {loaded.dataset}: clean accuracy {100 * clean:.2f}% ({n:,} test images)")
     result: dict[str, Any] = {
@@ -181,7 +188,7 @@ def _measure(loaded: LoadedModel, test, settings: RobustnessSettings, dev, progr
         "dataset": loaded.dataset,
         "classes": classes,
         "settings": asdict(settings) | {"images": n},
-        "device": describe_cpu() if dev.type == "cpu" else str(torch.cuda.get_device_name(dev)),
+        "device": describe_cpu() if dev.type == "cpu" else _describe_accelerator(dev),
         "torch": torch.__version__,
         "clean_accuracy": clean,
         "corruptions": {},
@@ -192,7 +199,7 @@ def _measure(loaded: LoadedModel, test, settings: RobustnessSettings, dev, progr
     for i, corruption in enumerate(settings.corruptions, 1):
         t = time.perf_counter()
         corrupted = corrupt(images, corruption, settings.seed)
-        predicted, correct = _accuracies(loaded, corrupted, labels, dev)
+        predicted, correct = _predictions(loaded, corrupted, labels, dev)
         accuracy = correct.float().mean().item()
         result["corruptions"][corruption] = {
             "accuracy": accuracy,
@@ -213,16 +220,21 @@ def _measure(loaded: LoadedModel, test, settings: RobustnessSettings, dev, progr
         result["per_class"] = [
             {"class": c, "clean": a, "corrupted_mean": m} for c, a, m in zip(classes, per_class["clean"], mean_by_class)
         ]
-    result["example_images"] = example_images  # for the figure; not written to JSON
     result["seconds"] = {"corruptions": time.perf_counter() - start}
     if settings.attacks:
         start = time.perf_counter()
         result["adversarial"] = _attack(loaded, test, settings, dev, progress)
         result["seconds"]["attacks"] = time.perf_counter() - start
-    return result
+    return result, example_images
 
 
-def _attack(loaded: LoadedModel, test, settings: RobustnessSettings, dev, progress: _Progress) -> dict[str, Any]:
+def _describe_accelerator(dev: torch.device) -> str:
+    return f"{torch.cuda.get_device_name(dev)} ({dev})" if dev.type == "cuda" else str(dev)
+
+
+def _attack(
+    loaded: LoadedModel, test: Split, settings: RobustnessSettings, dev: torch.device, progress: _Progress
+) -> dict[str, Any]:
     """FGSM and PGD accuracies at each eps on the first `adversarial_images` test images.
 
     PGD runs from the smallest eps up and attacks at each eps only the images that survived the smaller one:
@@ -231,7 +243,7 @@ def _attack(loaded: LoadedModel, test, settings: RobustnessSettings, dev, progre
     n = settings.adversarial_images
     x, y = to_float(test.images[:n]).to(dev), test.labels[:n].to(dev)
     bs = settings.batch_size
-    _, correct = _accuracies(loaded, test.images[:n].cpu(), y.cpu(), dev)
+    _, correct = _predictions(loaded, test.images[:n].cpu(), y.cpu(), dev)
     rows: list[dict[str, Any]] = []
     if "fgsm" in settings.attacks:
         for eps in settings.eps:
@@ -319,11 +331,10 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write(result: dict[str, Any], out: Path) -> None:
-    """report.md, robustness.json, corruptions.png (bar chart) and examples.png (one digit, each corruption)."""
+def _write(result: dict[str, Any], example_images: list[np.ndarray], out: Path) -> None:
+    """report.md, robustness.json, corruptions.png (bar chart) and examples.png (one image, each corruption)."""
     s = result["settings"]
     title = f"{result['model']} ({result['dataset']})"
-    example_images = result.pop("example_images")
     examples = result["examples"]
     if result["corruptions"]:
         captions = [f"{e['corruption'].replace('_', ' ')}: {e['predicted']}" for e in examples]
@@ -388,8 +399,3 @@ def _write(result: dict[str, Any], out: Path) -> None:
             "",
         ]
     atomic_write_text(out / "report.md", "\n".join(lines))
-
-
-def to_json_text(result: dict[str, Any]) -> str:
-    """The measurements as one line of strict JSON (the figure's images left out)."""
-    return to_json({k: v for k, v in result.items() if k != "example_images"})
