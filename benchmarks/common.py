@@ -38,15 +38,15 @@ def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[flo
     return statistics.median(times), times
 
 
-def write_section(name: str, markdown: str) -> None:
-    """Replace (or append) the section between `<!-- begin NAME -->` and `<!-- end NAME -->`."""
+def write_section(name: str, markdown: str, doc: Path = DOC) -> None:
+    """Replace (or append) the section between `<!-- begin NAME -->` and `<!-- end NAME -->` of `doc`."""
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    text = DOC.read_text() if DOC.exists() else HEADER
+    text = doc.read_text() if doc.exists() else HEADER
     block = f"{begin}\n{markdown.strip()}\n{end}"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)

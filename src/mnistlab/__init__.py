@@ -31,12 +31,14 @@ _EXPORTS = {
     "evaluate": "mnistlab.predict",
     "reproduce": "mnistlab.reports",
     "compare": "mnistlab.reports",
+    "corrupt": "mnistlab.corruptions",
 }
 __all__ = [
     "Config",
     "MnistlabError",
     "build_model",
     "compare",
+    "corrupt",
     "evaluate",
     "load_config",
     "load_data",
@@ -50,6 +52,7 @@ __all__ = [
 if TYPE_CHECKING:
     from mnistlab.checkpoint import load_model, save_model
     from mnistlab.config import Config, load_config
+    from mnistlab.corruptions import corrupt
     from mnistlab.data import load_data
     from mnistlab.errors import MnistlabError
     from mnistlab.models import build_model

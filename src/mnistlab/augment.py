@@ -13,7 +13,7 @@ from mnistlab.config import AugmentConfig
 
 
 def is_active(config: AugmentConfig) -> bool:
-    return any((config.rotate, config.scale, config.shear, config.translate, config.elastic_alpha))
+    return any((config.rotate, config.scale, config.shear, config.translate, config.elastic_alpha, config.flip))
 
 
 def _uniform(n: int, bound: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -25,7 +25,8 @@ def augment_batch(
 ) -> torch.Tensor:
     """Randomly warp float images (B, 28, 28) in [0, 1]; the result stays in [0, 1] with a black background.
 
-    Each image gets its own rotation, scale, shear and translation (uniform within the configured bounds).
+    Each image gets its own rotation, scale, shear and translation (uniform within the configured bounds), and
+    with `flip` a left-right mirror half of the time.
     The matrix maps output coordinates to input ones, which is what `affine_grid` wants; the distributions
     are symmetric, so sampling the inverse transform is as good as sampling the transform.
 
@@ -51,6 +52,8 @@ def augment_batch(
         ],
         1,
     )
+    if config.flip:  # a mirror image is the same warp with the output's x negated: no extra pass
+        theta[:, :, 0] *= torch.where(torch.rand(b, generator=generator, device=dev) < 0.5, -1.0, 1.0)[:, None]
     grid = F.affine_grid(theta[rows], [len(images), 1, h, w], align_corners=False)
     if config.elastic_alpha:
         grid = grid + _elastic_field(b, h, w, config, generator, dev, rows)

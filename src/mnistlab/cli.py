@@ -235,6 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     _add_device(p)
 
+    p = sub.add_parser(
+        "robustness", help="accuracy under MNIST-C corruptions and FGSM/PGD attacks, with a report", formatter_class=fmt
+    )
+    _add_model(p)
+    p.add_argument("--out", help="folder for report.md, robustness.json and figures (default: <run dir>/robustness)")
+    p.add_argument("--corruptions", default="all", help="comma-separated MNIST-C corruptions, all, or none")
+    p.add_argument("--attacks", default="fgsm,pgd", help="fgsm, pgd, both (comma-separated), or none")
+    p.add_argument("--eps", default="0.1,0.2,0.3", help="L-infinity radii, pixels in [0, 1]")
+    p.add_argument("--images", type=int, help="corrupt the first N test images (default: all of them)")
+    p.add_argument("--adversarial-images", type=int, default=1000, help="attack the first N test images")
+    p.add_argument("--pgd-steps", type=int, default=40, help="PGD steps (from a random start)")
+    p.add_argument("--step-size", type=float, default=0.01, help="PGD step size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corruptions and of PGD's random start")
+    p.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    _add_data_dir(p)
+    _add_device(p)
+
     p = sub.add_parser("configs", help="list the shipped configs", formatter_class=fmt)
     p.add_argument("--keys", action="store_true", help="list every config key with its default instead")
     return parser
@@ -352,11 +371,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.json:
         print(to_json(result.to_dict() | ({"images": found.count, "skipped": found.skipped} if args.images else {})))
         return
+    names = result.classes
     print(f"{what} {100 * result.accuracy:.2f}%, loss {result.loss:.4f}")
     rows = zip(result.per_class_accuracy, result.confusion_matrix)
     shown = [f"{100 * a:.2f}%" if sum(row) else "-" for a, row in rows]  # "-": no image of that class
-    print("per-class accuracy: " + "  ".join(f"{d}: {a}" for d, a in enumerate(shown)))
-    print("confusion matrix (rows: true digit, columns: predicted):")
+    print("per-class accuracy: " + "  ".join(f"{n}: {a}" for n, a in zip(names, shown)))
+    if names != [str(d) for d in range(10)]:
+        print("classes: " + ", ".join(f"{d} {n}" for d, n in enumerate(names)))
+    print("confusion matrix (rows: true class, columns: predicted):")
     print("      " + "".join(f"{d:>6}" for d in range(10)))
     for d, row in enumerate(result.confusion_matrix):
         print(f"{d:>6}" + "".join(f"{v:>6}" for v in row))
@@ -419,12 +441,13 @@ def _predict(args: argparse.Namespace) -> int:
             print(to_json(p.to_dict()), flush=True)
         else:
             ranked = sorted(range(10), key=lambda d: -p.probabilities[d])[: args.top_k]
-            others = "  ".join(f"{d}: {100 * p.probabilities[d]:.1f}%" for d in ranked[1:])
-            print(f"{p.path}: {p.label} ({100 * p.confidence:.1f}%)" + (f"  [{others}]" if others else ""), flush=True)
+            others = "  ".join(f"{model.classes[d]}: {100 * p.probabilities[d]:.1f}%" for d in ranked[1:])
+            line = f"{p.path}: {p.class_name} ({100 * p.confidence:.1f}%)" + (f"  [{others}]" if others else "")
+            print(line, flush=True)
         if args.show:
             pre = p.preprocessed
             target = Path(args.show) / f"{i:04d}-{Path(p.path).stem}.png"
-            plot_prediction(pre.original, pre.digit, p.probabilities, target, f"{p.path}: {p.label}")
+            plot_prediction(pre.original, pre.digit, p.probabilities, target, f"{p.path}: {p.class_name}")
     return 1 if failures else 0
 
 
@@ -456,7 +479,7 @@ def _classify(args: argparse.Namespace) -> None:
         if p.error is not None:
             print(f"mnistlab: error: {p.error}", file=sys.stderr, flush=True)
         else:
-            print(f"Classifier: {p.label}", flush=True)
+            print(f"Classifier: {p.class_name}", flush=True)
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -467,9 +490,10 @@ def _inspect(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else default
     summary = inspect(model, out, args.data_dir, args.device)
     print(f"test accuracy {100 * summary['accuracy']:.2f}% ({summary['errors']} misclassified)")
+    names = summary["classes"]
     print(
         "most confused (true -> predicted: count): "
-        + ", ".join(f"{c['true']}->{c['predicted']}: {c['count']}" for c in summary["most_confused"])
+        + ", ".join(f"{names[c['true']]}->{names[c['predicted']]}: {c['count']}" for c in summary["most_confused"])
     )
     print(f"figures in {out}/ (confusion.png, misclassified.png, inspection.json)")
 
@@ -482,6 +506,31 @@ def _export(args: argparse.Namespace) -> None:
         f"wrote {check.path}: onnxruntime matches PyTorch on {check.images} test images "
         f"(max probability difference {check.max_abs_diff:.1e}, same digit for all)"
     )
+
+
+def _robustness(args: argparse.Namespace) -> None:
+    from mnistlab.files import to_json
+    from mnistlab.robustness import RobustnessSettings, format_summary, parse_eps, parse_list, robustness
+
+    settings = RobustnessSettings(
+        corruptions=parse_list(args.corruptions, "corruptions"),
+        attacks=parse_list(args.attacks, "attacks"),
+        eps=parse_eps(args.eps),
+        images=args.images,
+        adversarial_images=args.adversarial_images,
+        pgd_steps=args.pgd_steps,
+        step_size=args.step_size,
+        seed=args.seed,
+    )
+    model = _model(args)
+    default = Path(model) / "robustness" if model and Path(model).is_dir() else Path("runs/robustness")
+    out = Path(args.out) if args.out else default
+    result = robustness(model, out, settings, args.data_dir, args.device, args.force, args.quiet)
+    if args.json:
+        print(to_json(result))
+        return
+    print(format_summary(result))
+    print(f"report: {out}/report.md")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -554,6 +603,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "inspect": _inspect,
     "export": _export,
     "sweep": _sweep,
+    "robustness": _robustness,
     "configs": _configs,
     "serve": _serve,
 }

@@ -26,10 +26,11 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
 LOSSES = ("cross-entropy", "nll", "mse", "hinge")
 SCHEDULERS = ("none", "step", "cosine", "onecycle")
-MONITORS = ("val_loss", "val_accuracy")
+MONITORS = ("val_loss", "val_accuracy", "train_pgd_accuracy")  # the last: adversarial training's PGD check
 PRUNERS = ("median", "hyperband", "none")  # for `mnistlab sweep`
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DATASETS = ("mnist", "fashion-mnist", "kmnist")  # the registry in data.py; here so configs need no torch
+ADVERSARIAL = ("none", "fgsm-rs")
 
 
 @dataclass
@@ -73,7 +74,8 @@ class TrainingConfig:
     step_size: int = 1
     gamma: float = 0.7
     # Early stopping: stop after `early_stopping` epochs without the monitored validation metric improving by
-    # more than `min_delta` (0 = off), and always end with the best epoch's weights.
+    # more than `min_delta` (0 = off), and always end with the best epoch's weights. With adversarial training,
+    # `train_pgd_accuracy` stops at catastrophic overfitting as Wong et al. did (PGD on a training batch).
     early_stopping: int = 0
     monitor: str = "val_loss"
     min_delta: float = 0.0
@@ -97,6 +99,22 @@ class AugmentConfig:
     translate: float = 0.0  # pixels
     elastic_alpha: float = 0.0  # elastic distortion strength in pixels (Simard et al. 2003); 0 = off
     elastic_sigma: float = 4.0  # smoothness of the elastic field in pixels
+    flip: bool = False  # mirror left-right with probability 1/2 (for clothes, never for digits or characters)
+
+
+@dataclass
+class AdversarialConfig:
+    """Adversarial training: every training batch (after augmentation) is replaced by adversarial examples
+    against the network being trained. `fgsm-rs` is fast adversarial training (Wong, Rice and Kolter 2020): one
+    FGSM step of `step` from a uniformly random start in the L-infinity ball of radius `eps` (pixels in
+    [0, 1]); Wong et al. use step = 1.25 * eps. `eps` grows linearly from 0 over the first `ramp_epochs`.
+    `fraction` of each batch is attacked, the rest stays clean (1: all, as Wong et al.)."""
+
+    method: str = "none"  # "none" or "fgsm-rs"
+    eps: float = 0.3
+    step: float = 0.375
+    ramp_epochs: float = 0.0
+    fraction: float = 1.0
 
 
 @dataclass
@@ -116,6 +134,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +192,7 @@ _SECTIONS = {
     "optimizer": OptimizerConfig,
     "training": TrainingConfig,
     "augment": AugmentConfig,
+    "adversarial": AdversarialConfig,
     "data": DataConfig,
 }
 
@@ -263,8 +283,10 @@ def _validate(config: Config, source: str) -> None:
         )
     elif t.monitor not in MONITORS:
         problems.append(f"training.monitor: unknown {t.monitor!r} (choose from {', '.join(MONITORS)})")
-    if t.early_stopping and d.val_size == 0:
+    if t.early_stopping and d.val_size == 0 and t.monitor.startswith("val_"):
         problems.append("early stopping needs a validation split (data.val_size > 0)")
+    if t.monitor == "train_pgd_accuracy" and config.adversarial.method == "none":
+        problems.append("training.monitor = 'train_pgd_accuracy' needs adversarial training ([adversarial] method)")
     if t.epochs < 1 or t.batch_size < 1:
         problems.append("training.epochs and training.batch_size must be at least 1")
     a = config.augment
@@ -272,6 +294,15 @@ def _validate(config: Config, source: str) -> None:
         problems.append("augment values must be 0 or more (scale below 1, elastic_sigma positive)")
     if not 0 <= t.ema_decay < 1:
         problems.append("training.ema_decay must be in [0, 1)")
+    v = config.adversarial
+    if v.method not in ADVERSARIAL:
+        problems.append(f"adversarial.method: unknown {v.method!r} (choose from {', '.join(ADVERSARIAL)})")
+    if not 0 < v.eps <= 1 or v.step <= 0:
+        problems.append("adversarial.eps must be in (0, 1] and adversarial.step positive (pixels are in [0, 1])")
+    if not 0 < v.fraction <= 1:
+        problems.append("adversarial.fraction (the share of each batch attacked) must be in (0, 1]")
+    if v.ramp_epochs < 0 or v.ramp_epochs > max(t.epochs, 1):
+        problems.append("adversarial.ramp_epochs must be between 0 and training.epochs")
     if d.val_size < 0:
         problems.append("data.val_size must be 0 or more")
     if d.dataset not in DATASETS:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,6 +17,8 @@ class Evaluation:
     loss: float
     per_class_accuracy: list[float]
     confusion_matrix: list[list[int]]  # rows: true digit, columns: predicted digit
+    # What each class index means (the model's dataset); shown in text output, not part of to_dict.
+    classes: list[str] = field(default_factory=lambda: [str(d) for d in range(10)])
 
     def to_dict(self) -> dict:
         return {

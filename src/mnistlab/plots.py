@@ -78,8 +78,11 @@ def plot_prediction(original, digit, probabilities, path: Path, title: str) -> P
     return _save(fig, path)
 
 
-def plot_confusion(matrix: Sequence[Sequence[int]], path: Path, title: str) -> Path:
-    """The confusion matrix with counts; the diagonal is left pale so the mistakes stand out."""
+def plot_confusion(
+    matrix: Sequence[Sequence[int]], path: Path, title: str, classes: Sequence[str] | None = None
+) -> Path:
+    """The confusion matrix with counts; the diagonal is left pale so the mistakes stand out. `classes` names
+    the rows and columns (default: the digits)."""
     import numpy as np
 
     counts = np.array(matrix)
@@ -90,7 +93,11 @@ def plot_confusion(matrix: Sequence[Sequence[int]], path: Path, title: str) -> P
     for (i, j), v in np.ndenumerate(counts):
         if v:
             ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="black" if i != j else "grey")
-    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title=title)
+    names = list(classes) if classes else [str(d) for d in range(10)]
+    short = max(map(len, names)) < 3  # digits stay upright; words ("T-shirt/top") are slanted to fit
+    ax.set_xticks(range(10), names, rotation=0 if short else 45, ha="center" if short else "right")
+    ax.set_yticks(range(10), names)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.colorbar(image, ax=ax, label="mistakes")
     fig.tight_layout()
     return _save(fig, path)
@@ -165,6 +172,46 @@ def plot_sweep_params(
             ax.set_xscale("log")
         ax.set(xlabel=name, ylabel="val accuracy (%)")
         ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_robustness(
+    corruptions: Mapping[str, float], clean: float, adversarial: Sequence[Mapping], path: Path, title: str
+) -> Path:
+    """Accuracy per corruption as bars (clean accuracy and the corruptions' mean as lines) and, where given,
+    accuracy against eps for each attack."""
+    panels = [p for p in ("corruptions", "attacks") if (corruptions if p == "corruptions" else adversarial)]
+    panels = panels or ["corruptions"]
+    widths = [2.0 if p == "corruptions" else 1.0 for p in panels]
+    fig, axes = _subplots(
+        1, len(panels), figsize=(4.5 * sum(widths), 4.8), squeeze=False, gridspec_kw={"width_ratios": widths}
+    )
+    for ax, panel in zip(axes[0], panels):
+        if panel == "corruptions":
+            names = list(corruptions)
+            values = [100 * corruptions[n] for n in names]
+            ax.bar(range(len(names)), values, color="tab:blue")
+            ax.axhline(100 * clean, color="tab:green", linestyle="--", label=f"clean {100 * clean:.2f}%")
+            if values:
+                mean = sum(values) / len(values)
+                ax.axhline(mean, color="tab:orange", linestyle=":", label=f"mean {mean:.2f}%")
+            ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=60, ha="right")
+            ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="corruptions (MNIST-C)")
+        else:
+            for attack, marker in (("fgsm", "o"), ("pgd", "s")):
+                rows = sorted((r["eps"], 100 * r["accuracy"]) for r in adversarial if r["attack"] == attack)
+                if rows:
+                    ax.plot(*zip(*rows), marker=marker, label=attack.upper())
+            ax.set(
+                xlabel="eps (L-infinity, pixels in [0, 1])",
+                ylabel="accuracy (%)",
+                ylim=(0, 100),
+                title="white-box attacks",
+            )
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize="small", loc="lower left")
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)

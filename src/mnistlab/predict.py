@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,8 +31,10 @@ def evaluate(
     loaded = load_model(model_path, dev)
     split = evaluation_split(loaded, data_dir, dev)
     if tta:
-        return evaluate_model(ShiftAveraged(loaded.model, loaded.probabilities), split, make_loss("nll", True))
-    return evaluate_model(loaded.model, split, loaded.loss_fn())
+        result = evaluate_model(ShiftAveraged(loaded.model, loaded.probabilities), split, make_loss("nll", True))
+    else:
+        result = evaluate_model(loaded.model, split, loaded.loss_fn())
+    return replace(result, classes=loaded.classes)
 
 
 def evaluation_split(loaded: LoadedModel, data_dir: str | Path | None, device: torch.device | str = "cpu") -> Split:
@@ -88,6 +90,7 @@ class Prediction:
 
     path: str
     label: int | None = None
+    class_name: str | None = None  # what the label means for the model's dataset ("7", "Trouser")
     confidence: float | None = None
     probabilities: list[float] | None = None
     error: str | None = None
@@ -99,6 +102,7 @@ class Prediction:
         return {
             "path": self.path,
             "label": self.label,
+            "class": self.class_name,
             "confidence": self.confidence,
             "probabilities": self.probabilities,
         }
@@ -141,6 +145,7 @@ def predict_images(
         if tensors:
             for prediction, probs in zip([p for p in pending if p.error is None], classify(model, tensors)):
                 prediction.label = int(probs.argmax())
+                prediction.class_name = model.classes[prediction.label]
                 prediction.confidence = round(float(probs.max()), 6)
                 prediction.probabilities = [round(float(p), 6) for p in probs]
         yield from pending
@@ -249,16 +254,19 @@ def inspect(
     wrong = wrong[confidence[wrong].argsort(descending=True)]  # the most confident mistakes first
     out = Path(out_dir)
     name = str(model_path) if model_path else "bundled model"
-    plot_confusion(result.confusion_matrix, out / "confusion.png", f"{name}: {100 * result.accuracy:.2f}% correct")
+    classes = loaded.classes
+    title = f"{name}: {100 * result.accuracy:.2f}% correct"
+    plot_confusion(result.confusion_matrix, out / "confusion.png", title, classes)
     shown = wrong[:100]
     plot_gallery(
         test.images.cpu()[shown].numpy(),
-        [f"{int(test.labels[i])} → {int(predicted[i])} ({100 * float(confidence[i]):.0f}%)" for i in shown],
+        [f"{classes[test.labels[i]]} → {classes[predicted[i]]} ({100 * float(confidence[i]):.0f}%)" for i in shown],
         out / "misclassified.png",
         f"{len(wrong)} misclassified test digits (true → predicted, confidence), most confident first",
     )
     summary = {
         "accuracy": result.accuracy,
+        "classes": classes,
         "errors": len(wrong),
         "most_confused": [
             {"true": t, "predicted": p, "count": n} for t, p, n in most_confused(result.confusion_matrix)

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mnistlab import devices, distributed
+from mnistlab.attacks import FastAdversary, make_adversary
 from mnistlab.augment import augment_batch, is_active
 from mnistlab.checkpoint import CHECKPOINT, Checkpoint, save_model
 from mnistlab.config import Config, config_from_dict, load_config
@@ -422,19 +423,30 @@ class Steps:
     normalize: tuple[float, float] | None
     autocast: contextlib.AbstractContextManager
     augmenting: bool
+    adversary: FastAdversary | None  # adversarial training ([adversarial] in the config), else None
 
     @classmethod
     def for_state(cls, state: RunState, data: MnistData) -> Steps:
         config, t = state.config, state.config.training
         loss_fn = make_loss(t.loss, config.model.softmax_output, t.label_smoothing)
         autocast = devices.autocast(state.device, t.amp)
+        normalize = (data.mean, data.std) if config.data.normalize else None
+        steps_per_epoch = (len(data.train) + t.batch_size - 1) // t.batch_size
         return cls(
             loss_fn=loss_fn,
             gradients=make_gradient_fn(state.model, config, loss_fn, autocast),
             step=make_step(state.optimizer),
-            normalize=(data.mean, data.std) if config.data.normalize else None,
+            normalize=normalize,
             autocast=autocast,
             augmenting=is_active(config.augment),
+            adversary=make_adversary(
+                config.adversarial,
+                state.model,
+                normalize,
+                config.model.softmax_output,
+                steps_per_epoch,
+                state.epoch + 1,
+            ),
         )
 
 
@@ -455,6 +467,8 @@ def train_epoch(state: RunState, steps: Steps, data: MnistData, bar: tqdm) -> di
         x = to_float(batch.images)
         if steps.augmenting:
             x = augment_batch(x, config.augment, state.warp, (rows.start, len(index)))
+        if steps.adversary is not None:  # adversarial training: the batch becomes attacks on the current model
+            x = steps.adversary(x, batch.labels)
         loss, out = steps.gradients(standardize_(x, steps.normalize), batch.labels)
         cluster.share_gradients(params, len(batch), len(index))
         steps.step()
@@ -543,6 +557,8 @@ def _fit(
             bar.close()
             record["train_seconds"] = time.perf_counter() - start
             record.update(evaluate_epoch(state, steps, data))
+            if steps.adversary is not None:  # PGD accuracy on the epoch's first batch: shows catastrophic overfitting
+                record["train_pgd_accuracy"] = steps.adversary.pgd_accuracy
             record["lr"] = state.optimizer.param_groups[0]["lr"]
             record["seconds"] = time.perf_counter() - start
             _check_finite(record, config, epoch)

@@ -1,0 +1,160 @@
+"""White-box L-infinity attacks in pixel space: FGSM, PGD, and fast adversarial training's one-batch step.
+
+Every attack takes float images (B, 28, 28) with pixels in [0, 1] and a model that takes them as they are (a
+`LoadedModel.model`, whose standardisation is built in, or a training network wrapped in `Standardized`), and
+returns images that stay in [0, 1] and within `eps` of the originals. The loss attacked is the cross-entropy of
+the model's probabilities; for an ensemble, of its averaged probabilities, computed from its members'
+log-probabilities (logsumexp) so that a confident member does not round the gradient away.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnistlab.config import AdversarialConfig
+from mnistlab.models import Ensemble, Standardized
+
+
+def log_probabilities(model: nn.Module, x: torch.Tensor, probabilities: bool) -> torch.Tensor:
+    """log p(class | x) for a model returning logits, or probabilities where `probabilities` (an ensemble's
+    average is taken in log space from its members)."""
+    if isinstance(model, Ensemble):
+        members = [log_probabilities(m, x, p) for m, p in zip(model.members, model.probabilities)]
+        return torch.logsumexp(torch.stack(members), 0) - math.log(len(members))
+    out = model(x)
+    return out.clamp_min(1e-30).log() if probabilities else out.log_softmax(1)
+
+
+def _gradient(
+    model: nn.Module, x: torch.Tensor, labels: torch.Tensor, probabilities: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient of the summed cross-entropy with respect to `x`, whether each image is classified correctly)."""
+    x = x.detach().requires_grad_(True)
+    log_p = log_probabilities(model, x, probabilities)
+    # Only the input's gradient is asked for: autograd computes no weight gradients here.
+    (grad,) = torch.autograd.grad(F.nll_loss(log_p, labels, reduction="sum"), x)
+    return grad, log_p.detach().argmax(1) == labels
+
+
+def fgsm(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, probabilities: bool = False
+) -> torch.Tensor:
+    """The fast gradient sign method (Goodfellow et al. 2015): one step of `eps` along the gradient's sign."""
+    grad, _ = _gradient(model, images, labels, probabilities)
+    return (images + eps * grad.sign()).clamp_(0, 1)
+
+
+def pgd(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    steps: int = 40,
+    step_size: float = 0.01,
+    probabilities: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected gradient descent (Madry et al. 2018) from a random start in the eps-ball: `steps` signed
+    steps of `step_size`, each projected back onto the ball and [0, 1].
+
+    Returns (adversarial images, fooled): an image counts as fooled when the clean image or any iterate is
+    misclassified, and its search stops there, so the images the model already gets wrong cost nothing more.
+    """
+    was_training = model.training
+    model.eval()
+    x = images.detach().clone()
+    with torch.no_grad():
+        fooled = log_probabilities(model, images, probabilities).argmax(1) != labels
+    noise = torch.rand(images.shape, generator=generator).to(images.device) * 2 - 1
+    x = torch.where(fooled[:, None, None], x, (images + eps * noise).clamp(0, 1))
+    low, high = (images - eps).clamp(0, 1), (images + eps).clamp(0, 1)
+    for _ in range(steps):
+        active = (~fooled).nonzero().flatten()
+        if not len(active):
+            break
+        grad, correct = _gradient(model, x[active], labels[active], probabilities)
+        fooled[active] = ~correct
+        moving = active[correct]  # a misclassified iterate is kept as the adversarial image
+        stepped = x[moving] + step_size * grad[correct].sign()
+        x[moving] = torch.minimum(torch.maximum(stepped, low[moving]), high[moving])
+    active = (~fooled).nonzero().flatten()
+    if len(active):
+        with torch.no_grad():
+            fooled[active] = log_probabilities(model, x[active], probabilities).argmax(1) != labels[active]
+    model.train(was_training)
+    return x, fooled
+
+
+def fgsm_random_start(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, step: float, probabilities: bool = False
+) -> torch.Tensor:
+    """One FGSM step of size `step` from a uniformly random point of the eps-ball, projected back onto the ball
+    and [0, 1] (Wong, Rice and Kolter 2020). The start is drawn from torch's global generator, whose state
+    training checkpoints keep, so a resumed run perturbs exactly as an uninterrupted one."""
+    start = (images + (torch.rand_like(images) * 2 - 1) * eps).clamp_(0, 1)
+    grad, _ = _gradient(model, start, labels, probabilities)
+    delta = (start - images + step * grad.sign()).clamp_(-eps, eps)
+    return (images + delta).clamp_(0, 1).detach()
+
+
+class FastAdversary:
+    """Fast adversarial training's per-batch step for the training loop: `adversary(x, labels)` returns the
+    batch's adversarial examples against the network being trained (in its current mode, as Wong et al. did).
+
+    eps ramps up linearly from 0 over the first `ramp_epochs` (counted in batches), which keeps the early,
+    still-fragile network from the single-step overfitting Wong et al. saw, where FGSM accuracy climbs while
+    PGD accuracy collapses. On the first batch of every epoch it also measures PGD-10 accuracy at the full eps
+    on that batch (`pgd_accuracy`), so a collapse shows in the run's metrics.
+    """
+
+    CHECK_STEPS = 10
+
+    def __init__(
+        self,
+        config: AdversarialConfig,
+        network: nn.Module,
+        normalize: tuple[float, float] | None,
+        probabilities: bool,
+        steps_per_epoch: int,
+        start_epoch: int = 1,
+    ):
+        self.config = config
+        self.model = Standardized(network, normalize)
+        self.probabilities = probabilities
+        self.steps_per_epoch = steps_per_epoch
+        self.calls = (start_epoch - 1) * steps_per_epoch  # batches perturbed so far, for the ramp
+        self.pgd_accuracy: float | None = None
+
+    def eps(self) -> float:
+        """The eps of the next batch: the configured one, or less during the ramp."""
+        ramp = self.config.ramp_epochs * self.steps_per_epoch
+        return self.config.eps * min(1.0, (self.calls + 1) / ramp) if ramp else self.config.eps
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if self.calls % self.steps_per_epoch == 0:
+            _, fooled = pgd(self.model, images, labels, c.eps, self.CHECK_STEPS, c.eps / 4, self.probabilities)
+            self.pgd_accuracy = 1.0 - fooled.float().mean().item()
+        eps = self.eps()
+        self.calls += 1
+        k = round(c.fraction * len(images))  # batches are shuffled, so the first k are a random share
+        attacked = fgsm_random_start(self.model, images[:k], labels[:k], eps, c.step * eps / c.eps, self.probabilities)
+        return torch.cat([attacked, images[k:]]) if k < len(images) else attacked
+
+
+def make_adversary(
+    config: AdversarialConfig,
+    network: nn.Module,
+    normalize: tuple[float, float] | None,
+    probabilities: bool,
+    steps_per_epoch: int,
+    start_epoch: int = 1,
+) -> FastAdversary | None:
+    """The training loop's adversary for `config` (None when adversarial training is off)."""
+    if config.method == "none":
+        return None
+    return FastAdversary(config, network, normalize, probabilities, steps_per_epoch, start_epoch)
