@@ -27,7 +27,7 @@ from mnistlab.data import IMAGES_MAGIC, read_idx
 from mnistlab.errors import MnistlabError
 from mnistlab.files import LOCK, FolderLock, finite_json
 from mnistlab.models import build_model
-from mnistlab.preprocess import preprocess
+from mnistlab.preprocess import NotAnImage, load_image, preprocess
 from mnistlab.reports import reproduce
 from mnistlab.training import resume, train
 
@@ -234,6 +234,33 @@ def test_config_loader_takes_any_bytes(tmp_path: Path, data: bytes) -> None:
 @example(data=b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
 def test_image_preprocessing_takes_any_bytes(tmp_path: Path, data: bytes) -> None:
     _only_user_errors(preprocess, tmp_path / "image.png", data)
+
+
+_PNG_HEADER = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"
+
+
+@_fuzz
+@given(data=st.binary(max_size=3000) | st.binary(max_size=200).map(lambda b: _PNG_HEADER + b))
+@example(data=b"")
+def test_uploaded_bytes_load_as_files_do(tmp_path: Path, data: bytes) -> None:
+    """The web server's path (bytes) and predict's (a file) accept and refuse the same images, for the same
+    reason, with the same message but for the file's name."""
+    path = tmp_path / "image.png"
+    path.write_bytes(data)
+    outcomes = []
+    with bounded_memory():
+        for source in (data, path):
+            try:
+                outcomes.append(np.asarray(load_image(source)))
+            except MnistlabError as exc:
+                outcomes.append((type(exc), str(exc).removeprefix(f"{path}: ")))
+    from_bytes, from_file = outcomes
+    if isinstance(from_bytes, np.ndarray):
+        assert isinstance(from_file, np.ndarray) and np.array_equal(from_bytes, from_file)
+    elif data:
+        assert from_bytes == from_file
+    else:  # empty: said in the words of each
+        assert from_bytes[0] is from_file[0] is NotAnImage
 
 
 @settings(max_examples=100, deadline=None)

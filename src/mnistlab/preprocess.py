@@ -12,10 +12,9 @@ display.
 
 from __future__ import annotations
 
+import io
 import math
-import struct
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +65,6 @@ MIN_STROKE = 1.3
 
 _HIGH_DEPTH = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # What Pillow raises for files that are corrupt or truncated in various ways.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
-
-
 Box = tuple[float, float, float, float]  # (left, top, right, bottom), as for Image.crop
 
 
@@ -87,48 +83,74 @@ class Preprocessed:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _check_size(image: Image.Image, name: str) -> None:
+class ImageTooLarge(MnistlabError):
+    """More pixels than preprocessing takes (decided from the header, before decoding)."""
+
+
+class NotAnImage(MnistlabError):
+    """Empty, or in no format Pillow reads."""
+
+
+class CorruptImage(MnistlabError):
+    """An image format whose data is corrupt or truncated."""
+
+
+def _check_size(image: Image.Image, prefix: str) -> None:
     width, height = image.size
     if width * height > MAX_PIXELS:
-        raise MnistlabError(
-            f"{name}: image too large to open safely ({width}x{height} = {width * height:,} pixels, "
+        raise ImageTooLarge(
+            f"{prefix}image too large to open safely ({width}x{height} = {width * height:,} pixels, "
             f"the limit is {MAX_PIXELS:,}); downscale it first"
         )
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file, refusing what is missing, empty, not an image, corrupt, or too large to decode
-    safely, and turn it upright by its EXIF orientation."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise MnistlabError(f"{path}: cannot read ({exc.strerror})") from None
-    if not path.is_file():
-        raise MnistlabError(f"{path}: not a file")
-    if size == 0:
-        raise MnistlabError(f"{path}: empty file (0 bytes), not an image")
+def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+    """Open an image file (a path) or an image's bytes (an upload), refusing what is missing, empty, not an
+    image, corrupt, or too large to decode safely, and turn it upright by its EXIF orientation.
+
+    Errors start with `name` (default: the path; for bytes, none) and are typed by cause (ImageTooLarge,
+    NotAnImage, CorruptImage), which the web server turns into HTTP statuses.
+    """
+    if isinstance(source, bytes):
+        label, prefix = name or "", f"{name}: " if name else ""
+        if not source:
+            raise NotAnImage(f"{prefix}empty image (0 bytes): send a PNG, JPEG or other image file")
+        opened: str | Path | io.BytesIO = io.BytesIO(source)
+    else:
+        path = Path(source)
+        label = name or str(path)
+        prefix = f"{label}: "
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise MnistlabError(f"{prefix}cannot read ({exc.strerror})") from None
+        if not path.is_file():
+            raise MnistlabError(f"{prefix}not a file")
+        if size == 0:
+            raise NotAnImage(f"{prefix}empty file (0 bytes), not an image")
+        opened = path
     try:
         # Pillow's own bomb check warns from its limit and raises from twice that; both become refusals, and
         # ours still holds where a caller has switched Pillow's off (Image.MAX_IMAGE_PIXELS = None).
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                _check_size(image, str(path))  # from the header, before a single pixel is decoded
+            with Image.open(opened) as image:
+                _check_size(image, prefix)  # from the header, before a single pixel is decoded
                 image.load()
                 upright = ImageOps.exif_transpose(image)
+    except ImageTooLarge:
+        raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise MnistlabError(f"{path}: image too large to open safely ({exc})") from None
+        raise ImageTooLarge(f"{prefix}image too large to open safely ({exc})") from None
     except Image.UnidentifiedImageError:
-        raise MnistlabError(f"{path}: not an image (or in a format Pillow cannot read)") from None
-    except _DECODE_ERRORS as exc:
-        raise MnistlabError(f"{path}: corrupt or truncated image ({exc})") from None
+        raise NotAnImage(f"{prefix}not an image (or in a format Pillow cannot read)") from None
+    except Exception as exc:
+        # Whatever a decoder raises is the file's fault, not ours: Pillow's plugins raise OSError, SyntaxError,
+        # ValueError, EOFError, struct.error, zlib.error and more on corrupt data.
+        raise CorruptImage(f"{prefix}corrupt or truncated image ({type(exc).__name__}: {exc})") from None
     # The upright copy has lost the name Image.open gave the file; preprocess's errors name it.
-    upright.filename = str(path)  # type: ignore[attr-defined]
+    upright.filename = label  # type: ignore[attr-defined]
     return upright
-
-
-# ---------------------------------------------------------------------------------------------- 1. grey
 
 
 def _flatten(image: Image.Image, name: str = "image") -> Image.Image:
@@ -625,7 +647,7 @@ def preprocess(image: Image.Image | str | Path, invert: bool | None = None) -> P
         image = load_image(image)
     else:
         name = getattr(image, "filename", "") or "image"
-        _check_size(image, name)
+        _check_size(image, f"{name}: ")
         if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
             image = ImageOps.exif_transpose(image)
     flat = _flatten(image, name)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from mnistlab.checkpoint import LoadedModel, bundled_model_path, load_model
 from mnistlab.config import ModelConfig
 from mnistlab.errors import MnistlabError
 from mnistlab.models import count_parameters, for_inference
-from mnistlab.preprocess import MAX_PIXELS, Preprocessed, preprocess
+from mnistlab.preprocess import CorruptImage, ImageTooLarge, NotAnImage, Preprocessed, load_image, preprocess
 
 
 class RequestError(MnistlabError):
@@ -113,34 +112,18 @@ def load_served(
 # ---------------------------------------------------------------------------------------------- images
 
 
+# How the server answers each kind of image `load_image` refuses.
+_STATUS = {NotAnImage: 415, ImageTooLarge: 413, CorruptImage: 422}
+
+
 def open_image(data: bytes) -> Image.Image:
-    """Decode image bytes with the checks `preprocess.load_image` makes for files: nothing empty, no non-image,
-    the pixel count refused from the header before a pixel is decoded, corrupt and truncated data refused."""
-    if not data:
-        raise RequestError(400, "empty image (0 bytes): send a PNG, JPEG or other image file")
+    """Decode uploaded bytes with `preprocess.load_image`, the checks `mnistlab predict` makes for files, its
+    refusals turned into HTTP statuses: empty 400, too many pixels 413, not an image 415, corrupt 422."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise RequestError(
-                    413,
-                    f"image too large to open safely ({width}x{height} = {width * height:,} pixels, "
-                    f"the limit is {MAX_PIXELS:,}); downscale it first",
-                )
-            image.load()
-    except RequestError:
-        raise
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise RequestError(413, f"image too large to open safely ({exc})") from None
-    except Image.UnidentifiedImageError:
-        raise RequestError(415, "not an image (or in a format Pillow cannot read)") from None
-    except Exception as exc:
-        # Whatever a decoder raises on bytes from the network is the file's fault, not the server's: Pillow's
-        # plugins raise OSError, SyntaxError, ValueError, EOFError, struct.error and more on corrupt data.
-        raise RequestError(422, f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
-    return image
+        return load_image(data)
+    except MnistlabError as exc:
+        status = 400 if not data else _STATUS.get(type(exc), 422)
+        raise RequestError(status, str(exc)) from None
 
 
 def png_base64(digit: np.ndarray) -> str:
