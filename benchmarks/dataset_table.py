@@ -35,11 +35,7 @@ def main(run_dirs: list[str]) -> None:
         epochs = json.loads((folder / "metrics.json").read_text())["epochs"]
         final, best = epochs[-1], max(epochs, key=lambda e: e["test_accuracy"])
         seconds = sum(e["train_seconds"] for e in epochs)
-        network = (
-            "MLP " + "-".join(["784", *map(str, config.model.hidden), "10"])
-            if config.model.kind == "mlp"
-            else ("cnn-best's CNN")
-        )
+        network = config.summary().split(",")[0]  # "MLP 784-...-10" or "CNN of N layers"
         lines.append(
             f"| {config.name} | {network} | {len(epochs)} | **{100 * final['test_accuracy']:.2f}%** | "
             f"{100 * best['test_accuracy']:.2f}% (epoch {best['epoch']}) | {seconds:.0f} s |"
