@@ -29,6 +29,23 @@ def machine() -> str:
     )
 
 
+def held_back_suffix() -> str:
+    """ "" where PyTorch runs its best kernels here, else "-avx2" (or the like): the environment held it back
+    (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, to see an AVX2-only CPU), and its figures get their own
+    section of docs/benchmarks.md."""
+    import subprocess
+
+    native = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env={k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "" if capability == native else f"-{capability.lower()}"
+
+
 def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(repeats):

@@ -23,12 +23,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from common import machine, median_time, write_section
+from common import held_back_suffix, machine, median_time, write_section
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mnistlab.config import load_config
 from mnistlab.data import Split, batches, load_data, to_float
+from mnistlab.evaluation import loss_and_correct
 from mnistlab.gradients import GradientFn, autograd_gradients, mlp_gradients
 from mnistlab.losses import make_loss
 from mnistlab.models import build_model
@@ -182,6 +183,11 @@ def main() -> None:
     run = train(config, quiet=True, data=data, device="cpu")  # flushes subnormals itself, then stops
     epochs = [e["train_seconds"] for e in run.epochs]  # the loop alone, as the trainer times it
     rows.append(("**mnistlab** (`train`)", float(np.median(epochs)), epochs))
+    # What the trainer adds to each epoch: the loss and accuracy on the validation and test splits.
+    loss_fn = make_loss(config.training.loss, config.model.softmax_output)
+    evaluation, _ = median_time(
+        lambda: [loss_and_correct(run.model, split, loss_fn).tolist() for split in (data.val, data.test)], repeats
+    )
 
     flush_subnormals(True)  # as the trainer does, for everything below but the last ablation
     rows.append(("ablation: autograd instead of hand-derived gradients",
@@ -206,14 +212,16 @@ def main() -> None:
     torch.set_flush_denormal(False)
 
     baseline = rows[0][1]
+    suffix = held_back_suffix()
+    env = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 " if suffix else ""
     lines = [
         f"| {name} | {median:.2f} | {', '.join(f'{t:.2f}' for t in times)} | {baseline / median:.1f}x |"
         for name, median, times in rows
     ]
     table = (
-        f"""## Seed-B epoch: mnistlab vs a per-sample DataLoader pipeline
+        f"""## Seed-B epoch ({torch.backends.cpu.get_cpu_capability()} kernels): mnistlab vs a per-sample DataLoader
 
-Command: `.venv/bin/python benchmarks/epoch_speed.py --repeats {repeats}`
+Command: `{env}.venv/bin/python benchmarks/epoch_speed.py --repeats {repeats}`
 Machine: {machine()}
 One epoch over {n:,} training images, batch 64, network 784-512-10 (report network B). Each row trains one
 model for {repeats} epochs in this one process; the median epoch is shown, then every epoch.
@@ -226,11 +234,13 @@ model for {repeats} epochs in this one process; the median epoch is shown, then 
 
 mnistlab trains the seed-B network {baseline / rows[1][1]:.1f}x as fast as the DataLoader pipeline. Most of
 what is left is the arithmetic itself: the two large matrix products and the fused Adam step, timed alone
-in the "part" rows, add up to {rows[-3][1] + rows[-2][1]:.2f} s of the epoch's {rows[1][1]:.2f} s.
+in the "part" rows, add up to {rows[-3][1] + rows[-2][1]:.2f} s of the epoch's {rows[1][1]:.2f} s. Evaluating
+the {len(data.val) + len(data.test):,} validation and test images after each epoch takes {evaluation:.3f} s
+(median of {repeats}).
 """
     )
     print(table)
-    write_section("epoch-speed", table)
+    write_section(f"epoch-speed{suffix}", table)
 
 
 if __name__ == "__main__":

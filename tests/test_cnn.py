@@ -16,8 +16,7 @@ from mnistlab.models import ShiftAveraged, build_model, count_parameters
 from mnistlab.predict import make_ensemble
 from mnistlab.training import train
 
-from .helpers import interrupted_and_resumed, subset, without_time
-from .test_cli import assert_user_error, mnistlab
+from .helpers import assert_user_error, interrupted_and_resumed, mnistlab, subset, without_time
 
 AFFINE = AugmentConfig(rotate=10, scale=0.1, shear=8, translate=2)
 
@@ -25,7 +24,7 @@ AFFINE = AugmentConfig(rotate=10, scale=0.1, shear=8, translate=2)
 def test_cnn_configs_build_the_right_shapes():
     examples = build_model(load_config("cnn-examples").model)
     assert count_parameters(examples) == 1_199_882  # the pytorch/examples network, parameter for parameter
-    for name in ("cnn-examples", "cnn-fast", "cnn-best"):
+    for name in ("cnn-examples", "cnn-fast", "cnn-fast-995", "cnn-best", "cnn-robust"):
         model = build_model(load_config(name).model).eval()
         assert model(torch.rand(3, 28, 28)).shape == (3, 10)
 

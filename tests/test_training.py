@@ -10,7 +10,9 @@ import torch
 
 from mnistlab.checkpoint import load_model
 from mnistlab.config import load_config
-from mnistlab.evaluation import evaluate_model
+from mnistlab.devices import mps_available, resolve_device
+from mnistlab.errors import MnistlabError
+from mnistlab.evaluation import evaluate_model, predict_scores
 from mnistlab.losses import make_loss
 from mnistlab.training import train
 
@@ -137,3 +139,25 @@ def test_tensorboard_logs_every_epoch(mnist_data, tmp_path):
     events.Reload()
     assert [s.step for s in events.Scalars("val/accuracy")] == [1, 2]
     assert "train/loss" in events.Tags()["scalars"]
+
+
+@pytest.mark.skipif(not mps_available(), reason="no Apple MPS here: runs on Apple-silicon Macs")
+@pytest.mark.parametrize("name", ["seed-b-fixed", "cnn-fast"])
+def test_training_on_apple_mps_learns_and_saves_a_model_the_cpu_reads(name, mnist_data, tmp_path):
+    """On a Mac with MPS, `--device auto` picks it, and what MPS lacks (fused optimizer kernels, bfloat16
+    autocast) falls back: the run learns, and its model file reads on the CPU with the same predictions."""
+    assert resolve_device("auto").type == "mps"
+    config = load_config(name).with_overrides({"training.epochs": 1})
+    run = train(config, out_dir=tmp_path / "run", data=subset(mnist_data, 5000, 1000), device="auto", quiet=True)
+    assert run.final["test_accuracy"] > 0.85
+    on_cpu = load_model(tmp_path / "run", torch.device("cpu"))
+    test = subset(mnist_data, 10, 1000).test
+    accuracy = (predict_scores(on_cpu.model, test.images).argmax(1) == test.labels).float().mean().item()
+    assert abs(accuracy - run.final["test_accuracy"]) < 0.005
+
+
+def test_asking_for_a_device_this_machine_lacks_is_a_one_line_error():
+    for device, missing in (("cuda", torch.cuda.is_available()), ("mps", mps_available())):
+        if not missing:
+            with pytest.raises(MnistlabError, match=f"device '{device}' asked for, but PyTorch"):
+                resolve_device(device)
