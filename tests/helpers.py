@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from mnistlab.config import Config
+from mnistlab.config import Config, load_config
 from mnistlab.data import MnistData, Split
 from mnistlab.training import Run, resume, train
 
@@ -60,3 +61,17 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> Non
     assert len(lines) == 1, result.stderr
     for needle in needles:
         assert needle in lines[0]
+
+
+def train_small(out: Path, mnist_data, images: int) -> Path:
+    """seed-b-fixed trained for one epoch on the first `images` training images (well under a second)."""
+    threads = torch.get_num_threads()
+    # One thread: this small MLP gains nothing from a second, and two spin badly when the cores are busy
+    # (20,000 images: 0.5 s with one thread, 6 s with two while another process ran).
+    torch.set_num_threads(1)
+    try:
+        config = load_config("seed-b-fixed").with_overrides({"training.epochs": 1})
+        train(config, out_dir=out, data=subset(mnist_data, images, 1000), device="cpu", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    return out

@@ -14,7 +14,7 @@ from mnistlab.errors import MnistlabError
 from mnistlab.predict import evaluate_images, predict_images
 
 from .digit_images import on_paper
-from .test_cli import assert_user_error, mnistlab
+from .helpers import assert_user_error, mnistlab
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from mnistlab.config import load_config
 from mnistlab.training import train
 
 from .digit_images import KINDS, blank_png, realistic_image
-from .test_cli import assert_user_error, mnistlab
+from .helpers import assert_user_error, mnistlab
 
 # The least accuracy each kind of image must keep with the bundled model, on the digits below (measured
 # figures are in docs/predict.md; these floors leave a margin under them).

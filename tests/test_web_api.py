@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the web extra is not installed (pip install 'mnistlab[web]')")
@@ -26,16 +25,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mnistlab.checkpoint import load_model
-from mnistlab.config import load_config
 from mnistlab.predict import classify, evaluate_images
 from mnistlab.preprocess import preprocess
 from mnistlab.serve import MAX_BODY, create_app, is_loopback, listen
-from mnistlab.training import train
 
 from .digit_images import blank_png
 from .drawings import STROKES, drawing, drawn_png, png_bytes
-from .helpers import subset
-from .test_cli import assert_user_error, mnistlab
+from .helpers import assert_user_error, mnistlab, train_small
 
 
 class Server:
@@ -56,20 +52,6 @@ class Server:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
-
-
-def train_small(out: Path, mnist_data, images: int) -> Path:
-    """seed-b-fixed trained for one epoch on the first `images` training images (well under a second)."""
-    threads = torch.get_num_threads()
-    # One thread: this small MLP gains nothing from a second, and two spin badly when the cores are busy
-    # (20,000 images: 0.5 s with one thread, 6 s with two while another process ran).
-    torch.set_num_threads(1)
-    try:
-        config = load_config("seed-b-fixed").with_overrides({"training.epochs": 1})
-        train(config, out_dir=out, data=subset(mnist_data, images, 1000), device="cpu", quiet=True)
-    finally:
-        torch.set_num_threads(threads)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 from .conftest import REPO
 from .digit_images import on_paper
 from .drawings import STROKES
-from .test_web_api import train_small
+from .helpers import train_small
 
 CHROMIUM_ARGS = [
     "--headless",
