@@ -4,11 +4,15 @@ thread."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
 from mnistlab.config import ModelConfig, load_config
 from mnistlab.data import to_float
+from mnistlab.devices import keep_freed_memory
+from mnistlab.evaluation import predict_scores
 from mnistlab.gradients import autograd_gradients, by_hand_supported, mlp_gradients
 from mnistlab.losses import make_loss
 from mnistlab.models import build_model
@@ -136,3 +140,27 @@ def test_without_the_private_kernel_the_step_is_optimizer_step(name, monkeypatch
         step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_evaluation_runs_a_folded_copy_and_gives_the_model_s_own_answers(mnist_data):
+    """Evaluation folds BatchNorm into the convolutions of a channels-last copy in small batches: the same
+    scores as the model itself in eval mode, and the model is left as it was (training mode, its own weights)."""
+    torch.manual_seed(0)
+    model = build_model(load_config("cnn-fast").model)
+    model.train()
+    with torch.no_grad():  # BatchNorm statistics away from their initial 0 and 1, so that folding matters
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = mnist_data.test.images[:300]
+    scores = predict_scores(model, images)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    with torch.no_grad():
+        expected = torch.cat([model(to_float(images[i : i + 100])) for i in range(0, 300, 100)])
+    assert torch.allclose(scores, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(scores.argmax(1), expected.argmax(1))
+    assert keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

@@ -4,6 +4,7 @@ description of the CPU for logs and benchmarks. Training and inference both choo
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import platform
 from pathlib import Path
@@ -63,6 +64,28 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     if enabled and bf16_native(device):
         return torch.autocast(device.type, torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc keep the memory PyTorch frees for its next allocation instead of handing it back to the kernel.
+
+    By default glibc maps every block above its threshold (128 KiB, raised as it goes up to 32 MiB) fresh from
+    the kernel and unmaps it when freed, and gives the top of its heap back once more than twice that is free.
+    A network allocates activations of that size at every batch, so every page of them was faulted in again
+    at every batch: evaluating the bundled ensemble in batches of 2,000 took 12 million page faults and more
+    system time than arithmetic (docs/benchmarks.md). Process-wide and idempotent; False where the C library
+    is not glibc (elsewhere nothing is changed).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 @functools.cache
