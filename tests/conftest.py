@@ -3,13 +3,10 @@ and real HTTP servers on 127.0.0.1 for the download tests."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import socket
 import threading
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ from mnistlab.data import (
     read_labels,
 )
 
+from .helpers import serve_folder
 from .idx_files import GZ_NAMES, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,31 +56,12 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return xdg
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _serve(folder: Path) -> Iterator[str]:
-    """A real ThreadingHTTPServer on 127.0.0.1 (a free port) serving `folder`; yields its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """(base URL, folder): a real HTTP server on 127.0.0.1 serving a fresh folder; unknown paths give 404."""
     folder = tmp_path / "www"
     folder.mkdir()
-    with _serve(folder) as url:
+    with serve_folder(folder) as url:
         yield url, folder
 
 
@@ -98,7 +77,7 @@ def real_dir(mnist_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def real_mirror(real_dir: Path) -> Iterator[str]:
     """A base URL serving the real MNIST .gz files (the shared folder itself, byte for byte)."""
-    with _serve(real_dir) as url:
+    with serve_folder(real_dir) as url:
         yield url
 
 

@@ -4,15 +4,10 @@ served by a real HTTP server on 127.0.0.1 (KMNIST's own mirror is not reachable 
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import gzip
 import hashlib
 import json
-import threading
-from collections.abc import Iterator
 from dataclasses import replace
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +23,7 @@ from mnistlab.data import DATASETS, IMAGES_MAGIC, LABELS_MAGIC, load_data, resol
 from mnistlab.errors import MnistlabError
 from mnistlab.training import train
 
-from .helpers import subset
+from .helpers import serve_folder, subset
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_DIR = REPO.parent / "shared" / "data" / "fashion-mnist"
@@ -154,30 +149,9 @@ def small_kmnist(folder: Path, n_train: int = 300, n_test: int = 50) -> list[byt
     return contents
 
 
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def serve(folder: Path) -> Iterator[str]:
-    """A real HTTP server on 127.0.0.1 (a free port) serving `folder`."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
 @pytest.fixture
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No MNISTLAB_DATA and a private cache, so nothing outside tmp_path is read or written."""
-    monkeypatch.delenv("MNISTLAB_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def isolated(tmp_path: Path, isolated_env: Path) -> Path:
+    """No MNISTLAB_DATA and a private cache (conftest's isolated_env); files go under tmp_path."""
     return tmp_path
 
 
@@ -195,7 +169,7 @@ def test_kmnist_downloads_checks_and_loads(isolated: Path, monkeypatch: pytest.M
     )
     root = isolated / "data"
     root.mkdir()
-    with serve(www) as url:
+    with serve_folder(www) as url:
         paths = resolve_files("kmnist", root, mirrors=[url])
     assert paths == [root / "kmnist" / f.name for f in info.files]
     assert [p.read_bytes() for p in paths] == contents
@@ -209,7 +183,7 @@ def test_kmnist_files_that_are_not_kmnist_are_refused(isolated: Path) -> None:
     small_kmnist(www)
     root = isolated / "data"
     root.mkdir()
-    with serve(www) as url, pytest.raises(MnistlabError, match="checksum mismatch"):
+    with serve_folder(www) as url, pytest.raises(MnistlabError, match="checksum mismatch"):
         resolve_files("kmnist", root, mirrors=[url])  # the real registry: these small files are not KMNIST
     assert list(root.iterdir()) == []
 
