@@ -40,7 +40,7 @@ def test_evaluate_images_prints_the_evaluate_table(folder):
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"accuracy on 30 images in {folder} ")
     assert lines[1].startswith("per-class accuracy: 0: ")
-    assert lines[2] == "confusion matrix (rows: true digit, columns: predicted):"
+    assert lines[2] == "confusion matrix (rows: true class, columns: predicted):"
     assert len(lines) == 14 and all(len(line.split()) == 11 for line in lines[4:])
     warnings = result.stderr.strip().splitlines()
     assert len(warnings) == 2 and all(w.startswith("mnistlab: warning: ") and "(not counted)" in w for w in warnings)

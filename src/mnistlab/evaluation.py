@@ -23,7 +23,7 @@ class Evaluation:
     accuracy: float
     loss: float
     per_class_accuracy: list[float]
-    confusion_matrix: list[list[int]]  # rows: true digit, columns: predicted digit
+    confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
     # What each class index means (the model's dataset); shown in text output, not part of to_dict.
     classes: list[str] = field(default_factory=lambda: [str(d) for d in range(10)])
 
