@@ -149,12 +149,17 @@ def join(device: torch.device) -> tuple[Cluster, torch.device]:
         raise MnistlabError(f"training on several processes needs the CPU or CUDA, not {device.type}")
     if not dist.is_initialized():  # else the caller's own process group, which it also ends
         timeout = datetime.timedelta(seconds=TIMEOUT_S)
-        store, rank, world_size = next(rendezvous("env://", timeout=timeout))
-        # torchrun keeps one store for the whole job, and a group restarted by --max-restarts read the failed
-        # attempt's addresses from it and could not connect ("Gloo connectFullMesh failed ... Connection
-        # refused", every restart, in CI; pytorch/pytorch#167288): each attempt gets keys of its own.
-        store = dist.PrefixStore(f"mnistlab/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        if restarted():
+            # torchrun keeps one store for the whole job, and a group restarted by --max-restarts read the failed
+            # attempt's addresses from it and could not connect ("Gloo connectFullMesh failed ... Connection
+            # refused", every restart on a loaded machine; pytorch/pytorch#167288): a restart gets keys of its own.
+            handler = rendezvous("env://", timeout=timeout)
+            store, rank, world_size = next(handler)
+            handler.close()  # the store lives on in the process group; nothing else may hold it at exit
+            store = dist.PrefixStore(f"mnistlab/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
         _started.add(dist.group.WORLD)
     cluster = Cluster(dist.get_rank(), dist.get_world_size(), local_rank, local_world, backend)
     return cluster, device
