@@ -29,6 +29,10 @@ def machine() -> str:
     )
 
 
+# What holds PyTorch and oneDNN to AVX2 on a CPU that has more: how the benchmarks show an AVX2-only machine.
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
 def held_back_suffix() -> str:
     """ "" where PyTorch runs its best kernels here, else "-avx2" (or the like): the environment held it back
     (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, to see an AVX2-only CPU), and its figures get their own
@@ -37,13 +41,18 @@ def held_back_suffix() -> str:
 
     native = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-        env={k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")},
+        env={k: v for k, v in os.environ.items() if k not in AVX2},
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
     capability = torch.backends.cpu.get_cpu_capability()
     return "" if capability == native else f"-{capability.lower()}"
+
+
+def held_back_prefix(suffix: str) -> str:
+    """The environment to write before a command that `held_back_suffix` found held back ("" when not)."""
+    return "".join(f"{k}={v} " for k, v in AVX2.items()) if suffix else ""
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from common import held_back_suffix, machine, median_time, write_section
+from common import held_back_prefix, held_back_suffix, machine, median_time, write_section
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -213,7 +213,7 @@ def main() -> None:
 
     baseline = rows[0][1]
     suffix = held_back_suffix()
-    env = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 " if suffix else ""
+    env = held_back_prefix(suffix)
     lines = [
         f"| {name} | {median:.2f} | {', '.join(f'{t:.2f}' for t in times)} | {baseline / median:.1f}x |"
         for name, median, times in rows

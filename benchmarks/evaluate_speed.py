@@ -17,9 +17,7 @@ import subprocess
 import sys
 import time
 
-from common import machine, write_section
-
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+from common import AVX2, machine, write_section
 
 
 def measure(variant: str, data_dir: str | None) -> dict[str, float]:

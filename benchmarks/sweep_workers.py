@@ -19,13 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, write_section
+from common import AVX2, machine, write_section
 
 from mnistlab.devices import describe_cpu
 from mnistlab.sweep import cores, load_sweep, sweep
 
 TRIALS, EPOCHS = 6, 2
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def run(workers: int, threads: int, folder: Path) -> tuple[float, float]:

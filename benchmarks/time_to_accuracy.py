@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import DOC, held_back_suffix, machine, write_section
+from common import DOC, held_back_prefix, held_back_suffix, machine, write_section
 
 from mnistlab.checkpoint import load_model
 from mnistlab.data import load_data, to_float
@@ -121,7 +121,7 @@ def main() -> None:
         )
     suffix = held_back_suffix()
     _plot(results, DOC.parent / f"time-to-accuracy{suffix}.png")
-    env = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 " if suffix else ""
+    env = held_back_prefix(suffix)
     command = (
         f"{env}.venv/bin/python benchmarks/time_to_accuracy.py --seeds {args.seeds} --configs {args.configs} "
         f"--examples-epochs {args.examples_epochs}" + (" --best" if args.best else "")
