@@ -15,7 +15,7 @@ from mnistlab.corruptions import CORRUPTIONS
 from mnistlab.data import DATASETS, load_data
 from mnistlab.training import train
 
-from .helpers import subset
+from .helpers import subset, train_small
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = DATASETS["fashion-mnist"].classes
@@ -33,10 +33,7 @@ def strict_json(text: str) -> dict:
 @pytest.fixture(scope="module")
 def run_dir(mnist_data, tmp_path_factory) -> Path:
     """Network B trained for one epoch on 5,000 real training images (about a second)."""
-    out = tmp_path_factory.mktemp("robustness") / "b"
-    config = load_config("seed-b-fixed").with_overrides({"training.epochs": 1, "data.val_size": 500})
-    train(config, out_dir=out, data=subset(mnist_data, 5000, 500), device="cpu", quiet=True)
-    return out
+    return train_small(tmp_path_factory.mktemp("robustness") / "b", mnist_data, 5000)
 
 
 # Three PGD steps of 0.1 can cross the whole eps-ball, so even this short attack is a real one.
