@@ -445,7 +445,9 @@ def test_a_signal_mid_run_then_resume_gives_identical_metrics(sig, mnist_path: P
     whole = run_cli([*args, "--out", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr
     cut = tmp_path / "cut"
-    stopped = interrupt(sig)(Context(tmp_path, mnist_path, cut), [*args, "--out", str(cut)])
+    # Once epoch 1's metrics.json exists (it is written right after the checkpoint, which a signal could
+    # otherwise split from it), so that the cut run has both of its files to compare.
+    stopped = interrupt(sig, when="metrics.json")(Context(tmp_path, mnist_path, cut), [*args, "--out", str(cut)])
     done = json.loads((cut / "metrics.json").read_text())["epochs"]
     if len(done) == 3:
         pytest.skip("the run finished before the signal arrived")
