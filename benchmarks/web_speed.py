@@ -98,8 +98,15 @@ def in_process(repeats: int) -> dict:
 # ---------------------------------------------------------------------------------------------- load
 
 
-async def load(url: str, image: str, clients: int, seconds: float, warmup: float) -> dict:
-    """CLIENTS connections, each sending the image of a 7 again as soon as its answer arrives, for SECONDS."""
+async def load(url: str, image: str, clients: int, seconds: float, warmup: float, rate: float = 0) -> dict:
+    """Requests for the image of a 7 for SECONDS after a warm-up, on keep-alive connections.
+
+    Closed loop (rate 0): CLIENTS connections, each sending again as soon as its answer arrives; throughput is
+    what the server sustains, and by Little's law the mean latency is CLIENTS / throughput. Open loop (rate R):
+    requests start at R per second, evenly spaced, whatever the server's pace, on a pool of up to CLIENTS
+    connections; each latency counts from the moment its request was due, so a request that waited for a free
+    connection (the server falling behind) is charged for the wait.
+    """
     parts = urlsplit(url)
     body = multipart(request_image(image))
     request = (
@@ -108,34 +115,75 @@ async def load(url: str, image: str, clients: int, seconds: float, warmup: float
     ).encode() + body
     latencies: list[float] = []
     errors: list[str] = []
+    timeline: list[tuple[float, float]] = []
+
+    async def connect():
+        return await asyncio.open_connection(parts.hostname, parts.port)
+
+    async def exchange(connection) -> tuple[bytes, bytes]:
+        reader, writer = connection
+        writer.write(request)
+        status = (await reader.readline()).split(b" ", 2)[1]
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return status, await reader.readexactly(length)
+
+    def record(due: float, start_at: float, status: bytes, answer: bytes) -> None:
+        if due < start_at:
+            return  # warm-up
+        if status != b"200" or json.loads(answer)["predictions"][0]["label"] != 7:
+            errors.append(f"HTTP {status.decode()}: {answer[:200]!r}")
+        else:
+            latencies.append(time.perf_counter() - due)
+            timeline.append((due - start_at, latencies[-1]))
 
     async def client(start_at: float, stop_at: float) -> None:
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        connection = await connect()
         while (now := time.perf_counter()) < stop_at:
             try:
-                writer.write(request)
-                status = (await reader.readline()).split(b" ", 2)[1]
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                answer = await reader.readexactly(length)
+                status, answer = await exchange(connection)
             except (OSError, asyncio.IncompleteReadError, IndexError, ValueError) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
-                writer.close()
-                reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+                connection[1].close()
+                connection = await connect()
                 continue
-            if now < start_at:
-                continue  # warm-up
-            if status != b"200" or json.loads(answer)["predictions"][0]["label"] != 7:
-                errors.append(f"HTTP {status.decode()}: {answer[:200]!r}")
+            record(now, start_at, status, answer)
+        connection[1].close()
+
+    async def open_loop(start_at: float, stop_at: float) -> None:
+        pool: asyncio.Queue = asyncio.Queue()
+        for connection in await asyncio.gather(*(connect() for _ in range(clients))):
+            pool.put_nowait(connection)
+
+        async def one(due: float) -> None:
+            connection = await pool.get()
+            try:
+                status, answer = await exchange(connection)
+            except (OSError, asyncio.IncompleteReadError, IndexError, ValueError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                connection[1].close()
+                connection = await connect()
             else:
-                latencies.append(time.perf_counter() - now)
-        writer.close()
+                record(due, start_at, status, answer)
+            pool.put_nowait(connection)
+
+        begin, tasks, i = time.perf_counter(), [], 0
+        while (due := begin + i / rate) < stop_at:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(due)))
+            i += 1
+        await asyncio.gather(*tasks)
+        while not pool.empty():
+            pool.get_nowait()[1].close()
 
     begin = time.perf_counter()
-    await asyncio.gather(*(client(begin + warmup, begin + warmup + seconds) for _ in range(clients)))
+    if rate:
+        await open_loop(begin + warmup, begin + warmup + seconds)
+    else:
+        await asyncio.gather(*(client(begin + warmup, begin + warmup + seconds) for _ in range(clients)))
     latencies.sort()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
@@ -147,6 +195,7 @@ async def load(url: str, image: str, clients: int, seconds: float, warmup: float
         "errors": len(errors),
         "first_errors": errors[:3],
         "client_cpu_s": usage.ru_utime + usage.ru_stime,
+        "worst_per_second": [round(1000 * max([l for t, l in timeline if int(t) == k] or [0])) for k in range(int(seconds))],
     }
 
 
@@ -184,12 +233,13 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--image", default="canvas", help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_process:
         print(json.dumps(in_process(args.repeats)))
         return
     if args.client:
-        print(json.dumps(asyncio.run(load(args.client, args.image, args.clients, args.seconds, warmup=2.0))))
+        print(json.dumps(asyncio.run(load(args.client, args.image, args.clients, args.seconds, float(os.environ.get("WARMUP", 2)), args.rate))))
         return
 
     from common import machine, write_section

@@ -8,14 +8,19 @@ import asyncio
 import base64
 import io
 import json
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the web extra is not installed (pip install 'mnistlab[web]')")
@@ -28,6 +33,7 @@ from mnistlab.checkpoint import load_model
 from mnistlab.predict import classify, evaluate_images
 from mnistlab.preprocess import preprocess
 from mnistlab.serve import MAX_BODY, create_app, is_loopback, listen
+from mnistlab.serve.inference import load_served
 
 from .digit_images import blank_png
 from .drawings import STROKES, drawing, drawn_png, png_bytes
@@ -38,6 +44,7 @@ class Server:
     """A real uvicorn server for an app, in a thread of this process, on a free loopback port."""
 
     def __init__(self, app):
+        self.app = app
         self.sock = listen("127.0.0.1", 0)
         self.host, self.port = self.sock.getsockname()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -72,7 +79,8 @@ def collect_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(models, collect_dir):
-    running = Server(create_app(models, collect_dir=collect_dir, device="cpu"))
+    # Uploads prepared in two processes of their own, as `mnistlab serve` does on a 2-core machine.
+    running = Server(create_app(models, collect_dir=collect_dir, device="cpu", workers=2))
     yield running
     running.stop()
 
@@ -105,6 +113,7 @@ def test_health_models_page_and_openapi(client, small_run):
     assert small["architecture"] == "MLP 784-512-10 relu"
     assert small["test_accuracy"] == json.loads((small_run / "model.json").read_text())["metadata"]["test_accuracy"]
     assert bundled["classes"] == [str(d) for d in range(10)]
+    assert bundled["engine"] == small["engine"] == "onnxruntime"  # "auto" with onnxruntime installed
 
     page = client.get("/")
     assert page.status_code == 200 and "<canvas" in page.text
@@ -158,6 +167,33 @@ def test_concurrent_requests_share_forward_passes_and_keep_their_answers(server,
     assert len(answers) == 48
     assert after["images"] - before["images"] == 48
     assert after["forward_passes"] - before["forward_passes"] < 48  # batched, at least once
+
+
+def test_onnxruntime_serves_the_probabilities_pytorch_computes(models, mnist_data):
+    """The two engines on 500 real test digits: probabilities within 1e-5 and the same class for every one."""
+    images = mnist_data.test.images[:500].float() / 255
+    by_onnx, by_torch = load_served(models, "cpu", "onnxruntime"), load_served(models, "cpu", "torch")
+    for onnx, reference in zip(by_onnx, by_torch):
+        assert (onnx.engine, reference.engine) == ("onnxruntime", "torch")
+        got, want = onnx.probabilities(images), reference.probabilities(images)
+        assert got.shape == (500, 10) and torch.allclose(got, want, atol=1e-5)
+        assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def test_a_killed_preprocessing_process_costs_no_request(server, client):
+    """A worker that dies (as one would if a decoder crashed on a hostile file) takes its pool with it; the
+    next request gets a new pool and its answer."""
+    preparers = server.app.state.preparers
+    killed = preparers.worker_pids()
+    assert len(killed) == 2
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    while not all(map(_gone, killed)):
+        time.sleep(0.01)
+    answer = post_image(client, drawn_png("7"))
+    assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == 7
+    assert preparers.worker_pids() and set(preparers.worker_pids()).isdisjoint(killed)
+    assert post_image(client, drawn_png("1")).json()["predictions"][0]["label"] == 1
 
 
 def test_collect_saves_server_named_pngs_that_evaluate_images_reads(client, collect_dir):
@@ -340,6 +376,47 @@ def test_serve_reports_a_taken_port_in_one_line():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         assert_user_error(mnistlab("serve", "--port", str(taken.getsockname()[1])), "cannot listen", "--port")
+
+
+def test_serve_leaves_no_preprocessing_process_behind_when_killed_or_stopped():
+    for how in (signal.SIGKILL, signal.SIGINT):
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mnistlab", "serve", "--port", "0", "--workers", "2", "--engine", "torch"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert "serving 1 model(s) with torch at http://127.0.0.1:" in server.stdout.readline()
+            workers = [p for p in _children(server.pid) if "multiprocessing.spawn" in _command(p)]
+            assert len(workers) == 2
+        finally:
+            server.send_signal(how)
+            server.wait(30)
+        deadline = time.monotonic() + 10
+        while not all(map(_gone, workers)):
+            assert time.monotonic() < deadline, f"preprocessing processes outlived the server ({how.name})"
+            time.sleep(0.05)
+
+
+def _gone(pid: int) -> bool:
+    """Whether a process has exited (a zombie awaiting its parent's wait counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+def _command(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def test_serve_refuses_a_negative_worker_count_in_one_line():
+    assert_user_error(mnistlab("serve", "--workers", "-1", "--port", "0"), "--workers must be 0 or more")
 
 
 def test_only_loopback_addresses_count_as_private():

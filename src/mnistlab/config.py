@@ -30,6 +30,7 @@ MONITORS = ("val_loss", "val_accuracy", "train_pgd_accuracy")  # the last: adver
 PRUNERS = ("median", "hyperband", "none")  # for `mnistlab sweep`
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DATASETS = ("mnist", "fashion-mnist", "kmnist")  # the registry in data.py; here so configs need no torch
+ENGINES = ("auto", "torch", "onnxruntime")  # what `mnistlab serve` runs models with
 ADVERSARIAL = ("none", "fgsm-rs")
 
 

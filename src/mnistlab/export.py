@@ -32,6 +32,27 @@ class _Probabilities(nn.Module):
         return self.to_probabilities(self.model(images))
 
 
+def onnx_bytes(loaded: LoadedModel) -> bytes:
+    """`loaded` as an ONNX model (opset of torch's exporter): `images` (N, 28, 28) float32 in [0, 1], N free,
+    to `probabilities` (N, 10). Needs onnx and onnxscript; a second or two for a small CNN (four for the
+    first export in a process, which loads the exporter)."""
+    batch = torch.export.Dim("batch", min=1)
+    # The exporter reports its progress on stdout and warns about optional torchvision ops and its own
+    # deprecations on stderr; none of it concerns the user, so keep the command's output clean.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _Probabilities(loaded).eval(),
+            (torch.rand(2, 28, 28),),
+            input_names=["images"],
+            output_names=["probabilities"],
+            dynamic_shapes={"images": {0: batch}},
+            dynamo=True,
+        )
+    return program.model_proto.SerializeToString()
+
+
 @dataclass
 class ExportCheck:
     path: Path
@@ -62,28 +83,12 @@ def export_onnx(
         raise MnistlabError("ONNX export needs onnx and onnxruntime: pip install 'mnistlab[onnx]'") from None
     loaded = load_model(model_path, "cpu")
     module = _Probabilities(loaded).eval()
-    example = torch.rand(2, 28, 28)
-    batch = torch.export.Dim("batch", min=1)
-    # The exporter reports its progress on stdout and warns about optional torchvision ops and its own
-    # deprecations on stderr; none of it concerns the user, so keep the command's output clean.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     images = evaluation_split(loaded, data_dir).images[:check_images]
     x = to_float(images)
     with torch.inference_mode():
         expected = module(x).numpy()
     with replacing(out) as tmp:  # the file appears only once the check has passed
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                (example,),
-                str(tmp),
-                input_names=["images"],
-                output_names=["probabilities"],
-                dynamic_shapes={"images": {0: batch}},
-                dynamo=True,
-                external_data=False,
-            )
+        tmp.write_bytes(onnx_bytes(loaded))
         session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         got = session.run(["probabilities"], {"images": x.numpy()})[0]
         diff = float(abs(got - expected).max())

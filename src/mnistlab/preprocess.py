@@ -12,6 +12,7 @@ display.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -171,6 +172,9 @@ def _flatten(image: Image.Image, name: str = "image") -> Image.Image:
         # a small neighbourhood turns that back into grey, and only softens the edges of a plain thresholded scan.
         return image.convert("L").filter(ImageFilter.GaussianBlur(1.5))
     try:
+        if image.mode in ("RGBA", "LA") and image.getchannel("A").getextrema()[0] == 255:
+            # Fully opaque, as a browser canvas painted white is: nothing to fill (compositing costs 1 ms).
+            return image.convert("RGB" if image.mode == "RGBA" else "L")
         if image.has_transparency_data:
             return _composite(image.convert("RGBA"))
         return image if image.mode in ("L", "RGB") else image.convert("RGB")
@@ -235,10 +239,11 @@ def _extremes(gray: np.ndarray) -> tuple[float, float]:
     return darkest, lightest
 
 
+@functools.lru_cache(maxsize=64)
 def _border(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """The flat indices of the frame of an image of `shape` (see _frame) and a weight for each of its pixels,
-    growing towards the corners: a digit cropped tightly to its ink touches the middle of every side, and a
-    thick one may cover most of the frame, but it seldom fills the corners."""
+    growing towards the corners (cached per shape, read-only): a digit cropped tightly to its ink touches the
+    middle of every side, and a thick one may cover most of the frame, but it seldom fills the corners."""
     rows, cols = shape
     band = max(1, min(shape) // 50)
     on_edge = [np.flatnonzero((np.arange(n) < band) | (np.arange(n) >= n - band)) for n in shape]
@@ -246,7 +251,13 @@ def _border(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     row = np.concatenate([np.repeat(on_edge[0], cols), np.repeat(inner_rows, len(on_edge[1]))])
     col = np.concatenate([np.tile(np.arange(cols), len(on_edge[0])), np.tile(on_edge[1], len(inner_rows))])
     y, x = np.abs((row + 0.5) / rows * 2 - 1), np.abs((col + 0.5) / cols * 2 - 1)
-    return row * cols + col, x * y + 1e-3  # + a floor for images one pixel wide
+    return _frozen(row * cols + col), _frozen(x * y + 1e-3)  # + a floor for images one pixel wide
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """`array` made read-only, as a cached array must be."""
+    array.setflags(write=False)
+    return array
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
@@ -283,8 +294,7 @@ def _background(gray: np.ndarray) -> np.ndarray:
     """
     height, width = gray.shape
     small = np.asarray(Image.fromarray(gray).reduce(math.ceil(max(height, width) / 64)), dtype=np.float64)
-    terms = _quadratic(*small.shape)
-    design = np.stack([np.broadcast_to(t, small.shape).ravel() for t in terms], axis=1)
+    design = _design(small.shape)
     values = small.ravel()
     border = _border(small.shape)
     best: tuple[float, np.ndarray, float, float] | None = None
@@ -369,6 +379,12 @@ def _weighted_fit(design: np.ndarray, values: np.ndarray, weight: np.ndarray) ->
     whisper of ridge so that a tiny or degenerate image still has exactly one solution."""
     weighted = design * weight[:, None]
     return np.linalg.solve(weighted.T @ design + 1e-9 * np.eye(design.shape[1]), weighted.T @ values)
+
+
+@functools.lru_cache(maxsize=64)
+def _design(shape: tuple[int, int]) -> np.ndarray:
+    """(Cached per shape, read-only.) The quadratic's terms over a grid of `shape`, one column per term."""
+    return _frozen(np.stack([np.broadcast_to(t, shape).ravel() for t in _quadratic(*shape)], axis=1))
 
 
 def _quadratic(rows: int, cols: int) -> list[np.ndarray]:

@@ -14,7 +14,6 @@ their header), non-images, truncated files, empty bodies, wrong fields, malforme
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import ipaddress
@@ -23,7 +22,6 @@ import secrets
 import socket
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -42,7 +40,15 @@ from mnistlab.checkpoint import LoadedModel
 from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError
 from mnistlab.files import make_dirs, replacing
-from mnistlab.serve.inference import MicroBatcher, Predictor, RequestError, load_served
+from mnistlab.serve.inference import (
+    MicroBatcher,
+    Predictor,
+    Preparers,
+    RequestError,
+    load_served,
+    prepare,
+    sample_drawing,
+)
 
 MAX_BODY = 5 * 1024 * 1024
 STATIC = Path(__file__).resolve().parent / "static"
@@ -151,22 +157,25 @@ def create_app(
     models: Sequence[str | Path | LoadedModel | None],
     collect_dir: str | Path | None = None,
     device: str = "auto",
+    workers: int | None = 0,
+    engine: str = "auto",
 ) -> FastAPI:
     """The web app serving `models` (run directories, model files, loaded models; None: the bundled one), in
-    that order. With `collect_dir`, drawings labelled on the page are saved as DIR/<label>/<name>.png."""
-    served = load_served(models, resolve_device(device))
+    that order. With `collect_dir`, drawings labelled on the page are saved as DIR/<label>/<name>.png.
+    Uploads are prepared in `workers` processes (None: one per core, at most 4; 0: in the server's own; the
+    caller's script needs an `if __name__ == "__main__":` guard for workers). `engine`: "auto", "torch" or
+    "onnxruntime" (see inference.load_served)."""
+    served = load_served(models, resolve_device(device), engine)
     predictor = Predictor(served)
     batcher = MicroBatcher(predictor)
     collect = make_dirs(Path(collect_dir)) if collect_dir is not None else None
-    # Preprocessing (numpy and Pillow, per image) runs beside the event loop in two threads. Today it holds the
-    # GIL most of the time, so one thread does as well (78-80 predictions/s either way under load) and four
-    # did worse (64/s); two let a preprocessing that releases the GIL use both cores.
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
+    preparers = Preparers(workers)
+    predictor.predict(sample_drawing())  # the first request's one-time costs, paid before serving
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        pool.shutdown(wait=False, cancel_futures=True)
+        preparers.close()
 
     app = FastAPI(
         title="mnistlab",
@@ -194,11 +203,6 @@ def create_app(
         headers = {"Connection": "close"} if exc.status == 413 else None
         return JSONResponse({"detail": str(exc)}, exc.status, headers)
 
-    async def prepare(request: Request):
-        data, fields = await read_image(request)
-        pre = await asyncio.get_running_loop().run_in_executor(pool, predictor.prepare, data)
-        return pre, fields
-
     image_body = {
         "requestBody": {
             "required": True,
@@ -225,9 +229,10 @@ def create_app(
     async def predict(request: Request) -> JSONResponse:
         """`{"predictions": [{"model", "label", "class", "confidence", "probabilities"}], "preprocessed"}`:
         one answer per model, in the order served; `preprocessed` is the 28x28 image they saw (base64 PNG)."""
-        pre, _ = await prepare(request)
-        probabilities = await batcher(pre.tensor)
-        return JSONResponse(predictor.answer(pre, probabilities))
+        data, _ = await read_image(request)
+        digit = await preparers.digit(data)
+        probabilities = await batcher(torch.from_numpy(digit))
+        return JSONResponse(predictor.answer(digit, probabilities))
 
     collect_body = json.loads(json.dumps(image_body))
     for content in collect_body["requestBody"]["content"].values():
@@ -239,7 +244,8 @@ def create_app(
         """Saves the image as DIR/<label>/<server-chosen name>.png; returns its path inside DIR."""
         if collect is None:
             raise RequestError(404, "collecting is off: start the server with --collect DIR")
-        pre, fields = await prepare(request)
+        data, fields = await read_image(request)
+        pre = await preparers.run(prepare, data)  # the original image is what gets saved
         classes = served[0].loaded.classes
         label = fields.get("label", "").strip()
         if not label.isdigit() or int(label) >= len(classes):
@@ -247,7 +253,7 @@ def create_app(
         folder = make_dirs(collect / str(int(label)))
         target = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}.png"
         with replacing(target) as tmp:
-            await asyncio.get_running_loop().run_in_executor(pool, pre.original.save, tmp, "PNG")
+            await preparers.run(pre.original.save, tmp, "PNG")
         count = sum(1 for _ in folder.glob("*.png"))
         return JSONResponse({"saved": f"{target.parent.name}/{target.name}", "count": count})
 
@@ -259,6 +265,8 @@ def create_app(
     async def health() -> dict:
         """Also how many images the models have classified, in how many forward passes (batching at work)."""
         return {"status": "ok", "models": len(served), "images": batcher.images, "forward_passes": batcher.passes}
+
+    app.state.preparers, app.state.served = preparers, served
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
