@@ -1,12 +1,16 @@
 """Speed of the draw-a-digit web app (`mnistlab serve`) with the bundled model, in two figures:
 
 1. In-process: one canvas drawing (a 280x280 RGBA PNG, as the page sends it) through decoding, preprocessing
-   and the model, as the server runs them; the median of many, with each part timed alone.
-2. Over HTTP on loopback: a bounded load run of CLIENTS concurrent keep-alive connections for SECONDS against a
-   real `mnistlab serve`, driven from a separate process; throughput, p50, p99 and errors.
+   and the model, as the server runs them, with each engine (onnxruntime, torch); the median of many, with each
+   part timed alone.
+2. Over HTTP on loopback: a real `mnistlab serve` (its defaults: uploads prepared in one process per core)
+   and, in a separate process, load for SECONDS: closed loop (CLIENTS connections, each sending again as soon
+   as its answer arrives: the throughput the server sustains) and open loop (RATE requests a second, evenly
+   spaced, whatever the server's pace: the latency at that rate); throughput, p50, p99 and errors.
 
-Both run twice: on this CPU as it is, and with PyTorch and oneDNN held to AVX2
-(ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2), as on an AVX2-only machine.
+With PyTorch and oneDNN held to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2), as on an AVX2-only
+machine, the torch engine runs again. onnxruntime picks its kernels by CPUID and has no switch to hold it to
+AVX2, so its AVX2 figures cannot be shown on a machine with AVX-512.
 
 Run (under the shared CPU lock): flock /work/cpu.lock .venv/bin/python benchmarks/web_speed.py
 """
@@ -28,9 +32,9 @@ from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+from common import AVX2, machine, write_section  # noqa: E402
 from drawings import drawn_png  # noqa: E402
 
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 BOUNDARY = "mnistlabbenchmark"
 
 
@@ -66,11 +70,13 @@ def in_process(repeats: int) -> dict:
     from mnistlab.serve.inference import Predictor, load_served, open_image
 
     png = drawn_png("7")
-    predictor = Predictor(load_served([None]))
-    served = predictor.models[0]
     image = open_image(png)
     one = preprocess(image).tensor[None]
     sixteen = one.repeat(16, 1, 1)
+    onnx, reference = (
+        Predictor(load_served([None], "cpu", "onnxruntime")),
+        Predictor(load_served([None], "cpu", "torch")),
+    )
 
     def median_ms(fn, n=repeats) -> float:
         for _ in range(10):
@@ -86,12 +92,14 @@ def in_process(repeats: int) -> dict:
         parts = {
             "decode": median_ms(lambda: open_image(png)),
             "preprocess": median_ms(lambda: preprocess(image)),
-            "model": median_ms(lambda: predictor.forward(one)),
-            "model as loaded (no folding, channels-first)": median_ms(lambda: served.loaded.model(one)),
-            "model, 16 images in one pass, per image": median_ms(lambda: predictor.forward(sixteen), repeats // 4) / 16,
+            "model, onnxruntime": median_ms(lambda: onnx.forward(one)),
+            "model, torch (BatchNorm folded, channels-last)": median_ms(lambda: reference.forward(one)),
+            "model, torch as loaded": median_ms(lambda: reference.models[0].loaded.model(one)),
+            "model, onnxruntime, 16 images in one pass, per image": median_ms(lambda: onnx.forward(sixteen)) / 16,
         }
-    parts["total"] = median_ms(lambda: predictor.predict(png))
-    assert predictor.predict(png)["predictions"][0]["label"] == 7
+    for name, predictor in (("onnxruntime", onnx), ("torch", reference)):
+        parts[f"total, {name}"] = median_ms(lambda p=predictor: p.predict(png))
+        assert predictor.predict(png)["predictions"][0]["label"] == 7
     return {"parts": parts, "cpu": describe_cpu(), "threads": torch.get_num_threads()}
 
 
@@ -115,7 +123,6 @@ async def load(url: str, image: str, clients: int, seconds: float, warmup: float
     ).encode() + body
     latencies: list[float] = []
     errors: list[str] = []
-    timeline: list[tuple[float, float]] = []
 
     async def connect():
         return await asyncio.open_connection(parts.hostname, parts.port)
@@ -138,7 +145,6 @@ async def load(url: str, image: str, clients: int, seconds: float, warmup: float
             errors.append(f"HTTP {status.decode()}: {answer[:200]!r}")
         else:
             latencies.append(time.perf_counter() - due)
-            timeline.append((due - start_at, latencies[-1]))
 
     async def client(start_at: float, stop_at: float) -> None:
         connection = await connect()
@@ -195,14 +201,13 @@ async def load(url: str, image: str, clients: int, seconds: float, warmup: float
         "errors": len(errors),
         "first_errors": errors[:3],
         "client_cpu_s": usage.ru_utime + usage.ru_stime,
-        "worst_per_second": [round(1000 * max([l for t, l in timeline if int(t) == k] or [0])) for k in range(int(seconds))],
     }
 
 
-def serve_and_load(env: dict, image: str, clients: int, seconds: float) -> dict:
-    """A real `mnistlab serve` in one process, the load from another."""
+def serve_and_load(env: dict, engine: str, image: str, clients: int, seconds: float, rate: float) -> dict:
+    """A real `mnistlab serve` in one process (with its preprocessing processes), the load from another."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "mnistlab", "serve", "--port", "0", "--device", "cpu"],
+        [sys.executable, "-m", "mnistlab", "serve", "--port", "0", "--device", "cpu", "--engine", engine],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -210,16 +215,25 @@ def serve_and_load(env: dict, image: str, clients: int, seconds: float) -> dict:
     try:
         line = server.stdout.readline()
         url = line.split(" at ")[1].split()[0]
-        command = [sys.executable, __file__, "--client", url, "--image", image]
+        before = _tree_cpu_seconds(server.pid)
+        command = [sys.executable, __file__, "--client", url, "--image", image, "--rate", str(rate)]
         command += ["--clients", str(clients), "--seconds", str(seconds)]
         result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
-        with open(f"/proc/{server.pid}/stat") as f:  # the server's CPU seconds (utime + stime, clock ticks)
-            fields = f.read().rsplit(")", 1)[1].split()
-        result["server_cpu_s"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        result["server_cpu_s"] = _tree_cpu_seconds(server.pid) - before
         return result
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children (the server's preprocessing processes)."""
+    ticks = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            ticks += round(_tree_cpu_seconds(int(child)) * os.sysconf("SC_CLK_TCK"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (ticks + int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -228,82 +242,107 @@ def serve_and_load(env: dict, image: str, clients: int, seconds: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=400, help="in-process timings per part")
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--clients", type=int, default=16, help="closed-loop connections")
+    parser.add_argument("--rate", type=float, default=200.0, help="open-loop requests per second")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--image", default="canvas", help=argparse.SUPPRESS)
-    parser.add_argument("--rate", type=float, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_process:
         print(json.dumps(in_process(args.repeats)))
         return
     if args.client:
-        print(json.dumps(asyncio.run(load(args.client, args.image, args.clients, args.seconds, float(os.environ.get("WARMUP", 2)), args.rate))))
+        # Open loop draws on a pool of connections: enough that the pool is never what holds requests back.
+        clients = args.clients if not args.rate else 64
+        print(json.dumps(asyncio.run(load(args.client, args.image, clients, args.seconds, 2.0, args.rate))))
         return
 
-    from common import machine, write_section
-
     inprocess, loads = {}, []
+    runs = {
+        "native": [
+            ("onnxruntime", "canvas", 0),
+            ("onnxruntime", "canvas", args.rate),
+            ("torch", "canvas", 0),
+            ("torch", "canvas", args.rate),
+            ("onnxruntime", "28x28", 0),
+        ],
+        "AVX2": [("torch", "canvas", 0), ("torch", "canvas", args.rate)],
+    }
     for isa, extra in (("native", {}), ("AVX2", AVX2)):
         env = {**os.environ, **extra}
         command = [sys.executable, __file__, "--in-process", "--repeats", str(args.repeats)]
         inprocess[isa] = json.loads(subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout)
         print(isa, json.dumps(inprocess[isa]), flush=True)
-        for image in ("canvas", "28x28") if isa == "native" else ("canvas",):
-            loads.append((isa, image, serve_and_load(env, image, args.clients, args.seconds)))
-            print(isa, image, json.dumps(loads[-1][2]), flush=True)
+        for engine, image, rate in runs[isa]:
+            result = serve_and_load(env, engine, image, args.clients, args.seconds, rate)
+            loads.append((isa, engine, image, rate, result))
+            print(isa, engine, image, rate, json.dumps(result), flush=True)
 
     names = list(inprocess["native"]["parts"])
     part_rows = "\n".join(
-        f"| {name} | {inprocess['native']['parts'][name]:.2f} | {inprocess['AVX2']['parts'][name]:.2f} |"
+        f"| {name} | {inprocess['native']['parts'][name]:.2f} | "
+        + ("(not held to AVX2)" if "onnxruntime" in name else f"{inprocess['AVX2']['parts'][name]:.2f}")
+        + " |"
         for name in names
     )
-    what = {"canvas": "the page's drawing (280x280 RGBA PNG)", "28x28": "28x28 digit (preprocessing passes it)"}
+    what = {"canvas": "the page's drawing", "28x28": "28x28 digit (no preparing)"}
     load_rows = "\n".join(
-        f"| {isa} | {what[image]} | {h['per_second']:.0f} | {h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['max_ms']:.0f} "
-        f"| {h['errors']} | {h['requests']:,} | {h['server_cpu_s']:.0f} / {h['client_cpu_s']:.0f} |"
-        for isa, image, h in loads
+        f"| {isa} | {engine} | {what[image]} | "
+        f"{f'open, {rate:g}/s' if rate else f'closed, {args.clients} clients'} | {h['per_second']:.0f} | "
+        f"{h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['max_ms']:.0f} | {h['errors']} | {h['requests']:,} | "
+        f"{h['server_cpu_s']:.0f} / {h['client_cpu_s']:.0f} |"
+        for isa, engine, image, rate, h in loads
     )
     parts = inprocess["native"]["parts"]
-    canvas, bare = loads[0][2], loads[1][2]
+    served = {(isa, engine, image, rate): h for isa, engine, image, rate, h in loads}
+    closed = served[("native", "onnxruntime", "canvas", 0)]
+    opened = served[("native", "onnxruntime", "canvas", args.rate)]
+    held = opened["per_second"] >= 0.99 * args.rate and opened["p99_ms"] <= 50 and opened["errors"] == 0
+    mean_ms = 1000 * args.clients / closed["per_second"]
     meets = {True: "met", False: "not met"}
     summary = (
-        f"Where the time goes (native): of the {parts['total']:.1f} ms, preprocessing the drawing takes "
-        f"{parts['preprocess']:.1f} ms ({100 * parts['preprocess'] / parts['total']:.0f}%) and the model "
-        f"{parts['model']:.1f} ms; folding BatchNorm into the convolutions and storing the weights channels-last "
-        f"took the model from {parts['model as loaded (no folding, channels-first)']:.1f} ms to "
-        f"{parts['model']:.1f} ms, and in a batch of 16 it costs {parts['model, 16 images in one pass, per image']:.2f}"
-        f" ms an image. Goal of at most 5 ms in-process: {meets[parts['total'] <= 5]}. Over HTTP the server and model"
-        f" alone (28x28 row) answer {bare['per_second']:.0f} predictions/s; preparing each drawing holds the page's "
-        f"case to {canvas['per_second']:.0f}/s. Goal of at least 200/s with p99 at most 50 ms and no errors: "
-        f"{meets[canvas['per_second'] >= 200 and canvas['p99_ms'] <= 50 and canvas['errors'] == 0]}."
+        f"Where the time goes (native, onnxruntime): of the {parts['total, onnxruntime']:.1f} ms, preprocessing the "
+        f"drawing takes {parts['preprocess']:.1f} ms and the model {parts['model, onnxruntime']:.1f} ms (PyTorch: "
+        f"{parts['model, torch (BatchNorm folded, channels-last)']:.1f} ms). Goal of at most 5 ms in-process: "
+        f"{meets[parts['total, onnxruntime'] <= 5]} ({parts['total, onnxruntime']:.1f} ms; with the torch engine "
+        f"{parts['total, torch']:.1f} ms). Over HTTP, at {args.rate:g} drawings/s the p99 latency is "
+        f"{opened['p99_ms']:.0f} ms with {opened['errors']} errors: the goal of at least 200/s with p99 at most 50 ms "
+        f"is {meets[args.rate >= 200 and held]}"
+        f". With {args.clients} clients in a closed loop the server sustains {closed['per_second']:.0f}/s; there, by "
+        f"Little's law, the mean latency is {args.clients} / throughput ({mean_ms:.0f} ms)"
+        f": a p99 of 50 ms with {args.clients} clients always waiting would take over {args.clients / 0.05:.0f}/s."
     )
     extra = " ".join(f"{k}={v}" for k, v in AVX2.items())
-    options = f" --repeats {args.repeats} --clients {args.clients} --seconds {args.seconds:g}"
-    section = f"""## Web app: one drawing in-process, and a load run over HTTP
+    options = f" --repeats {args.repeats} --clients {args.clients} --rate {args.rate:g} --seconds {args.seconds:g}"
+    section = f"""## Web app: one drawing in-process, and load over HTTP
 
 Command: `flock /work/cpu.lock .venv/bin/python benchmarks/web_speed.py{options}`
 Machine: {machine()}
 CPU: {inprocess["native"]["cpu"]}
-"AVX2" columns: the same run with `{extra}` (PyTorch and oneDNN held to AVX2, as on an AVX2-only machine).
+"AVX2" rows and column: the same with `{extra}` (PyTorch and oneDNN held to AVX2, as on an AVX2-only
+machine); onnxruntime chooses its kernels by CPUID and cannot be held back, so it has no AVX2 figures here.
 
 In-process, the bundled model (three CNNs averaged) on the page's drawing of a 7 (a 280x280 RGBA PNG): median
 milliseconds of {args.repeats} runs, each part alone; "total" is `Predictor.predict` (decode, preprocess, model,
-the 28x28 PNG and the answer), what the server runs per request except for HTTP and batching.
+the 28x28 PNG and the answer) with each engine, what the server runs per request except for HTTP and batching.
 
 | part | ms (native) | ms (AVX2) |
 |---|---|---|
 {part_rows}
 
-Over HTTP on loopback: `mnistlab serve` (uvicorn, one process) and, in a separate process, {args.clients}
-keep-alive clients each posting an image of a 7 again as soon as its answer arrives, for {args.seconds:g} s after
-a 2 s warm-up; every answer is checked (status 200, digit 7). Both processes share the machine's 2 cores. The
-28x28 row sends what preprocessing made of the drawing, a digit already in MNIST's format, which preprocessing
-passes through: the same server and model without the cost of preparing a drawing.
+Over HTTP on loopback: `mnistlab serve --engine ENGINE` (its defaults otherwise: uploads decoded and
+preprocessed in one process per core, one thread per forward pass, concurrent requests batched) and, in a
+separate process, load for {args.seconds:g} s after a 2 s warm-up, every answer checked (status 200, digit 7).
+Closed loop: {args.clients} keep-alive connections, each posting again as soon as its answer arrives (the
+throughput the server sustains). Open loop: {args.rate:g} requests a second, evenly spaced whatever the
+server's pace, each latency counted from when its request was due (the latency at that rate). The server and
+the load share the machine's 2 cores. The 28x28 row sends a digit already in MNIST's format, which
+preprocessing passes through: the server and model without the cost of preparing a drawing. CPU seconds are
+the server's with its preprocessing processes, and the load generator's.
 
-| CPU | image | predictions/s | p50 ms | p99 ms | max ms | errors | requests | CPU s server / client |
-|---|---|---|---|---|---|---|---|---|
+| CPU | engine | image | load | predictions/s | p50 ms | p99 ms | max ms | errors | requests | CPU s server / load |
+|---|---|---|---|---|---|---|---|---|---|---|
 {load_rows}
 
 {summary}
