@@ -25,7 +25,7 @@ from mnistlab.checkpoint import CHECKPOINT, Checkpoint, load_model, save_model
 from mnistlab.config import ModelConfig, load_config
 from mnistlab.data import IMAGES_MAGIC, read_idx
 from mnistlab.errors import MnistlabError
-from mnistlab.files import LOCK, FolderLock, finite_json
+from mnistlab.files import LOCK, FolderLock, finite_json, signals_held
 from mnistlab.models import build_model
 from mnistlab.preprocess import NotAnImage, load_image, preprocess
 from mnistlab.reports import reproduce
@@ -508,3 +508,29 @@ def test_a_folder_lock_nests_within_a_process_and_refuses_another(tmp_path: Path
         )
         assert other.returncode == 1 and "is being written by another mnistlab command" in other.stderr
     assert not folder.exists()  # made by the lock, nothing written: removed
+
+
+def test_ctrl_c_inside_a_held_block_waits_for_the_block_to_finish(tmp_path: Path) -> None:
+    """The checkpoint and its metrics.json are written together: Ctrl-C in between takes effect after both."""
+    written = []
+    with pytest.raises(KeyboardInterrupt), signals_held():
+        signal.raise_signal(signal.SIGINT)
+        for name in ("checkpoint", "metrics"):
+            (tmp_path / name).write_text(name)
+            written.append(name)
+    assert written == ["checkpoint", "metrics"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+
+
+def test_sigterm_inside_a_held_block_ends_the_process_after_the_block(tmp_path: Path) -> None:
+    script = (
+        "import os, signal, sys\n"
+        "from mnistlab.files import signals_held\n"
+        "with signals_held():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        f"    open({str(tmp_path / 'done')!r}, 'w').write('written')\n"
+        "print('not reached')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGTERM and "not reached" not in result.stdout
+    assert (tmp_path / "done").read_text() == "written"

@@ -9,7 +9,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any, ClassVar
 from mnistlab.errors import MnistlabError
 
 LOCK = ".lock"
+_HELD = (signal.SIGINT, signal.SIGTERM)  # what signals_held defers
 
 
 def _umask() -> int:
@@ -74,6 +77,25 @@ def replacing(path: Path) -> Iterator[Path]:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM arriving inside the block take effect only once it is done, as they would have then:
+    for writes of several files that must agree (a checkpoint and the metrics that describe it). Signals reach
+    only the main thread; in any other the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _: caught.append(signum)) for sig in _HELD}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -32,7 +32,7 @@ from mnistlab.config import Config, config_from_dict, load_config
 from mnistlab.data import DATASETS, MnistData, batch_indices, load_data, standardize_, take, to_float
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import loss_and_correct
-from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, clear_dir, write_json
+from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, clear_dir, signals_held, write_json
 from mnistlab.gradients import GradientFn, make_gradient_fn
 from mnistlab.losses import LossFn, make_loss
 from mnistlab.models import build_model, count_parameters
@@ -651,8 +651,9 @@ class RunDirectory:
         if not self.saved and not self.resuming:
             clear_dir(self.path)
             atomic_write_text(self.path / "config.toml", state.config.to_toml())
-        state.to_checkpoint(ranks_rng).save(self.path / CHECKPOINT)
-        write_json(self.path / "metrics.json", _metrics(state, device))
+        with signals_held():  # a resumable checkpoint always has the metrics.json of its epoch beside it
+            state.to_checkpoint(ranks_rng).save(self.path / CHECKPOINT)
+            write_json(self.path / "metrics.json", _metrics(state, device))
         self.saved = state.epoch
         if self._tensorboard:
             if self._writer is None:
