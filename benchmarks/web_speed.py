@@ -138,25 +138,27 @@ async def load(url: str, image: str, clients: int, seconds: float, warmup: float
                 length = int(value)
         return status, await reader.readexactly(length)
 
-    def record(due: float, start_at: float, status: bytes, answer: bytes) -> None:
+    async def attempt(connection, due: float, start_at: float):
+        """One request on `connection`, its answer checked and its latency recorded (none in the warm-up);
+        returns the connection to use next (a new one after an error)."""
+        try:
+            status, answer = await exchange(connection)
+        except (OSError, asyncio.IncompleteReadError, IndexError, ValueError) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+            connection[1].close()
+            return await connect()
         if due < start_at:
-            return  # warm-up
-        if status != b"200" or json.loads(answer)["predictions"][0]["label"] != 7:
+            pass  # warm-up
+        elif status != b"200" or json.loads(answer)["predictions"][0]["label"] != 7:
             errors.append(f"HTTP {status.decode()}: {answer[:200]!r}")
         else:
             latencies.append(time.perf_counter() - due)
+        return connection
 
     async def client(start_at: float, stop_at: float) -> None:
         connection = await connect()
         while (now := time.perf_counter()) < stop_at:
-            try:
-                status, answer = await exchange(connection)
-            except (OSError, asyncio.IncompleteReadError, IndexError, ValueError) as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
-                connection[1].close()
-                connection = await connect()
-                continue
-            record(now, start_at, status, answer)
+            connection = await attempt(connection, now, start_at)
         connection[1].close()
 
     async def open_loop(start_at: float, stop_at: float) -> None:
@@ -165,16 +167,7 @@ async def load(url: str, image: str, clients: int, seconds: float, warmup: float
             pool.put_nowait(connection)
 
         async def one(due: float) -> None:
-            connection = await pool.get()
-            try:
-                status, answer = await exchange(connection)
-            except (OSError, asyncio.IncompleteReadError, IndexError, ValueError) as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
-                connection[1].close()
-                connection = await connect()
-            else:
-                record(due, start_at, status, answer)
-            pool.put_nowait(connection)
+            pool.put_nowait(await attempt(await pool.get(), due, start_at))
 
         begin, tasks, i = time.perf_counter(), [], 0
         while (due := begin + i / rate) < stop_at:
