@@ -137,7 +137,7 @@ class OnnxNetwork:
 def _engine(loaded: LoadedModel, engine: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """The model's probabilities by `engine` ("auto": onnxruntime where it is installed and the model is on
     the CPU), and the engine's name. An ONNX copy is used only if it agrees with PyTorch (probabilities
-    within 1e-4, the same top class) on a drawing and 31 random images; under "auto" a copy that cannot be
+    within 1e-4) on a drawing and 31 random images; under "auto" a copy that cannot be
     made or does not agree leaves the model to PyTorch, with a warning."""
     reference = TorchNetwork(loaded)
     on_cpu = reference.device.type == "cpu"
@@ -151,7 +151,7 @@ def _engine(loaded: LoadedModel, engine: str) -> tuple[Callable[[torch.Tensor], 
         check = torch.cat([torch.from_numpy(prepare_digit(sample_drawing()))[None], noise])
         expected, got = reference(check), onnx(check)
         diff = float((expected - got).abs().max())
-        if not diff < 1e-4 or not torch.equal(expected.argmax(1), got.argmax(1)):  # `not <`: NaN fails too
+        if not diff < 1e-4:  # `not <`: NaN fails too (no class test: noise may tie two classes)
             raise MnistlabError(f"its ONNX copy differs from PyTorch (max probability difference {diff:.1e})")
     except ImportError as exc:
         if engine == "auto":
