@@ -236,7 +236,7 @@ def sample_drawing() -> bytes:
 
 
 def default_workers() -> int:
-    """One preprocessing process per CPU core this process may use, at most 4 (each holds ~150 MB)."""
+    """One preprocessing process per CPU core this process may use, at most 4 (each holds about 250 MB)."""
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
