@@ -44,7 +44,7 @@ def request_image(kind: str) -> bytes:
     if kind == "canvas":
         return drawn_png("7")
     from mnistlab.preprocess import preprocess
-    from mnistlab.serve.inference import open_image, png_base64
+    from mnistlab.serve.images import open_image, png_base64
 
     return base64.b64decode(png_base64(preprocess(open_image(drawn_png("7"))).digit))
 
@@ -67,7 +67,8 @@ def in_process(repeats: int) -> dict:
 
     from mnistlab.devices import describe_cpu
     from mnistlab.preprocess import preprocess
-    from mnistlab.serve.inference import Predictor, load_served, open_image
+    from mnistlab.serve.images import open_image
+    from mnistlab.serve.inference import Predictor, load_served
 
     png = drawn_png("7")
     image = open_image(png)

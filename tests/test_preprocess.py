@@ -622,8 +622,15 @@ def digit_images(draw: st.DrawFn) -> tuple[Image.Image, str]:
     noise = draw(st.floats(0, 6))
     enlarge = draw(st.sampled_from([None, Image.Resampling.NEAREST, Image.Resampling.BILINEAR]))
     about = f"digit {index}, change {change}, side {side}, margin {margin}, noise {noise:.1f}, {enlarge}"
-    # Visible: somewhere the ink covers at least half a pixel's area (thin strokes at 8 pixels may not).
-    assume(ink.max() >= 0.5)
+    # Visible: the ink of some two neighbouring pixels stands at least half a pixel's coverage above that of
+    # some other two (a thin stroke at 8 pixels may not, nor a stroke that fills a tiny frame edge to edge,
+    # leaving no paper: seen as an 8x2 crop of a 1 at 40-60% ink throughout). Pairs, not single pixels, as
+    # preprocess reads an image's extremes, so that a lone speck of noise never counts as a digit.
+    pairs = [np.minimum(ink[:, 1:], ink[:, :-1]), np.maximum(ink[:, 1:], ink[:, :-1])]
+    pairs += [np.minimum(ink[1:], ink[:-1]), np.maximum(ink[1:], ink[:-1])]
+    strongest = max(float(p.max(initial=0)) for p in pairs[::2])  # `initial`: a crop one pixel wide has no
+    faintest = min(float(p.min(initial=1)) for p in pairs[1::2])  # pairs across it
+    assume(strongest - faintest >= 0.5)
     levels = (paper, ink_level) if dark_on_light else (255 - paper, 255 - ink_level)
     grey = levels[0] + (levels[1] - levels[0]) * ink
     grey += np.random.default_rng(index).standard_normal(grey.shape) * noise

@@ -415,6 +415,13 @@ def _command(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
+def test_preprocessing_processes_need_neither_torch_nor_the_web_stack():
+    """What a worker imports to prepare an upload: numpy and Pillow, not torch or FastAPI (45 MB against 235)."""
+    script = "import sys, mnistlab.serve.workers; print(sorted({'torch', 'fastapi'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_serve_refuses_a_negative_worker_count_in_one_line():
     assert_user_error(mnistlab("serve", "--workers", "-1", "--port", "0"), "--workers must be 0 or more")
 

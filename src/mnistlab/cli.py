@@ -577,7 +577,7 @@ def _sweep(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     try:
         from mnistlab.serve import create_app, is_loopback, listen, run, url_of
-        from mnistlab.serve.inference import default_workers
+        from mnistlab.serve.workers import default_workers
     except ImportError as exc:
         raise MnistlabError(f"mnistlab serve needs the web extra: pip install 'mnistlab[web]' ({exc})") from None
 

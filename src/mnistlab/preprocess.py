@@ -18,12 +18,15 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageFilter, ImageOps
 
 from mnistlab.errors import MnistlabError
+
+if TYPE_CHECKING:
+    import torch
 
 SIZE = 28  # MNIST's field
 FIT = 20  # the box the digit's longer side is scaled to
@@ -78,7 +81,13 @@ class Preprocessed:
     inverted: bool  # whether the image was dark ink on a light background
     box: tuple[int, int, int, int]  # (left, top, right, bottom) of the digit in `gray`, as for Image.crop
     digit: np.ndarray  # float32 28x28 in [0, 1], white ink on black
-    tensor: torch.Tensor  # float32 (28, 28), the same values
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The digit as a model takes it: float32 (28, 28), sharing `digit`'s memory."""
+        import torch  # here, not at the top: preprocessing alone (the web server's workers) needs no torch
+
+        return torch.from_numpy(self.digit)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -694,4 +703,4 @@ def preprocess(image: Image.Image | str | Path, invert: bool | None = None) -> P
             raise MnistlabError(f"{name}: no digit found (the image is blank)")
         digit = _place(fine, fine_box)
     original = flat if flat.mode == "RGB" and flat is not image else flat.convert("RGB")  # never the caller's
-    return Preprocessed(original, ink, inverted, box, digit, torch.from_numpy(digit))
+    return Preprocessed(original, ink, inverted, box, digit)

@@ -40,15 +40,9 @@ from mnistlab.checkpoint import LoadedModel
 from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError
 from mnistlab.files import make_dirs, replacing
-from mnistlab.serve.inference import (
-    MicroBatcher,
-    Predictor,
-    Preparers,
-    RequestError,
-    load_served,
-    prepare,
-    sample_drawing,
-)
+from mnistlab.serve.images import RequestError, prepare, sample_drawing
+from mnistlab.serve.inference import MicroBatcher, Predictor, load_served
+from mnistlab.serve.workers import Preparers
 
 MAX_BODY = 5 * 1024 * 1024
 STATIC = Path(__file__).resolve().parent / "static"

@@ -1,45 +1,24 @@
-"""What the web app runs: models loaded once and prepared for inference, image bytes opened safely and
-preprocessed exactly as `mnistlab predict` does, and a micro-batcher that answers concurrent requests with one
-forward pass. Nothing here knows about HTTP; `app.py` turns `RequestError` into a status code."""
+"""What the web app runs its models with: each loaded once and prepared for inference (onnxruntime or
+PyTorch), and a micro-batcher that answers concurrent requests with one forward pass. Nothing here knows about
+HTTP; `app.py` turns `RequestError` into a status."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import importlib.util
-import io
-import multiprocessing
-import os
 import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from mnistlab.checkpoint import LoadedModel, bundled_model_path, load_model
 from mnistlab.config import ENGINES, ModelConfig
 from mnistlab.errors import MnistlabError
 from mnistlab.models import count_parameters, for_inference
-from mnistlab.preprocess import CorruptImage, ImageTooLarge, NotAnImage, Preprocessed, load_image, preprocess
-
-
-class RequestError(MnistlabError):
-    """A request the server refuses, with the HTTP status that says why (4xx) and a one-line message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(" ".join(message.split()))
-        self.status = status
-
-    def __reduce__(self):  # raised in a preprocessing process, it travels back pickled
-        return RequestError, (self.status, str(self))
-
+from mnistlab.serve.images import png_base64, prepare_digit, sample_drawing
 
 # ---------------------------------------------------------------------------------------------- models
 
@@ -188,128 +167,6 @@ def load_served(
     return served
 
 
-# ---------------------------------------------------------------------------------------------- images
-
-
-# How the server answers each kind of image `load_image` refuses.
-_STATUS = {NotAnImage: 415, ImageTooLarge: 413, CorruptImage: 422}
-
-
-def open_image(data: bytes) -> Image.Image:
-    """Decode uploaded bytes with `preprocess.load_image`, the checks `mnistlab predict` makes for files, its
-    refusals turned into HTTP statuses: empty 400, too many pixels 413, not an image 415, corrupt 422."""
-    try:
-        return load_image(data)
-    except MnistlabError as exc:
-        status = 400 if not data else _STATUS.get(type(exc), 422)
-        raise RequestError(status, str(exc)) from None
-
-
-def png_base64(digit: np.ndarray) -> str:
-    """A float image in [0, 1] as a greyscale PNG, base64-encoded."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.round(np.clip(digit, 0, 1) * 255).astype(np.uint8)).save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def prepare(data: bytes) -> Preprocessed:
-    """Decode and preprocess (the same `preprocess` as `mnistlab predict`); a blank image is refused."""
-    image = open_image(data)
-    try:
-        return preprocess(image)
-    except MnistlabError as exc:
-        raise RequestError(422, str(exc)) from None
-
-
-def prepare_digit(data: bytes) -> np.ndarray:
-    """`prepare`'s 28x28 digit alone: what a preprocessing process sends back (a few kB, not the image)."""
-    return prepare(data).digit
-
-
-def sample_drawing() -> bytes:
-    """A drawing of a 1 as the page sends it (black on a white 280x280 RGBA canvas): the server's warm-up."""
-    image = Image.new("RGBA", (280, 280), "white")
-    ImageDraw.Draw(image).line([(140, 40), (140, 240)], fill="black", width=24)
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def default_workers() -> int:
-    """One preprocessing process per CPU core this process may use, at most 4 (each holds about 250 MB)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
-class Preparers:
-    """Decodes and preprocesses uploads in `workers` processes of their own, so that images are prepared on
-    every core at once: in threads of the server's process they queue for the GIL (numpy and Pillow release it
-    only in their larger calls), and two preprocessing threads under load held the server to 107 drawings/s.
-    A worker that dies (a decoder crashing on a hostile file) costs the pool, not the server: the pool is
-    replaced and the request tried once more there. `workers=0` prepares in a thread of the server's process.
-    """
-
-    def __init__(self, workers: int | None = None):
-        self.workers = default_workers() if workers is None else workers
-        self._threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
-        self._pool: Executor = self._threads
-        if self.workers:
-            self._pool = self._new_pool()
-            # Start every worker now, each preparing one drawing (imports, Pillow's plugins, numpy's first calls:
-            # a second or two), so that the first requests do not queue behind that and wait for seconds.
-            drawing = sample_drawing()
-            for started in [self._pool.submit(prepare_digit, drawing) for _ in range(self.workers)]:
-                started.result()
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        # "spawn": a fork of a server with running threads could inherit a lock some thread held.
-        return ProcessPoolExecutor(
-            self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_exit_with_parent,
-            initargs=(os.getpid(),),
-        )
-
-    async def digit(self, data: bytes) -> np.ndarray:
-        """The 28x28 digit the models see for image bytes (RequestError for an image the server refuses)."""
-        loop = asyncio.get_running_loop()
-        for _ in range(2):
-            pool = self._pool
-            try:
-                return await loop.run_in_executor(pool, prepare_digit, data)
-            except BrokenProcessPool:
-                if self._pool is pool:  # the first request to see it replaces it; the others just retry
-                    pool.shutdown(wait=False)
-                    self._pool = self._new_pool()
-        raise RequestError(422, "the image could not be decoded: the decoder crashed on it")
-
-    async def run(self, fn, *args):
-        """`fn(*args)` in the server's own preparing thread (work that needs more than the digit back)."""
-        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
-
-    def worker_pids(self) -> list[int]:
-        """The preprocessing processes' ids (none with workers=0)."""
-        return list(getattr(self._pool, "_processes", None) or {})
-
-    def close(self) -> None:
-        """Stop the workers and wait for them to exit (they finish the image at hand, a few ms)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._threads.shutdown(wait=False, cancel_futures=True)
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A preprocessing process's first act: a thread that ends the process once the server that started it is
-    gone. A server killed outright cannot shut its pool down, and its workers would otherwise wait forever
-    for work (their siblings keep the queue's pipe open). `parent` is the server's process id, given by the
-    server itself: one that died while this process was starting is noticed too."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
 # ---------------------------------------------------------------------------------------------- predicting
 
 
@@ -342,7 +199,7 @@ class Predictor:
 
     def predict(self, data: bytes) -> dict:
         """One image, start to end, without batching (scripts, benchmarks)."""
-        digit = prepare(data).digit
+        digit = prepare_digit(data)
         return self.answer(digit, [p[0] for p in self.forward(torch.from_numpy(digit)[None])])
 
 
