@@ -402,7 +402,7 @@ def _gone(pid: int) -> bool:
     """Whether a process has exited (a zombie awaiting its parent's wait counts as exited)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # the second: reaped while its file was being read
         return True
 
 
