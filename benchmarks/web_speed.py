@@ -222,12 +222,13 @@ def serve_and_load(env: dict, engine: str, image: str, clients: int, seconds: fl
 
 def _tree_cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system) of a process and its children (the server's preprocessing processes)."""
-    ticks = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            ticks += round(_tree_cpu_seconds(int(child)) * os.sysconf("SC_CLK_TCK"))
+    return _tree_ticks(pid) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (ticks + int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return int(fields[11]) + int(fields[12]) + sum(map(_tree_ticks, children))
 
 
 # ---------------------------------------------------------------------------------------------- report

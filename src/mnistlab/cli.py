@@ -577,15 +577,13 @@ def _sweep(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     try:
         from mnistlab.serve import create_app, is_loopback, listen, run, url_of
-        from mnistlab.serve.workers import default_workers
     except ImportError as exc:
         raise MnistlabError(f"mnistlab serve needs the web extra: pip install 'mnistlab[web]' ({exc})") from None
 
     if args.workers is not None and args.workers < 0:
         raise MnistlabError(f"--workers must be 0 or more, not {args.workers}")
     sock = listen(args.host, args.port)  # first, so a taken port is reported before the models load
-    workers = default_workers() if args.workers is None else args.workers
-    app = create_app([None, *args.models], args.collect, args.device, workers, args.engine)
+    app = create_app([None, *args.models], args.collect, args.device, args.workers, args.engine)
     if not is_loopback(args.host):
         print(
             f"mnistlab: warning: listening on {args.host}: the page and API are reachable from the network, "
@@ -599,7 +597,7 @@ def _serve(args: argparse.Namespace) -> None:
     )
     # Requests are served side by side (uploads prepared in `workers` processes): one thread per forward pass
     # does more per core than a team of threads that wait for each other.
-    run(app, sock, threads=1 if workers else None)
+    run(app, sock, threads=1 if app.state.preparers.workers else None)
 
 
 def _configs(args: argparse.Namespace) -> None:
