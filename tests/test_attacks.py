@@ -1,8 +1,9 @@
 """Tests for mnistlab.attacks and adversarial training, on small models trained here on real MNIST.
 
-FGSM and PGD stay within eps and [0, 1] (properties over many eps, step and seed choices), PGD breaks a real
-trained network, ensembles are attacked through their averaged probabilities, and the `[adversarial]` training
-hook perturbs batches as configured, resumes exactly and makes a network measurably harder to attack.
+FGSM, PGD and TRADES's perturbation stay within eps and [0, 1] (properties over many eps, step and seed
+choices), PGD breaks a real trained network, ensembles are attacked through their averaged probabilities, and
+the `[adversarial]` training hook perturbs batches as configured, resumes exactly and makes a network measurably
+harder to attack, with FGSM-RS and with TRADES.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mnistlab.attacks import FastAdversary, fgsm, fgsm_random_start, log_probabilities, pgd
+from mnistlab.attacks import FastAdversary, fgsm, fgsm_random_start, log_probabilities, pgd, trades_perturbation
 from mnistlab.checkpoint import LoadedModel, load_model
 from mnistlab.config import AdversarialConfig, load_config
 from mnistlab.data import to_float
 from mnistlab.errors import MnistlabError
+from mnistlab.gradients import autograd_gradients, trades_gradients
+from mnistlab.losses import make_loss
 from mnistlab.models import Standardized
 from mnistlab.predict import make_ensemble
 from mnistlab.training import train
@@ -80,6 +83,7 @@ def test_attacks_stay_within_eps_and_the_pixel_range(trained, batch, eps, steps,
         fgsm(model.model, x, y, eps),
         pgd(model.model, x, y, eps, steps, step_size, generator=torch.Generator().manual_seed(seed))[0],
         fgsm_random_start(model.model, x, y, eps, step_size),
+        fgsm_random_start(model.model, x, y, eps, step_size, steps=steps),
     ):
         assert adversarial.shape == x.shape and adversarial.dtype == x.dtype
         assert (adversarial - x).abs().max() <= eps + 1e-6
@@ -102,6 +106,11 @@ def test_pgd_breaks_a_trained_network(trained, batch) -> None:
     # The same generator seed gives the same attack.
     again, _ = pgd(model.model, x, y, 0.2, 20, 0.02, generator=torch.Generator().manual_seed(0))
     assert torch.equal(adversarial, again)
+    # Adversarial training's PGD (every step taken from a random start) is stronger than its one FGSM step.
+    torch.manual_seed(0)
+    single = accuracy(model, fgsm_random_start(model.model, x, y, 0.1, 0.125), y)
+    several = accuracy(model, fgsm_random_start(model.model, x, y, 0.1, 0.025, steps=10), y)
+    assert several < single - 0.05
 
 
 def test_ensembles_are_attacked_through_their_averaged_probabilities(
@@ -138,10 +147,87 @@ def test_fast_adversary_ramps_eps_and_attacks_its_share(trained, batch) -> None:
     assert resumed.eps() == pytest.approx(0.3 * 11 / 20)  # a resumed run continues the ramp where it was
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    eps=st.floats(0.001, 0.6),
+    steps=st.integers(1, 4),
+    step_size=st.floats(0.001, 0.5),
+    seed=st.integers(0, 2**16),
+    start=st.integers(0, 190),
+)
+def test_trades_perturbation_stays_within_eps_and_the_pixel_range(
+    trained, batch, eps, steps, step_size, seed, start
+) -> None:
+    model, _ = trained
+    x = batch[0][start : start + 10]
+    torch.manual_seed(seed)
+    perturbed = trades_perturbation(model.model, x, eps, step_size, steps)
+    assert perturbed.shape == x.shape and not perturbed.requires_grad
+    assert (perturbed - x).abs().max() <= eps + 1e-6
+    assert perturbed.min() >= 0 and perturbed.max() <= 1
+
+
+def test_trades_perturbation_moves_the_answer(trained, batch) -> None:
+    """It climbs the KL divergence from the clean answer: far above what random noise of the same size does."""
+    model, _ = trained
+    x = batch[0]
+    torch.manual_seed(0)
+    noisy = (x + (torch.rand_like(x) * 2 - 1) * 0.15).clamp(0, 1)
+    perturbed = trades_perturbation(model.model, x, 0.15, 0.04, 10)
+
+    def divergence(other: torch.Tensor) -> float:
+        with torch.no_grad():
+            clean, moved = log_probabilities(model.model, x, False), log_probabilities(model.model, other, False)
+        return torch.nn.functional.kl_div(moved, clean, reduction="batchmean", log_target=True).item()
+
+    assert divergence(perturbed) > 1.0 and divergence(perturbed) > 20 * divergence(noisy)
+
+
+def test_trades_loss_is_the_clean_loss_plus_beta_times_the_divergence(trained, batch) -> None:
+    model, _ = trained
+    network = model.model.network
+    x, y = batch[0][:32], batch[1][:32]
+    loss_fn = make_loss("cross-entropy", False, 0.0)
+    params = [p for p in network.parameters()]
+    plain_loss, plain_out = autograd_gradients(network, loss_fn)(x, y)
+    plain = [p.grad.clone() for p in params]
+    # Perturbations equal to the images: the divergence and its gradient are 0, the loss is the plain one.
+    loss, out = trades_gradients(network, loss_fn, 6.0, False)(torch.cat([x, x]), y)
+    torch.testing.assert_close(loss, plain_loss)
+    torch.testing.assert_close(out, plain_out)
+    for p, g in zip(params, plain, strict=True):
+        torch.testing.assert_close(p.grad, g)
+    moved = (x + 0.3).clamp(0, 1)
+    with torch.no_grad():
+        divergence = torch.nn.functional.kl_div(
+            network(moved).log_softmax(1), network(x).log_softmax(1), reduction="batchmean", log_target=True
+        )
+    loss, _ = trades_gradients(network, loss_fn, 2.0, False)(torch.cat([x, moved]), y)
+    torch.testing.assert_close(loss, plain_loss + 2.0 * divergence)
+
+
+def test_trades_adversary_returns_the_clean_batch_then_its_perturbation(trained, batch) -> None:
+    model, _ = trained
+    config = AdversarialConfig(method="trades", eps=0.2, step=0.05, steps=3, ramp_epochs=0.0)
+    adversary = FastAdversary(config, model.model.network, (model.model.mean, model.model.std), False, 10)
+    x, y = batch[0][:20], batch[1][:20]
+    out = adversary(x, y)
+    assert out.shape == (40, 28, 28) and torch.equal(out[:20], x) and not torch.equal(out[20:], x)
+    assert (out[20:] - x).abs().max() <= 0.2 + 1e-6
+
+
 def test_adversarial_config_is_validated() -> None:
     base = tiny()
+    for overrides in (
+        {"adversarial.method": "trades", "adversarial.fraction": 0.5},
+        {"adversarial.method": "trades", "adversarial.steps": 0},
+        {"adversarial.method": "pgd", "adversarial.steps": 0},
+        {"adversarial.method": "trades", "adversarial.beta": -1.0},
+    ):
+        with pytest.raises(MnistlabError, match=overrides["adversarial.method"]):
+            base.with_overrides(overrides)
     for key, value in (
-        ("adversarial.method", "pgd"),
+        ("adversarial.method", "free"),
         ("adversarial.eps", 0.0),
         ("adversarial.eps", 1.5),
         ("adversarial.step", -0.1),
@@ -153,13 +239,21 @@ def test_adversarial_config_is_validated() -> None:
             base.with_overrides({key: value})
 
 
-def test_adversarial_training_makes_a_network_harder_to_attack(small, trained, batch, tmp_path) -> None:
-    """The same network and data, trained with FGSM-RS at eps 0.1: PGD at eps 0.1 goes from breaking nearly
-    everything to breaking far less, and each epoch records its PGD check."""
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"adversarial.method": "fgsm-rs", "adversarial.step": 0.125},
+        {"adversarial.method": "pgd", "adversarial.step": 0.05, "adversarial.steps": 3, "adversarial.fraction": 0.5},
+        {"adversarial.method": "trades"},
+    ],
+)
+def test_adversarial_training_makes_a_network_harder_to_attack(small, trained, batch, tmp_path, method) -> None:
+    """The same network and data, trained with FGSM-RS, PGD on half of each batch, or TRADES at eps 0.1: PGD at
+    eps 0.1 goes from breaking nearly everything to breaking far less, and each epoch records its PGD check."""
     standard, _ = trained
+    trades = {"adversarial.step": 0.03, "adversarial.steps": 5, "adversarial.beta": 6.0}
     config = tiny(
-        epochs=3,
-        **{"adversarial.method": "fgsm-rs", "adversarial.eps": 0.1, "adversarial.step": 0.125},
+        epochs=3, **{"adversarial.eps": 0.1, **(trades if method["adversarial.method"] == "trades" else {}), **method}
     )
     train(config, out_dir=tmp_path / "robust", data=small, device="cpu", quiet=True)
     robust = load_model(tmp_path / "robust")
@@ -186,11 +280,12 @@ def test_early_stopping_on_the_pgd_check_keeps_the_most_robust_epoch(small, tmp_
     assert metrics["saved_model_epoch"] == run.best_epoch
 
 
-def test_adversarial_training_resumes_exactly(small, tmp_path) -> None:
+@pytest.mark.parametrize("method", ["fgsm-rs", "pgd", "trades"])
+def test_adversarial_training_resumes_exactly(small, tmp_path, method) -> None:
     config = tiny(
         epochs=2,
-        **{"adversarial.method": "fgsm-rs", "adversarial.eps": 0.1, "adversarial.step": 0.125},
-        **{"adversarial.ramp_epochs": 1.5},
+        **{"adversarial.method": method, "adversarial.eps": 0.1, "adversarial.step": 0.125},
+        **{"adversarial.ramp_epochs": 1.5, "adversarial.steps": 2},
     )
     data = subset(small, 1000, 200)
     straight = train(config, out_dir=tmp_path / "straight", data=data, device="cpu", quiet=True)

@@ -1,4 +1,4 @@
-"""White-box L-infinity attacks in pixel space: FGSM, PGD, and fast adversarial training's one-batch step.
+"""White-box L-infinity attacks in pixel space: FGSM, PGD, and adversarial training's one-batch step.
 
 Every attack takes float images (B, 28, 28) with pixels in [0, 1] and a model that takes them as they are (a
 `LoadedModel.model`, whose standardisation is built in, or a training network wrapped in `Standardized`), and
@@ -90,20 +90,53 @@ def pgd(
 
 
 def fgsm_random_start(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, step: float, probabilities: bool = False
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    step: float,
+    probabilities: bool = False,
+    steps: int = 1,
 ) -> torch.Tensor:
     """One FGSM step of size `step` from a uniformly random point of the eps-ball, projected back onto the ball
-    and [0, 1] (Wong, Rice and Kolter 2020). The start is drawn from torch's global generator, whose state
-    training checkpoints keep, so a resumed run perturbs exactly as an uninterrupted one."""
-    start = (images + (torch.rand_like(images) * 2 - 1) * eps).clamp_(0, 1)
-    grad, _ = _gradient(model, start, labels, probabilities)
-    delta = (start - images + step * grad.sign()).clamp_(-eps, eps)
-    return (images + delta).clamp_(0, 1).detach()
+    and [0, 1] (Wong, Rice and Kolter 2020); with `steps` > 1, that many such steps, each projected: PGD as
+    adversarial training uses it (every step taken, none stopped early). The start is drawn from torch's global
+    generator, whose state training checkpoints keep, so a resumed run perturbs exactly as an uninterrupted one."""
+    x = (images + (torch.rand_like(images) * 2 - 1) * eps).clamp_(0, 1)
+    for _ in range(steps):
+        grad, _ = _gradient(model, x, labels, probabilities)
+        delta = (x - images + step * grad.sign()).clamp_(-eps, eps)
+        x = (images + delta).clamp_(0, 1).detach()
+    return x
+
+
+def trades_perturbation(
+    model: nn.Module, images: torch.Tensor, eps: float, step: float, steps: int, probabilities: bool = False
+) -> torch.Tensor:
+    """TRADES's inner maximisation (Zhang et al. 2019): from a tiny random start, `steps` signed steps of `step`
+    that raise the KL divergence between the model's answers on the images and on the perturbed images, each
+    projected onto the eps-ball and [0, 1]. No labels: it seeks where the answer changes, right or wrong. The
+    model answers in eval mode (BatchNorm's running statistics), as the authors' code does."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        target = log_probabilities(model, images, probabilities).exp()
+    low, high = (images - eps).clamp(0, 1), (images + eps).clamp(0, 1)
+    x = torch.minimum(torch.maximum(images + 0.001 * torch.randn_like(images), low), high)
+    for _ in range(steps):
+        x.requires_grad_(True)
+        # KL(target || p(x)) up to a constant that has no gradient: the cross-entropy of p(x) against target.
+        (grad,) = torch.autograd.grad(-(target * log_probabilities(model, x, probabilities)).sum(), x)
+        x = torch.minimum(torch.maximum(x.detach() + step * grad.sign(), low), high)
+    model.train(was_training)
+    return x.detach()
 
 
 class FastAdversary:
-    """Fast adversarial training's per-batch step for the training loop: `adversary(x, labels)` returns the
-    batch's adversarial examples against the network being trained (in its current mode, as Wong et al. did).
+    """Adversarial training's per-batch step for the training loop: `adversary(x, labels)` returns the batch's
+    adversarial examples against the network being trained: for `fgsm-rs`, in place of the batch (its share of
+    it), attacked in the network's current mode as Wong et al. did; for `trades`, the clean batch followed by
+    its perturbations (twice the rows), for `trades_gradients` to split.
 
     eps ramps up linearly from 0 over the first `ramp_epochs` (counted in batches), which keeps the early,
     still-fragile network from the single-step overfitting Wong et al. saw, where FGSM accuracy climbs while
@@ -141,8 +174,14 @@ class FastAdversary:
             self.pgd_accuracy = 1.0 - fooled.float().mean().item()
         eps = self.eps()
         self.calls += 1
+        if c.method == "trades":
+            step = c.step * eps / c.eps
+            return torch.cat([images, trades_perturbation(self.model, images, eps, step, c.steps, self.probabilities)])
         k = round(c.fraction * len(images))  # batches are shuffled, so the first k are a random share
-        attacked = fgsm_random_start(self.model, images[:k], labels[:k], eps, c.step * eps / c.eps, self.probabilities)
+        steps = c.steps if c.method == "pgd" else 1
+        attacked = fgsm_random_start(
+            self.model, images[:k], labels[:k], eps, c.step * eps / c.eps, self.probabilities, steps
+        )
         return torch.cat([attacked, images[k:]]) if k < len(images) else attacked
 
 

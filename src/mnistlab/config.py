@@ -31,7 +31,7 @@ PRUNERS = ("median", "hyperband", "none")  # for `mnistlab sweep`
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DATASETS = ("mnist", "fashion-mnist", "kmnist")  # the registry in data.py; here so configs need no torch
 ENGINES = ("auto", "torch", "onnxruntime")  # what `mnistlab serve` runs models with
-ADVERSARIAL = ("none", "fgsm-rs")
+ADVERSARIAL = ("none", "fgsm-rs", "pgd", "trades")
 
 
 @dataclass
@@ -109,13 +109,19 @@ class AdversarialConfig:
     against the network being trained. `fgsm-rs` is fast adversarial training (Wong, Rice and Kolter 2020): one
     FGSM step of `step` from a uniformly random start in the L-infinity ball of radius `eps` (pixels in
     [0, 1]); Wong et al. use step = 1.25 * eps. `eps` grows linearly from 0 over the first `ramp_epochs`.
-    `fraction` of each batch is attacked, the rest stays clean (1: all, as Wong et al.)."""
+    `fraction` of each batch is attacked, the rest stays clean (1: all, as Wong et al.). `pgd` takes `steps`
+    such steps from the random start (Madry et al. 2018 train with PGD), each projected.
+    `trades` (Zhang et al. 2019) trains on the clean batch with the loss plus `beta` times the KL divergence
+    between the network's answers on each image and on its perturbation, found by `steps` signed steps of
+    `step` that push that divergence up; it keeps more clean accuracy than training on attacks alone."""
 
-    method: str = "none"  # "none" or "fgsm-rs"
+    method: str = "none"  # "none", "fgsm-rs", "pgd" or "trades"
     eps: float = 0.3
     step: float = 0.375
     ramp_epochs: float = 0.0
     fraction: float = 1.0
+    steps: int = 10  # pgd and trades: attack steps per batch
+    beta: float = 6.0  # trades: weight of the robustness term
 
 
 @dataclass
@@ -302,6 +308,12 @@ def _validate(config: Config, source: str) -> None:
         problems.append("adversarial.eps must be in (0, 1] and adversarial.step positive (pixels are in [0, 1])")
     if not 0 < v.fraction <= 1:
         problems.append("adversarial.fraction (the share of each batch attacked) must be in (0, 1]")
+    if v.method in ("pgd", "trades") and v.steps < 1:
+        problems.append(f"adversarial.steps must be at least 1 for {v.method}")
+    if v.method == "trades" and (v.beta < 0 or v.fraction != 1):
+        problems.append(
+            "adversarial: trades needs beta >= 0 and fraction = 1 (it always keeps the clean batch)"
+        )
     if v.ramp_epochs < 0 or v.ramp_epochs > max(t.epochs, 1):
         problems.append("adversarial.ramp_epochs must be between 0 and training.epochs")
     if d.val_size < 0:

@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mnistlab.config import Config
@@ -44,7 +45,10 @@ def by_hand_supported(config: Config) -> bool:
 def make_gradient_fn(
     model: nn.Module, config: Config, loss_fn: LossFn, autocast: contextlib.AbstractContextManager
 ) -> GradientFn:
-    """The gradient function for training `model`: by hand where `by_hand_supported`, else autograd."""
+    """The gradient function for training `model`: TRADES's for `[adversarial] method = "trades"`, by hand where
+    `by_hand_supported`, else autograd."""
+    if config.adversarial.method == "trades":
+        return trades_gradients(model, loss_fn, config.adversarial.beta, config.model.softmax_output, autocast)
     if not by_hand_supported(config):
         return autograd_gradients(model, loss_fn, autocast)
     m = config.model
@@ -63,6 +67,37 @@ def autograd_gradients(
             out = model(x)
             loss = loss_fn(out, y)
         # autograd.grad hands back the gradients without accumulating them into .grad first.
+        for param, grad in zip(params, torch.autograd.grad(loss, params), strict=True):
+            param.grad = grad
+        return loss.detach(), out.detach()
+
+    return gradients
+
+
+def trades_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    beta: float,
+    probabilities: bool,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> GradientFn:
+    """TRADES's loss (Zhang et al. 2019) on a batch of clean images followed by their perturbations (twice the
+    labels' rows): the loss on the clean half plus `beta` times the mean KL divergence from the network's answer
+    on each clean image to its answer on the perturbed one. The halves go through the network apart, so
+    BatchNorm normalises each by its own statistics, as the authors' code does. Returns the clean half's outputs.
+    """
+    autocast = autocast or contextlib.nullcontext()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def log_p(out: torch.Tensor) -> torch.Tensor:
+        return out.float().clamp_min(1e-30).log() if probabilities else out.float().log_softmax(1)
+
+    def gradients(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        clean, perturbed = x.chunk(2)
+        with autocast:
+            out, out_perturbed = model(clean), model(perturbed)
+            divergence = F.kl_div(log_p(out_perturbed), log_p(out), reduction="batchmean", log_target=True)
+            loss = loss_fn(out, y) + beta * divergence
         for param, grad in zip(params, torch.autograd.grad(loss, params), strict=True):
             param.grad = grad
         return loss.detach(), out.detach()
