@@ -311,9 +311,7 @@ def _validate(config: Config, source: str) -> None:
     if v.method in ("pgd", "trades") and v.steps < 1:
         problems.append(f"adversarial.steps must be at least 1 for {v.method}")
     if v.method == "trades" and (v.beta < 0 or v.fraction != 1):
-        problems.append(
-            "adversarial: trades needs beta >= 0 and fraction = 1 (it always keeps the clean batch)"
-        )
+        problems.append("adversarial: trades needs beta >= 0 and fraction = 1 (it always keeps the clean batch)")
     if v.ramp_epochs < 0 or v.ramp_epochs > max(t.epochs, 1):
         problems.append("adversarial.ramp_epochs must be between 0 and training.epochs")
     if d.val_size < 0:
