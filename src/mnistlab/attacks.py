@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistlab.config import AdversarialConfig
+from mnistlab.losses import log_probabilities_of
 from mnistlab.models import Ensemble, Standardized
 
 
@@ -25,8 +26,7 @@ def log_probabilities(model: nn.Module, x: torch.Tensor, probabilities: bool) ->
     if isinstance(model, Ensemble):
         members = [log_probabilities(m, x, p) for m, p in zip(model.members, model.probabilities)]
         return torch.logsumexp(torch.stack(members), 0) - math.log(len(members))
-    out = model(x)
-    return out.clamp_min(1e-30).log() if probabilities else out.log_softmax(1)
+    return log_probabilities_of(model(x), probabilities)
 
 
 def _gradient(
@@ -173,15 +173,13 @@ class FastAdversary:
             _, fooled = pgd(self.model, images, labels, c.eps, self.CHECK_STEPS, c.eps / 4, self.probabilities)
             self.pgd_accuracy = 1.0 - fooled.float().mean().item()
         eps = self.eps()
+        step = c.step * eps / c.eps  # the step ramps with eps
         self.calls += 1
         if c.method == "trades":
-            step = c.step * eps / c.eps
             return torch.cat([images, trades_perturbation(self.model, images, eps, step, c.steps, self.probabilities)])
         k = round(c.fraction * len(images))  # batches are shuffled, so the first k are a random share
         steps = c.steps if c.method == "pgd" else 1
-        attacked = fgsm_random_start(
-            self.model, images[:k], labels[:k], eps, c.step * eps / c.eps, self.probabilities, steps
-        )
+        attacked = fgsm_random_start(self.model, images[:k], labels[:k], eps, step, self.probabilities, steps)
         return torch.cat([attacked, images[k:]]) if k < len(images) else attacked
 
 

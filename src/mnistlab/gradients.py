@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistlab.config import Config
-from mnistlab.losses import LossFn
+from mnistlab.losses import LossFn, log_probabilities_of
 
 GradientFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -66,12 +66,17 @@ def autograd_gradients(
         with autocast:
             out = model(x)
             loss = loss_fn(out, y)
-        # autograd.grad hands back the gradients without accumulating them into .grad first.
-        for param, grad in zip(params, torch.autograd.grad(loss, params), strict=True):
-            param.grad = grad
+        _store_gradients(loss, params)
         return loss.detach(), out.detach()
 
     return gradients
+
+
+def _store_gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> None:
+    """Each parameter's gradient of `loss` as its `.grad`: autograd.grad hands them back without accumulating
+    them into .grad first."""
+    for param, grad in zip(params, torch.autograd.grad(loss, params), strict=True):
+        param.grad = grad
 
 
 def trades_gradients(
@@ -89,17 +94,13 @@ def trades_gradients(
     autocast = autocast or contextlib.nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def log_p(out: torch.Tensor) -> torch.Tensor:
-        return out.float().clamp_min(1e-30).log() if probabilities else out.float().log_softmax(1)
-
     def gradients(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         clean, perturbed = x.chunk(2)
         with autocast:
             out, out_perturbed = model(clean), model(perturbed)
-            divergence = F.kl_div(log_p(out_perturbed), log_p(out), reduction="batchmean", log_target=True)
-            loss = loss_fn(out, y) + beta * divergence
-        for param, grad in zip(params, torch.autograd.grad(loss, params), strict=True):
-            param.grad = grad
+            log_p, log_q = (log_probabilities_of(o, probabilities) for o in (out, out_perturbed))
+            loss = loss_fn(out, y) + beta * F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+        _store_gradients(loss, params)
         return loss.detach(), out.detach()
 
     return gradients

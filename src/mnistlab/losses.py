@@ -24,6 +24,13 @@ from mnistlab.errors import MnistlabError
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def log_probabilities_of(out: torch.Tensor, probabilities: bool) -> torch.Tensor:
+    """log p(class) from a model's outputs: logits, or probabilities where `probabilities` (floored at 1e-30, so
+    that a certain answer's zeros stay finite). In float32, whatever autocast computed the outputs in."""
+    out = out.float()
+    return out.clamp_min(1e-30).log() if probabilities else out.log_softmax(1)
+
+
 def make_loss(name: str, probabilities: bool = False, label_smoothing: float = 0.0) -> LossFn:
     """The loss called `name`, for outputs that are logits or (with `probabilities`) probabilities."""
     if name == "cross-entropy":

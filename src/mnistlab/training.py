@@ -467,7 +467,7 @@ def train_epoch(state: RunState, steps: Steps, data: MnistData, bar: tqdm) -> di
         x = to_float(batch.images)
         if steps.augmenting:
             x = augment_batch(x, config.augment, state.warp, (rows.start, len(index)))
-        if steps.adversary is not None:  # adversarial training: the batch becomes attacks on the current model
+        if steps.adversary is not None:  # adversarial training: attacks on the current model join or replace the batch
             x = steps.adversary(x, batch.labels)
         loss, out = steps.gradients(standardize_(x, steps.normalize), batch.labels)
         cluster.share_gradients(params, len(batch), len(index))
