@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mnistlab.augment import augment_batch
 from mnistlab.checkpoint import bundled_model_path, load_model
-from mnistlab.config import AugmentConfig, load_config
+from mnistlab.config import AugmentConfig, ModelConfig, load_config
 from mnistlab.data import to_float
 from mnistlab.evaluation import evaluate_model, predict_scores
 from mnistlab.models import ShiftAveraged, build_model, count_parameters
@@ -27,6 +29,26 @@ def test_cnn_configs_build_the_right_shapes():
     for name in ("cnn-examples", "cnn-fast", "cnn-fast-995", "cnn-best", "cnn-robust"):
         model = build_model(load_config(name).model).eval()
         assert model(torch.rand(3, 28, 28)).shape == (3, 10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(pools=st.integers(0, 2), seed=st.integers(0, 2**16))
+def test_a_bias_is_left_out_only_where_batchnorm_would_cancel_it(pools: int, seed: int):
+    """A convolution followed by "bn", with max-pools between or not, gets no bias: adding a per-channel constant
+    before max-pooling and BatchNorm changes nothing. With one put back the outputs are the same."""
+    spec = ["conv 4 3 1", *["maxpool 2"] * pools, "bn", "relu", "conv 4 3 1", "relu", "flatten", "linear 10"]
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(kind="cnn", layers=spec)).train()
+    convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].bias is None and convs[1].bias is not None
+    x = torch.rand(8, 28, 28)
+    before = model(x)
+    with_bias = torch.nn.Conv2d(1, 4, 3, padding=1)
+    with torch.no_grad():
+        with_bias.weight.copy_(convs[0].weight)
+        with_bias.bias.uniform_(-1, 1)
+    model[1] = with_bias
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
 
 
 def test_bad_layer_lists_are_config_errors():

@@ -28,7 +28,7 @@ class Layer:
     args: tuple[float, ...]
     shape_in: tuple[int, ...]
     shape_out: tuple[int, ...]
-    before_bn: bool  # followed by "bn", whose shift makes this layer's bias redundant
+    before_bn: bool  # followed by "bn" (maxpools between allowed), whose shift makes this layer's bias redundant
 
 
 def _number(text: str, line: str, integer: bool) -> float:
@@ -56,7 +56,9 @@ def parse_layers(spec: list[str], image: tuple[int, int, int] = (1, 28, 28)) -> 
             count = f"{low}" if low == high else f"{low} to {high}"
             raise LayerError(f"{line!r}: {name} takes {count} arguments")
         args = tuple(_number(a, line, integer=name != "dropout") for a in raw)
-        before_bn = i + 1 < len(words) and words[i + 1][:1] == ["bn"]
+        # The next layer other than a maxpool (which commutes with adding a per-channel constant).
+        following = next((w[:1] for w in words[i + 1 :] if w[:1] != ["maxpool"]), [])
+        before_bn = following == ["bn"]
         images = len(shape) == 3
         if name == "conv":
             if not images:
