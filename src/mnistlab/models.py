@@ -54,7 +54,8 @@ class _Unflatten(nn.Module):
 
 def _cnn_layers(spec: list[str]) -> list[nn.Module]:
     """The modules of a layer list, parsed and shape-checked by `parse_layers` (which knows each layer's input
-    size). A convolution or linear layer followed by "bn" has no bias: BatchNorm's shift replaces it."""
+    size). A convolution or linear layer followed by "bn" (max-pools between or not) has no bias: BatchNorm's
+    shift replaces it."""
     try:
         parsed = parse_layers(spec)
     except LayerError as exc:
