@@ -28,14 +28,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mnistlab.config import load_config
-from mnistlab.data import Split, batches, load_data, to_float
-from mnistlab.evaluation import loss_and_correct
-from mnistlab.gradients import GradientFn, autograd_gradients, mlp_gradients
-from mnistlab.losses import make_loss
-from mnistlab.models import build_model
-from mnistlab.optimizers import make_optimizer, make_step
+from mnistlab.data.splits import Split, batches, load_data, to_float
+from mnistlab.models.gradients import GradientFn, autograd_gradients, mlp_gradients
+from mnistlab.models.losses import make_loss
+from mnistlab.models.metrics import loss_and_correct
+from mnistlab.models.networks import build_model
+from mnistlab.models.optimizers import make_optimizer, make_step
 from mnistlab.subnormals import flush_subnormals
-from mnistlab.training import train
+from mnistlab.train.loop import train
 
 
 class PerSampleMnist(Dataset):

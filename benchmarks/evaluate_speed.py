@@ -24,9 +24,9 @@ def measure(variant: str, data_dir: str | None) -> dict[str, float]:
     """One timed evaluation in this process (run as a child by `main`)."""
     import torch
 
-    from mnistlab.checkpoint import load_model
-    from mnistlab.data import load_data, to_float
-    from mnistlab.evaluation import predict_scores
+    from mnistlab.data.splits import load_data, to_float
+    from mnistlab.models.files import load_model
+    from mnistlab.models.metrics import predict_scores
 
     loaded = load_model(None)
     images = load_data("mnist", data_dir, val_size=0).test.images

@@ -29,10 +29,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from digit_images import canvas_rgba
 
-from mnistlab.checkpoint import LoadedModel, load_model
-from mnistlab.data import load_data
-from mnistlab.predict import classify
-from mnistlab.preprocess import preprocess
+from mnistlab.data.preprocess import preprocess
+from mnistlab.data.splits import load_data
+from mnistlab.infer.predict import classify
+from mnistlab.models.files import LoadedModel, load_model
 
 
 def drawings(count: int, data_dir: str | None) -> list[bytes]:

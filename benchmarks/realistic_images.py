@@ -25,9 +25,9 @@ from common import machine, write_section
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from digit_images import KINDS, TOUGH_KINDS, realistic_image
 
-from mnistlab.checkpoint import load_model
-from mnistlab.data import load_data
-from mnistlab.predict import predict_images
+from mnistlab.data.splits import load_data
+from mnistlab.infer.predict import predict_images
+from mnistlab.models.files import load_model
 
 
 def main() -> None:

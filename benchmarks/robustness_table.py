@@ -17,8 +17,8 @@ from pathlib import Path
 
 from common import write_section
 
-from mnistlab.corruptions import CORRUPTIONS, corrupt
-from mnistlab.data import load_data
+from mnistlab.data.corruptions import CORRUPTIONS, corrupt
+from mnistlab.data.splits import load_data
 from mnistlab.plots import plot_gallery
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

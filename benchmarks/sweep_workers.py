@@ -22,7 +22,7 @@ from pathlib import Path
 from common import AVX2, machine, write_section
 
 from mnistlab.devices import describe_cpu
-from mnistlab.sweep import cores, load_sweep, sweep
+from mnistlab.sweep.run import cores, load_sweep, sweep
 
 TRIALS, EPOCHS = 6, 2
 

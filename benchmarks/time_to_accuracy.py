@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from common import DOC, held_back_prefix, held_back_suffix, machine, write_section
 
-from mnistlab.checkpoint import load_model
-from mnistlab.data import load_data, to_float
+from mnistlab.data.splits import load_data, to_float
+from mnistlab.models.files import load_model
 
 
 def train_run(config: str, out: Path, extra: list[str], data_dir: str | None) -> dict:

@@ -43,7 +43,7 @@ def request_image(kind: str) -> bytes:
     MNIST's format, which preprocessing passes through, so the load run shows the rest of the server's cost)."""
     if kind == "canvas":
         return drawn_png("7")
-    from mnistlab.preprocess import preprocess
+    from mnistlab.data.preprocess import preprocess
     from mnistlab.serve.images import open_image, png_base64
 
     return base64.b64decode(png_base64(preprocess(open_image(drawn_png("7"))).digit))
@@ -65,10 +65,10 @@ def in_process(repeats: int) -> dict:
     """Median milliseconds of each part, measured in this process."""
     import torch
 
+    from mnistlab.data.preprocess import preprocess
     from mnistlab.devices import describe_cpu
-    from mnistlab.preprocess import preprocess
+    from mnistlab.serve.engines import Predictor, load_served
     from mnistlab.serve.images import open_image
-    from mnistlab.serve.inference import Predictor, load_served
 
     png = drawn_png("7")
     image = open_image(png)

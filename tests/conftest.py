@@ -12,11 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnistlab.data import (
-    load_data,
-    read_images,
-    read_labels,
-)
+from mnistlab.data.idx import read_images, read_labels
+from mnistlab.data.splits import load_data
 
 from .helpers import serve_folder
 from .idx_files import GZ_NAMES, write_dataset

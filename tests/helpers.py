@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from mnistlab.config import Config, load_config
-from mnistlab.data import MnistData, Split
-from mnistlab.training import Run, resume, train
+from mnistlab.data.splits import MnistData, Split
+from mnistlab.train.loop import Run, resume, train
 
 
 def subset(data: MnistData, n_train: int, n_eval: int) -> MnistData:

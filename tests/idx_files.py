@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mnistlab.data import (
-    DATASETS,
-    IMAGES_MAGIC,
-    LABELS_MAGIC,
-)
+from mnistlab.data.idx import IMAGES_MAGIC, LABELS_MAGIC
+from mnistlab.datasets import DATASETS
 from mnistlab.errors import MnistlabError
 
 MNIST = DATASETS["mnist"]

@@ -16,16 +16,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mnistlab.attacks import FastAdversary, fgsm, fgsm_random_start, log_probabilities, pgd, trades_perturbation
-from mnistlab.checkpoint import LoadedModel, load_model
 from mnistlab.config import AdversarialConfig, load_config
-from mnistlab.data import to_float
+from mnistlab.data.splits import to_float
 from mnistlab.errors import MnistlabError
-from mnistlab.gradients import autograd_gradients, trades_gradients
-from mnistlab.losses import make_loss
-from mnistlab.models import Standardized
-from mnistlab.predict import make_ensemble
-from mnistlab.training import train
+from mnistlab.infer.ensemble import make_ensemble
+from mnistlab.models.attacks import FastAdversary, fgsm, fgsm_random_start, log_probabilities, pgd, trades_perturbation
+from mnistlab.models.files import LoadedModel, load_model
+from mnistlab.models.gradients import autograd_gradients, trades_gradients
+from mnistlab.models.losses import make_loss
+from mnistlab.models.networks import Standardized
+from mnistlab.train.loop import train
 
 from .helpers import interrupted_and_resumed, subset, without_time
 

@@ -87,7 +87,7 @@ def test_the_package_and_the_cli_load_nothing_heavy_until_a_command_needs_it():
         "True",
     ]
     backend = (
-        "import matplotlib; matplotlib.use('svg'); import mnistlab.plots, mnistlab.training;"
+        "import matplotlib; matplotlib.use('svg'); import mnistlab.plots, mnistlab.train.loop;"
         "print(matplotlib.get_backend())"
     )
     assert subprocess.run([sys.executable, "-c", backend], capture_output=True, text=True).stdout.strip() == "svg"
@@ -108,7 +108,7 @@ def test_choices_come_from_the_config_and_help_lists_them():
 
 
 def test_set_and_no_nesterov_reach_any_config_key(mnist_path, tmp_path):
-    from mnistlab.cli import parse_set
+    from mnistlab.cli.train import parse_set
     from mnistlab.config import load_config
 
     overrides = parse_set(["augment.rotate=10", "training.amp=true", 'model.layers=["conv 8 3"]', "optimizer.name=sgd"])

@@ -9,14 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mnistlab.augment import augment_batch
-from mnistlab.checkpoint import bundled_model_path, load_model
 from mnistlab.config import AugmentConfig, ModelConfig, load_config
-from mnistlab.data import to_float
-from mnistlab.evaluation import evaluate_model, predict_scores
-from mnistlab.models import ShiftAveraged, build_model, count_parameters
-from mnistlab.predict import make_ensemble
-from mnistlab.training import train
+from mnistlab.data.augment import augment_batch
+from mnistlab.data.splits import to_float
+from mnistlab.infer.ensemble import make_ensemble
+from mnistlab.models.files import bundled_model_path, load_model
+from mnistlab.models.metrics import evaluate_model, predict_scores
+from mnistlab.models.networks import ShiftAveraged, build_model, count_parameters
+from mnistlab.train.loop import train
 
 from .helpers import assert_user_error, interrupted_and_resumed, mnistlab, subset, without_time
 

@@ -9,7 +9,7 @@ import torch
 
 from mnistlab.config import config_from_dict, load_config, shipped_configs
 from mnistlab.errors import MnistlabError
-from mnistlab.models import build_model, count_parameters
+from mnistlab.models.networks import build_model, count_parameters
 
 SEED = {
     # name: (hidden sizes, activations, softmax output, optimizer)

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mnistlab.corruptions import CORRUPTIONS, _plasma, corrupt, glass_blur, motion_blur, parse_names
+from mnistlab.data.corruptions import CORRUPTIONS, _plasma, corrupt, glass_blur, motion_blur, parse_names
 from mnistlab.errors import MnistlabError
 
 # Corruptions without randomness: the same output whatever the seed.

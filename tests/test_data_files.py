@@ -10,17 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnistlab.data import (
-    DATASETS,
-    LABELS_MAGIC,
-    DataFile,
-    cache_dir,
-    dataset_info,
-    download_file,
-    load_data,
-    read_labels,
-    resolve_files,
-)
+from mnistlab.data.download import cache_dir, download_file, resolve_files
+from mnistlab.data.idx import LABELS_MAGIC, read_labels
+from mnistlab.data.splits import load_data
+from mnistlab.datasets import DATASETS, DataFile, dataset_info
 from mnistlab.errors import MnistlabError
 
 from .idx_files import (

@@ -15,13 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-from mnistlab.augment import augment_batch
-from mnistlab.checkpoint import load_model
 from mnistlab.cli import main
 from mnistlab.config import AugmentConfig, load_config, shipped_configs
-from mnistlab.data import DATASETS, IMAGES_MAGIC, LABELS_MAGIC, load_data, resolve_files
+from mnistlab.data.augment import augment_batch
+from mnistlab.data.download import resolve_files
+from mnistlab.data.idx import IMAGES_MAGIC, LABELS_MAGIC
+from mnistlab.data.splits import load_data
+from mnistlab.datasets import DATASETS
 from mnistlab.errors import MnistlabError
-from mnistlab.training import train
+from mnistlab.models.files import load_model
+from mnistlab.train.loop import train
 
 from .helpers import serve_folder, subset
 

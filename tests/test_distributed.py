@@ -18,11 +18,12 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from mnistlab import distributed
-from mnistlab.checkpoint import CHECKPOINT, Checkpoint
 from mnistlab.config import Config, load_config
-from mnistlab.data import MnistData
-from mnistlab.training import RunState, Steps, train_epoch
+from mnistlab.data.splits import MnistData
+from mnistlab.train import distributed
+from mnistlab.train.checkpoint import CHECKPOINT, Checkpoint
+from mnistlab.train.loop import Steps, train_epoch
+from mnistlab.train.state import RunState
 
 from .helpers import subset
 from .reliability_cases import run_cli

@@ -9,9 +9,10 @@ import shutil
 import pytest
 from PIL import Image
 
-from mnistlab.checkpoint import load_model
 from mnistlab.errors import MnistlabError
-from mnistlab.predict import evaluate_images, predict_images
+from mnistlab.infer.evaluate import evaluate_images
+from mnistlab.infer.predict import predict_images
+from mnistlab.models.files import load_model
 
 from .digit_images import on_paper
 from .helpers import assert_user_error, mnistlab

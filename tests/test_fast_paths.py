@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from mnistlab.config import ModelConfig, load_config
-from mnistlab.data import to_float
+from mnistlab.data.splits import to_float
 from mnistlab.devices import keep_freed_memory
-from mnistlab.evaluation import predict_scores
-from mnistlab.gradients import autograd_gradients, by_hand_supported, mlp_gradients
-from mnistlab.losses import make_loss
-from mnistlab.models import build_model
-from mnistlab.optimizers import make_optimizer, make_scheduler, make_step
+from mnistlab.models.gradients import autograd_gradients, by_hand_supported, mlp_gradients
+from mnistlab.models.losses import make_loss
+from mnistlab.models.metrics import predict_scores
+from mnistlab.models.networks import build_model
+from mnistlab.models.optimizers import make_optimizer, make_scheduler, make_step
 from mnistlab.subnormals import flush_subnormals
-from mnistlab.training import train
+from mnistlab.train.loop import train
 
 from .helpers import subset
 
@@ -121,7 +121,7 @@ def test_subnormals_flush_on_every_thread():
 def test_without_the_private_kernel_the_step_is_optimizer_step(name, monkeypatch):
     """The fused kernels `make_step` calls are private to PyTorch: where one is missing (another release), the
     step falls back to `optimizer.step()` and still trains."""
-    from mnistlab.optimizers import _KERNELS
+    from mnistlab.models.optimizers import _KERNELS
 
     config = load_config("seed-b-fixed").with_overrides({"optimizer.name": name, "optimizer.lr": 0.01})
     kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]

@@ -7,13 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnistlab.data import (
-    IMAGES_MAGIC,
-    LABELS_MAGIC,
-    read_idx,
-    read_images,
-    read_labels,
-)
+from mnistlab.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx, read_images, read_labels
 from mnistlab.errors import MnistlabError
 
 from .idx_files import (

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from mnistlab.config import load_config
-from mnistlab.losses import make_loss
-from mnistlab.optimizers import make_optimizer, make_scheduler
-from mnistlab.training import train
+from mnistlab.models.losses import make_loss
+from mnistlab.models.optimizers import make_optimizer, make_scheduler
+from mnistlab.train.loop import train
 
 # ---------------------------------------------------------------------------------------------- losses
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mnistlab.checkpoint import load_model
 from mnistlab.config import load_config
-from mnistlab.training import train
+from mnistlab.models.files import load_model
+from mnistlab.train.loop import train
 
 from .digit_images import KINDS, blank_png, realistic_image
 from .helpers import assert_user_error, mnistlab

@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from mnistlab import preprocess as pp
-from mnistlab.checkpoint import load_model
-from mnistlab.data import read_images
+from mnistlab.data import preprocess as pp
+from mnistlab.data.idx import read_images
+from mnistlab.data.preprocess import CENTRE, Preprocessed, load_image, preprocess
 from mnistlab.errors import MnistlabError
-from mnistlab.predict import classify
-from mnistlab.preprocess import CENTRE, Preprocessed, load_image, preprocess
+from mnistlab.infer.predict import classify
+from mnistlab.models.files import load_model
 
 from .conftest import mnist_dir
 from .digit_images import (

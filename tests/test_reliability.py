@@ -21,15 +21,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mnistlab.checkpoint import CHECKPOINT, Checkpoint, load_model, save_model
+from mnistlab.analysis.reports import reproduce
 from mnistlab.config import ModelConfig, load_config
-from mnistlab.data import IMAGES_MAGIC, read_idx
+from mnistlab.data.idx import IMAGES_MAGIC, read_idx
+from mnistlab.data.preprocess import NotAnImage, load_image, preprocess
 from mnistlab.errors import MnistlabError
 from mnistlab.files import LOCK, FolderLock, finite_json, signals_held
-from mnistlab.models import build_model
-from mnistlab.preprocess import NotAnImage, load_image, preprocess
-from mnistlab.reports import reproduce
-from mnistlab.training import resume, train
+from mnistlab.models.files import load_model, save_model
+from mnistlab.models.networks import build_model
+from mnistlab.train.checkpoint import CHECKPOINT, Checkpoint
+from mnistlab.train.loop import resume, train
 
 from .helpers import subset, without_time
 from .reliability_cases import CASES, Case, Context, fresh_run, interrupt, run_cli

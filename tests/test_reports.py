@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from mnistlab.analysis.reports import compare
 from mnistlab.config import load_config
-from mnistlab.reports import compare
-from mnistlab.training import train
+from mnistlab.train.loop import train
 
 from .helpers import assert_user_error, mnistlab, subset
 

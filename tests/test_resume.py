@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from mnistlab.config import load_config
-from mnistlab.training import train
+from mnistlab.train.loop import train
 
 from .helpers import assert_user_error, interrupted_and_resumed, mnistlab, subset, without_time
 

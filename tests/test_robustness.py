@@ -11,9 +11,10 @@ import pytest
 
 from mnistlab.cli import main
 from mnistlab.config import load_config
-from mnistlab.corruptions import CORRUPTIONS
-from mnistlab.data import DATASETS, load_data
-from mnistlab.training import train
+from mnistlab.data.corruptions import CORRUPTIONS
+from mnistlab.data.splits import load_data
+from mnistlab.datasets import DATASETS
+from mnistlab.train.loop import train
 
 from .helpers import subset, train_small
 

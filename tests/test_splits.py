@@ -8,13 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mnistlab.data import (
-    MnistData,
-    Split,
-    batches,
-    load_data,
-    to_float,
-)
+from mnistlab.data.splits import MnistData, Split, batches, load_data, to_float
 from mnistlab.errors import MnistlabError
 
 from .idx_files import (

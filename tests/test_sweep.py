@@ -23,18 +23,9 @@ from sqlalchemy.engine import make_url
 
 from mnistlab.cli import main
 from mnistlab.config import load_config
-from mnistlab.data import read_images, read_labels
+from mnistlab.data.idx import read_images, read_labels
 from mnistlab.errors import MnistlabError
-from mnistlab.sweep import (
-    Param,
-    Space,
-    apply,
-    check_space,
-    load_space_file,
-    make_plans,
-    open_storage,
-    parse_spec,
-)
+from mnistlab.sweep.run import Param, Space, apply, check_space, load_space_file, make_plans, open_storage, parse_spec
 
 TINY = """description = "a small MLP for sweep tests"
 [model]
@@ -304,7 +295,7 @@ def test_seed_lr_preset_sweeps_the_reports_networks_as_they_are():
 
 
 def test_importances_need_enough_complete_trials():
-    from mnistlab.sweep import _importances
+    from mnistlab.sweep.run import _importances
 
     study = optuna.create_study(direction="maximize")
     distribution = optuna.distributions.FloatDistribution(1e-4, 1, log=True)

@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from mnistlab.checkpoint import load_model
 from mnistlab.config import load_config
 from mnistlab.devices import mps_available, resolve_device
 from mnistlab.errors import MnistlabError
-from mnistlab.evaluation import evaluate_model, predict_scores
-from mnistlab.losses import make_loss
-from mnistlab.training import train
+from mnistlab.models.files import load_model
+from mnistlab.models.losses import make_loss
+from mnistlab.models.metrics import evaluate_model, predict_scores
+from mnistlab.train.loop import train
 
 from .helpers import subset
 
@@ -70,7 +70,7 @@ def test_same_seed_same_metrics_on_cpu(mnist_data):
 
 def test_softmax_quirk_keeps_loss_above_its_floor(mnist_data):
     """With a Softmax output layer feeding cross-entropy, no loss can go below ln(1 + 9/e)."""
-    from mnistlab.reports import SOFTMAX_LOSS_FLOOR
+    from mnistlab.analysis.reports import SOFTMAX_LOSS_FLOOR
 
     config = load_config("seed-b").with_overrides({"training.epochs": 1})
     run = train(config, quiet=True, data=subset(mnist_data, 10000, 2000))

@@ -29,11 +29,12 @@ import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mnistlab.checkpoint import load_model
-from mnistlab.predict import classify, evaluate_images
-from mnistlab.preprocess import preprocess
+from mnistlab.data.preprocess import preprocess
+from mnistlab.infer.evaluate import evaluate_images
+from mnistlab.infer.predict import classify
+from mnistlab.models.files import load_model
 from mnistlab.serve import MAX_BODY, create_app, is_loopback, listen
-from mnistlab.serve.inference import load_served
+from mnistlab.serve.engines import load_served
 
 from .digit_images import blank_png
 from .drawings import STROKES, drawing, drawn_png, png_bytes

@@ -1,6 +1,6 @@
 """mnistlab: train, compare, explain and use handwritten-digit classifiers on MNIST and MNIST-like data.
 
-The straight line: data -> model -> training -> evaluation -> prediction.
+The straight line, one subpackage each: data -> models -> train -> infer -> analysis (docs/architecture.md).
 
     >>> import mnistlab
     >>> config = mnistlab.load_config("seed-b-fixed")
@@ -22,16 +22,18 @@ _EXPORTS = {
     "Config": "mnistlab.config",
     "load_config": "mnistlab.config",
     "MnistlabError": "mnistlab.errors",
-    "load_data": "mnistlab.data",
-    "build_model": "mnistlab.models",
-    "load_model": "mnistlab.checkpoint",
-    "save_model": "mnistlab.checkpoint",
-    "train": "mnistlab.training",
-    "resume": "mnistlab.training",
-    "evaluate": "mnistlab.predict",
-    "reproduce": "mnistlab.reports",
-    "compare": "mnistlab.reports",
-    "corrupt": "mnistlab.corruptions",
+    "load_data": "mnistlab.data.splits",
+    "corrupt": "mnistlab.data.corruptions",
+    "preprocess": "mnistlab.data.preprocess",
+    "build_model": "mnistlab.models.networks",
+    "load_model": "mnistlab.models.files",
+    "save_model": "mnistlab.models.files",
+    "train": "mnistlab.train.loop",
+    "resume": "mnistlab.train.loop",
+    "evaluate": "mnistlab.infer.evaluate",
+    "predict_images": "mnistlab.infer.predict",
+    "reproduce": "mnistlab.analysis.reports",
+    "compare": "mnistlab.analysis.reports",
 }
 __all__ = [
     "Config",
@@ -43,6 +45,8 @@ __all__ = [
     "load_config",
     "load_data",
     "load_model",
+    "predict_images",
+    "preprocess",
     "reproduce",
     "resume",
     "save_model",
@@ -50,15 +54,17 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from mnistlab.checkpoint import load_model, save_model
+    from mnistlab.analysis.reports import compare, reproduce
     from mnistlab.config import Config, load_config
-    from mnistlab.corruptions import corrupt
-    from mnistlab.data import load_data
+    from mnistlab.data.corruptions import corrupt
+    from mnistlab.data.preprocess import preprocess
+    from mnistlab.data.splits import load_data
     from mnistlab.errors import MnistlabError
-    from mnistlab.models import build_model
-    from mnistlab.predict import evaluate
-    from mnistlab.reports import compare, reproduce
-    from mnistlab.training import resume, train
+    from mnistlab.infer.evaluate import evaluate
+    from mnistlab.infer.predict import predict_images
+    from mnistlab.models.files import load_model, save_model
+    from mnistlab.models.networks import build_model
+    from mnistlab.train.loop import resume, train
 
 
 def __getattr__(name: str) -> Any:

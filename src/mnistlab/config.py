@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from mnistlab.datasets import DATASETS
 from mnistlab.errors import MnistlabError
 from mnistlab.layers import ACTIVATIONS, check_layers
 
@@ -29,7 +30,6 @@ SCHEDULERS = ("none", "step", "cosine", "onecycle")
 MONITORS = ("val_loss", "val_accuracy", "train_pgd_accuracy")  # the last: adversarial training's PGD check
 PRUNERS = ("median", "hyperband", "none")  # for `mnistlab sweep`
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DATASETS = ("mnist", "fashion-mnist", "kmnist")  # the registry in data.py; here so configs need no torch
 ENGINES = ("auto", "torch", "onnxruntime")  # what `mnistlab serve` runs models with
 ADVERSARIAL = ("none", "fgsm-rs", "pgd", "trades")
 

@@ -36,12 +36,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
 from mnistlab import __version__
-from mnistlab.checkpoint import LoadedModel
 from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError
 from mnistlab.files import make_dirs, replacing
+from mnistlab.models.files import LoadedModel
+from mnistlab.serve.engines import MicroBatcher, Predictor, load_served
 from mnistlab.serve.images import RequestError, prepare, sample_drawing
-from mnistlab.serve.inference import MicroBatcher, Predictor, load_served
 from mnistlab.serve.workers import Preparers
 
 MAX_BODY = 5 * 1024 * 1024

@@ -10,8 +10,8 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mnistlab.data.preprocess import CorruptImage, ImageTooLarge, NotAnImage, Preprocessed, load_image, preprocess
 from mnistlab.errors import MnistlabError
-from mnistlab.preprocess import CorruptImage, ImageTooLarge, NotAnImage, Preprocessed, load_image, preprocess
 
 
 class RequestError(MnistlabError):

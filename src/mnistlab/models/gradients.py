@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistlab.config import Config
-from mnistlab.losses import LossFn, log_probabilities_of
+from mnistlab.models.losses import LossFn, log_probabilities_of
 
 GradientFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

@@ -11,14 +11,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mnistlab.checkpoint import CHECKPOINT, load_model
 from mnistlab.config import Config, load_config
-from mnistlab.data import MnistData, load_data
+from mnistlab.data.splits import MnistData, load_data
 from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError
 from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, is_empty_output
+from mnistlab.models.files import load_model
 from mnistlab.plots import plot_overlay
-from mnistlab.training import Run, resume, train
+from mnistlab.train.checkpoint import CHECKPOINT
+from mnistlab.train.loop import Run, resume, train
 
 SEED_CONFIGS = ("seed-a", "seed-b", "seed-c", "seed-a-fixed", "seed-b-fixed", "seed-c-fixed")
 # Studies are data: (run name, shipped config, overrides). Each trains the report's best network, corrected.

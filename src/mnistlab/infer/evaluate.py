@@ -1,22 +1,22 @@
-"""Using a trained model: evaluate it on a test set, average several into an ensemble, classify image files."""
+"""A saved model measured: on its data set's test split, or on a folder of your own labelled images, and inspected."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from mnistlab.checkpoint import LoadedModel, load_model, save_ensemble
-from mnistlab.data import Split, load_data
+from mnistlab.data.preprocess import preprocess
+from mnistlab.data.splits import Split, load_data
 from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError
-from mnistlab.evaluation import Evaluation, evaluate_model, evaluate_scores
-from mnistlab.files import FolderLock, check_output_dir, clear_dir, write_json
-from mnistlab.losses import make_loss
-from mnistlab.models import ShiftAveraged
-from mnistlab.preprocess import Preprocessed, load_image, preprocess
+from mnistlab.files import write_json
+from mnistlab.infer.predict import IMAGE_SUFFIXES
+from mnistlab.models.files import LoadedModel, load_model
+from mnistlab.models.losses import make_loss
+from mnistlab.models.metrics import Evaluation, evaluate_model, evaluate_scores
+from mnistlab.models.networks import ShiftAveraged
 
 
 def evaluate(
@@ -40,132 +40,6 @@ def evaluate(
 def evaluation_split(loaded: LoadedModel, data_dir: str | Path | None, device: torch.device | str = "cpu") -> Split:
     """The test split of the dataset `loaded` was trained on."""
     return load_data(loaded.dataset, data_dir, val_size=0, device=device).test
-
-
-def make_ensemble(
-    members: list[str | Path],
-    out_dir: str | Path,
-    data_dir: str | Path | None = None,
-    device: str = "auto",
-    force: bool = False,
-) -> dict:
-    """Average `members` into one model file in `out_dir`, and measure it and its members on the test set.
-
-    The ensemble is then a model like any other: evaluate, predict and export take `out_dir`.
-    """
-    out = check_output_dir(out_dir, force)
-    if len(members) < 2:
-        raise MnistlabError("an ensemble needs at least two members")
-    with FolderLock(out):
-        check_output_dir(out, force)  # again, now that no one else can write there
-        return _make_ensemble(members, out, data_dir, device)
-
-
-def _make_ensemble(members: list[str | Path], out: Path, data_dir: str | Path | None, device: str) -> dict:
-    dev = resolve_device(device)
-    loaded = [load_model(m, dev) for m in members]  # validates every member before anything is written
-    datasets = {m.dataset for m in loaded}
-    if len(datasets) > 1:
-        raise MnistlabError(f"the members were trained on different datasets ({', '.join(sorted(datasets))})")
-    dataset = datasets.pop()
-    data = load_data(dataset, data_dir, val_size=0, device=dev)
-    accuracies = {str(m): evaluate_model(lm.model, data.test, lm.loss_fn()).accuracy for m, lm in zip(members, loaded)}
-    clear_dir(out)
-    save_ensemble([Path(m) for m in members], out, {"dataset": dataset, "members": accuracies})
-    ensemble = load_model(out, dev)
-    result = evaluate_model(ensemble.model, data.test, ensemble.loss_fn())
-    summary = {"accuracy": result.accuracy, "loss": result.loss, "members": accuracies}
-    write_json(out / "metrics.json", summary)
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------- images
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
-
-
-@dataclass
-class Prediction:
-    """What the model made of one image file (or why it could not)."""
-
-    path: str
-    label: int | None = None
-    class_name: str | None = None  # what the label means for the model's dataset ("7", "Trouser")
-    confidence: float | None = None
-    probabilities: list[float] | None = None
-    error: str | None = None
-    preprocessed: Preprocessed | None = None
-
-    def to_dict(self) -> dict:
-        if self.error is not None:
-            return {"path": self.path, "error": self.error}
-        return {
-            "path": self.path,
-            "label": self.label,
-            "class": self.class_name,
-            "confidence": self.confidence,
-            "probabilities": self.probabilities,
-        }
-
-
-def image_files(paths: list[str | Path]) -> Iterator[tuple[str, str | None]]:
-    """(path, problem) for each image named or found in a named folder (walked recursively, sorted)."""
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                yield str(path), f"{path}: no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})"
-            for p in found:
-                yield str(p), None
-        else:
-            yield str(path), None  # a named file is tried whatever its suffix; load_image says what is wrong
-
-
-@torch.inference_mode()
-def classify(model: LoadedModel, images: list[torch.Tensor]) -> torch.Tensor:
-    """Probabilities (N, 10) for preprocessed images (each (28, 28) in [0, 1])."""
-    device = next(model.model.parameters()).device
-    batch = torch.stack(images).to(device)
-    return model.probabilities_of(model.model(batch)).float().cpu()
-
-
-def predict_images(
-    paths: list[str | Path],
-    model: LoadedModel,
-    invert: bool | None = None,
-    keep_preprocessed: bool = False,
-    chunk: int = 256,
-) -> Iterator[Prediction]:
-    """Classify image files (and folders of them), in order; a file that cannot be used yields its error."""
-    pending: list[Prediction] = []
-    tensors: list[torch.Tensor] = []
-
-    def flush() -> Iterator[Prediction]:
-        if tensors:
-            for prediction, probs in zip([p for p in pending if p.error is None], classify(model, tensors)):
-                prediction.label = int(probs.argmax())
-                prediction.class_name = model.classes[prediction.label]
-                prediction.confidence = round(float(probs.max()), 6)
-                prediction.probabilities = [round(float(p), 6) for p in probs]
-        yield from pending
-        pending.clear()
-        tensors.clear()
-
-    for path, problem in image_files(paths):
-        if problem is None:
-            try:
-                pre = preprocess(load_image(path), invert=invert)
-            except MnistlabError as exc:
-                problem = str(exc)
-        if problem is not None:
-            pending.append(Prediction(path, error=problem))
-            continue
-        pending.append(Prediction(path, preprocessed=pre if keep_preprocessed else None))
-        tensors.append(pre.tensor)
-        if len(tensors) >= chunk:
-            yield from flush()
-    yield from flush()
 
 
 @dataclass
@@ -240,7 +114,7 @@ def inspect(
 ) -> dict:
     """Where a model goes wrong on the test set: confusion-matrix figure, the most-confused digit pairs, and a
     gallery of misclassified digits with true label, prediction and confidence. Returns a summary."""
-    from mnistlab.evaluation import evaluate_scores, most_confused, predict_scores
+    from mnistlab.models.metrics import evaluate_scores, most_confused, predict_scores
     from mnistlab.plots import plot_confusion, plot_gallery
 
     dev = resolve_device(device)

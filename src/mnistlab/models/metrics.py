@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mnistlab.data import Split, batches, to_float
+from mnistlab.data.splits import Split, batches, to_float
 from mnistlab.devices import keep_freed_memory
-from mnistlab.models import for_inference
+from mnistlab.models.networks import for_inference
 
 # Images per forward pass when evaluating. Small enough that a CNN's activations stay below glibc's mmap
 # threshold and in the CPU's caches: the bundled ensemble over the 10,000 test images took 23 s in batches

@@ -18,16 +18,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mnistlab.attacks import fgsm, pgd
-from mnistlab.checkpoint import LoadedModel, load_model
-from mnistlab.corruptions import CORRUPTIONS, corrupt, parse_names
-from mnistlab.data import Split, to_float
+from mnistlab.data.corruptions import CORRUPTIONS, corrupt, parse_names
+from mnistlab.data.splits import Split, to_float
 from mnistlab.devices import describe_cpu, resolve_device
 from mnistlab.errors import MnistlabError
-from mnistlab.evaluation import predict_scores
 from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, clear_dir, write_json
+from mnistlab.infer.evaluate import evaluation_split
+from mnistlab.models.attacks import fgsm, pgd
+from mnistlab.models.files import LoadedModel, load_model
+from mnistlab.models.metrics import predict_scores
 from mnistlab.plots import plot_gallery, plot_robustness
-from mnistlab.predict import evaluation_split
 
 ATTACKS = ("fgsm", "pgd")
 # Where our figures stand: a standard CNN falls to about 0% under PGD at eps 0.3 (Madry et al. 2018), whose

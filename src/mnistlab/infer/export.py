@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mnistlab.checkpoint import LoadedModel, load_model
-from mnistlab.data import to_float
+from mnistlab.data.splits import to_float
 from mnistlab.errors import MnistlabError
 from mnistlab.files import make_dirs, replacing
-from mnistlab.predict import evaluation_split
+from mnistlab.infer.evaluate import evaluation_split
+from mnistlab.models.files import LoadedModel, load_model
 
 
 class _Probabilities(nn.Module):

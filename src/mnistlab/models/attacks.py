@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistlab.config import AdversarialConfig
-from mnistlab.losses import log_probabilities_of
-from mnistlab.models import Ensemble, Standardized
+from mnistlab.models.losses import log_probabilities_of
+from mnistlab.models.networks import Ensemble, Standardized
 
 
 def log_probabilities(model: nn.Module, x: torch.Tensor, probabilities: bool) -> torch.Tensor:

@@ -739,7 +739,7 @@ class _Objective:
         self._data: dict[tuple, Any] = {}
 
     def data(self, config: Config) -> Any:
-        from mnistlab.data import load_data
+        from mnistlab.data.splits import load_data
 
         key = (config.data.dataset, config.data.val_size, config.training.seed)
         if key not in self._data:  # the validation split depends on the seed: one load per (dataset, size, seed)
@@ -748,7 +748,7 @@ class _Objective:
         return self._data[key]
 
     def __call__(self, trial: optuna.trial.Trial) -> float:
-        from mnistlab.training import train
+        from mnistlab.train.loop import train
 
         plan, number = self.plan, trial.number
         run_dir = plan.out / "trials" / str(number)
@@ -916,7 +916,7 @@ def run_plan(
 ) -> Outcome:
     """Run (or continue) one study to `plan.trials` finished trials with `workers` processes on this machine,
     then write its report. Safe to run again: it continues where the study stands."""
-    from mnistlab.data import resolve_files
+    from mnistlab.data.download import resolve_files
     from mnistlab.devices import describe_cpu, resolve_device
 
     if workers < 1:

@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
 from mnistlab.config import ModelConfig, config_from_dict
+from mnistlab.datasets import DATASETS
 from mnistlab.errors import MnistlabError
-from mnistlab.files import replacing, to_json, write_json
-from mnistlab.losses import LossFn, make_loss
-from mnistlab.models import Ensemble, Standardized, as_probabilities, build_model
+from mnistlab.files import replacing, write_json
+from mnistlab.models.losses import LossFn, make_loss
+from mnistlab.models.networks import Ensemble, Standardized, as_probabilities, build_model
 
 FORMAT = "mnistlab-model"
 FORMAT_VERSION = 1
@@ -59,8 +60,6 @@ class LoadedModel:
     def classes(self) -> list[str]:
         """What each output means ("0".."9" for digits, "Trouser" ... for Fashion-MNIST): from the model file,
         else from the registry entry of its dataset."""
-        from mnistlab.data import DATASETS
-
         names = self.metadata.get("classes")
         if isinstance(names, list) and len(names) == 10 and all(isinstance(n, str) for n in names):
             return names
@@ -75,7 +74,7 @@ def _describe(model_config: ModelConfig, normalize: tuple[float, float] | None) 
     }
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Tensors (moved to the CPU, made contiguous) into a safetensors file, replaced atomically.
 
     Serialised in memory and written by Python, so that a failing write (full disk, size limit, read-only
@@ -88,7 +87,7 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
 
 def _save(tensors: dict[str, torch.Tensor], folder: Path, stem: str, description: dict[str, Any]) -> Path:
     weights = folder / f"{stem}.safetensors"
-    _write_safetensors(weights, tensors, {"format": FORMAT})
+    write_safetensors(weights, tensors, {"format": FORMAT})
     write_json(folder / f"{stem}.json", {"format": FORMAT, "format_version": FORMAT_VERSION, **description})
     return weights
 
@@ -133,7 +132,7 @@ def model_paths(path: str | Path) -> tuple[Path, Path]:
     return weights, meta
 
 
-def _check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> None:
     """Decide what `path` holds by parsing it, and refuse anything but a safetensors file.
 
     A safetensors file is an 8-byte little-endian header length, then that many bytes of JSON, then the data.
@@ -161,7 +160,7 @@ def _check_safetensors(path: Path) -> None:
 def _read_description(path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
     """(weights path, description path, description) of a model, both files checked by parsing them."""
     weights, meta_path = model_paths(path)
-    _check_safetensors(weights)
+    check_safetensors(weights)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -240,56 +239,3 @@ def bundled_model_path() -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-CHECKPOINT = "checkpoint.safetensors"
-_CHECKPOINT_FORMAT = "mnistlab-checkpoint"
-
-
-@dataclass
-class Checkpoint:
-    """A run in progress as one file: its tensors in groups, and its JSON-able state in the safetensors header.
-
-    One file means a crash can never pair new weights with an old state. The groups are stored under the
-    prefixes `model.`, `optim.`, `rng.`, `ema.` and `best.`; this class is the only place that knows them
-    (training's `RunState` turns itself into one and back).
-    """
-
-    model: dict[str, torch.Tensor]  # the live weights
-    optimizer: dict[str, torch.Tensor]  # the optimizer's per-parameter tensors, as `optimizers.optimizer_tensors`
-    rng: dict[str, torch.Tensor]  # random generator states by name
-    state: dict[str, Any]  # epochs so far, their metrics, the config, optimizer and schedule settings ...
-    ema: dict[str, torch.Tensor] = field(default_factory=dict)  # the averaged weights, when EMA is on
-    best: dict[str, torch.Tensor] = field(default_factory=dict)  # the best epoch's weights, with early stopping
-
-    _GROUPS = (("model", "model."), ("optimizer", "optim."), ("rng", "rng."), ("ema", "ema."), ("best", "best."))
-
-    def save(self, path: Path) -> None:
-        """Write the checkpoint, replacing `path` atomically."""
-        tensors = {prefix + k: v for name, prefix in self._GROUPS for k, v in getattr(self, name).items()}
-        _write_safetensors(path, tensors, {"format": _CHECKPOINT_FORMAT, "state": to_json(self.state)})
-
-    @classmethod
-    def load(cls, path: Path) -> Checkpoint:
-        """Read a checkpoint written by `save`; anything else is a one-line error."""
-        if not path.is_file():
-            raise MnistlabError(f"{path.parent}: no {path.name}, so there is nothing to resume (incomplete run?)")
-        _check_safetensors(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-            if metadata.get("format") != _CHECKPOINT_FORMAT:
-                raise KeyError("format")
-            state = json.loads(metadata["state"])
-            if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
-                raise KeyError("state")
-        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
-            raise MnistlabError(f"{path}: not a valid mnistlab checkpoint ({exc})") from None
-        groups: dict[str, dict[str, torch.Tensor]] = {name: {} for name, _ in cls._GROUPS}
-        for key, value in tensors.items():
-            name = next((n for n, prefix in cls._GROUPS if key.startswith(prefix)), None)
-            if name is None:
-                raise MnistlabError(f"{path}: not a valid mnistlab checkpoint (unknown tensor {key!r})")
-            groups[name][key.split(".", 1)[1]] = value
-        return cls(state=state, **groups)

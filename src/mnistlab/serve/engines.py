@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnistlab.checkpoint import LoadedModel, bundled_model_path, load_model
 from mnistlab.config import ENGINES, ModelConfig
 from mnistlab.errors import MnistlabError
-from mnistlab.models import count_parameters, for_inference
+from mnistlab.models.files import LoadedModel, bundled_model_path, load_model
+from mnistlab.models.networks import count_parameters, for_inference
 from mnistlab.serve.images import png_base64, prepare_digit, sample_drawing
 
 # ---------------------------------------------------------------------------------------------- models
@@ -101,7 +101,7 @@ class OnnxNetwork:
     def __init__(self, loaded: LoadedModel):
         import onnxruntime
 
-        from mnistlab.export import onnx_bytes
+        from mnistlab.infer.export import onnx_bytes
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1

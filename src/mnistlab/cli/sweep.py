@@ -1,0 +1,79 @@
+"""`mnistlab sweep`: search config settings with Optuna."""
+
+from __future__ import annotations
+
+import argparse
+
+from mnistlab.cli.common import Formatter, Subparsers, add_data_dir, add_device
+from mnistlab.config import PRUNERS
+
+
+def register(sub: Subparsers) -> None:
+    _add_sweep(sub)
+
+
+def _add_sweep(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="search config settings with Optuna (parallel workers, pruning, shared storage)",
+        formatter_class=Formatter,
+        description="Each trial is an ordinary run directory in OUT/trials/<number>/; the objective is a validation "
+        "metric. Running the same command again continues the study. Several machines join one study by giving "
+        "the same --storage (an SQL database URL) and --study.",
+    )
+    p.add_argument("--config", help="the base config every trial starts from (a shipped name or a TOML file)")
+    p.add_argument(
+        "--space",
+        action="append",
+        metavar="KEY=SPEC",
+        help="a config key to search: log:LOW:HIGH, int:LOW:HIGH, float:LOW:HIGH or A,B,C (one value fixes it); "
+        "repeat for more keys",
+    )
+    p.add_argument("--space-file", metavar="FILE", help="a TOML file with [space] (and [set] for fixed values)")
+    p.add_argument("--preset", help="a shipped sweep: seed-lr (learning rate and optimizer for networks A, B, C)")
+    p.add_argument("--trials", type=int, help="finished trials the study should have in total (default 20)")
+    p.add_argument("--epochs", type=int, help="override training.epochs for every trial")
+    p.add_argument("--metric", default="val_accuracy", help="the objective: val_accuracy (maximised) or val_loss")
+    p.add_argument("--pruner", default="median", choices=PRUNERS, help="stop hopeless trials after an epoch")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: CPU cores / workers)")
+    p.add_argument(
+        "--storage", help="SQL database URL (postgresql://user@host/db) or journal file (default: OUT/study.journal)"
+    )
+    p.add_argument("--study", help="the study's name in the storage (default: the --out folder's name)")
+    p.add_argument("--out", help="sweep folder (default: sweeps/<preset or config name>)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this many seconds")
+    p.add_argument("--report", metavar="DIR", help="only redraw DIR's report, best.toml and plots from its storage")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors and the report's path")
+    add_data_dir(p)
+    add_device(p)
+
+    p.set_defaults(handler=_sweep)
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from mnistlab.sweep.run import report, sweep
+
+    if args.report:
+        print(f"report: {report(args.report, storage=args.storage)}")
+        return
+    path = sweep(
+        config=args.config,
+        space=args.space or (),
+        space_file=args.space_file,
+        preset=args.preset,
+        trials=args.trials,
+        metric=args.metric,
+        pruner=args.pruner,
+        workers=args.workers,
+        threads=args.threads,
+        storage=args.storage,
+        study=args.study,
+        out=args.out,
+        epochs=args.epochs,
+        timeout=args.timeout,
+        data_dir=args.data_dir,
+        device=args.device,
+        quiet=args.quiet,
+    )
+    print(f"report: {path}")

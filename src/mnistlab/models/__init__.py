@@ -1,0 +1,2 @@
+"""Models: networks built from a config, model files, losses, optimizers, gradients, metrics and attacks.
+"""

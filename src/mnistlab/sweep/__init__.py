@@ -1,0 +1,2 @@
+"""`mnistlab sweep`: search spaces as data, trials as run directories, the study on an Optuna storage.
+"""
