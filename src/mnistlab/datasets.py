@@ -126,5 +126,3 @@ def dataset_info(name: str) -> DatasetInfo:
         return DATASETS[name]
     except KeyError:
         raise MnistlabError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})") from None
-
-

@@ -1,2 +1,1 @@
-"""Analyses over trained models: robustness reports, the report's reproduction and run comparisons.
-"""
+"""Analyses over trained models: robustness reports, the report's reproduction and run comparisons."""

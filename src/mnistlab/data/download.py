@@ -164,5 +164,3 @@ def download_file(file: DataFile, folder: Path, mirrors: Sequence[str], timeout:
         with contextlib.suppress(OSError):  # leave no trace of a failed download (unless another process wrote there)
             folder.rmdir()
     raise MnistlabError(f"could not download {file.name}: " + "; ".join(failures))
-
-

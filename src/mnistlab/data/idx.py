@@ -69,5 +69,3 @@ def read_labels(path: str | Path) -> np.ndarray:
     if labels.size and labels.max() > 9:
         raise MnistlabError(f"{path}: label {int(labels.max())} is out of range 0-9")
     return labels
-
-

@@ -1,2 +1,1 @@
-"""Using a trained model: predictions on image files, evaluation, ensembles and ONNX export.
-"""
+"""Using a trained model: predictions on image files, evaluation, ensembles and ONNX export."""

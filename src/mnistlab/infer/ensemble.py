@@ -47,5 +47,3 @@ def _make_ensemble(members: list[str | Path], out: Path, data_dir: str | Path | 
     summary = {"accuracy": result.accuracy, "loss": result.loss, "members": accuracies}
     write_json(out / "metrics.json", summary)
     return summary
-
-

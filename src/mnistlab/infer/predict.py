@@ -97,5 +97,3 @@ def predict_images(
         if len(tensors) >= chunk:
             yield from flush()
     yield from flush()
-
-

@@ -1,2 +1,1 @@
-"""Models: networks built from a config, model files, losses, optimizers, gradients, metrics and attacks.
-"""
+"""Models: networks built from a config, model files, losses, optimizers, gradients, metrics and attacks."""

@@ -237,5 +237,3 @@ def bundled_model_path() -> Path:
     if not path.is_file():
         raise MnistlabError("no bundled pretrained model in this installation; give a model (run directory or file)")
     return path
-
-

@@ -1,2 +1,1 @@
-"""`mnistlab sweep`: search spaces as data, trials as run directories, the study on an Optuna storage.
-"""
+"""`mnistlab sweep`: search spaces as data, trials as run directories, the study on an Optuna storage."""

@@ -1,2 +1,1 @@
-"""Training: the loop over one run state, the run directory, checkpoints and training across processes.
-"""
+"""Training: the loop over one run state, the run directory, checkpoints and training across processes."""

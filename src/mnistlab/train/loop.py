@@ -41,7 +41,6 @@ from mnistlab.train.state import Run, RunState
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
-
 def train(
     config: Config,
     *,
@@ -203,8 +202,6 @@ def _differences(a: Config, b: Config) -> list[str]:
     """`key: old -> new` for each config value that differs, as dotted keys."""
     flat_a, flat_b = a.flat(), b.flat()
     return [f"{k}: {flat_a[k]!r} -> {flat_b.get(k)!r}" for k in flat_a if flat_a[k] != flat_b.get(k)]
-
-
 
 
 @dataclass
@@ -409,5 +406,3 @@ def _describe_device(device: torch.device, amp: bool) -> str:
     if device.type == "cpu":
         return f"cpu, {torch.get_num_threads()} threads, {precision} [{devices.describe_cpu()}]"
     return f"{device}, {precision}"
-
-

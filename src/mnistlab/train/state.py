@@ -218,5 +218,3 @@ class RunState:
         self.epochs = state["epochs"]
         self.stop_reason = state["stop_reason"]
         return self
-
-
