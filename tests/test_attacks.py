@@ -20,7 +20,7 @@ from mnistlab.config import AdversarialConfig, load_config
 from mnistlab.data.splits import to_float
 from mnistlab.errors import MnistlabError
 from mnistlab.infer.ensemble import make_ensemble
-from mnistlab.models.attacks import FastAdversary, fgsm, fgsm_random_start, log_probabilities, pgd, trades_perturbation
+from mnistlab.models.attacks import TrainingAttack, fgsm, fgsm_random_start, log_probabilities, pgd, trades_perturbation
 from mnistlab.models.files import LoadedModel, load_model
 from mnistlab.models.gradients import autograd_gradients, trades_gradients
 from mnistlab.models.losses import make_loss
@@ -134,7 +134,7 @@ def test_fast_adversary_ramps_eps_and_attacks_its_share(trained, batch) -> None:
     model, _ = trained
     network = model.model.network  # the raw network, as the training loop holds it
     config = AdversarialConfig(method="fgsm-rs", eps=0.3, step=0.375, ramp_epochs=2.0, fraction=0.5)
-    adversary = FastAdversary(config, network, (model.model.mean, model.model.std), False, steps_per_epoch=10)
+    adversary = TrainingAttack(config, network, (model.model.mean, model.model.std), False, steps_per_epoch=10)
     assert adversary.eps() == pytest.approx(0.3 / 20)
     x, y = batch[0][:20], batch[1][:20]
     out = adversary(x, y)
@@ -144,7 +144,7 @@ def test_fast_adversary_ramps_eps_and_attacks_its_share(trained, batch) -> None:
     for _ in range(30):
         adversary(x, y)
     assert adversary.eps() == 0.3  # the ramp is over after 2 epochs of 10 batches
-    resumed = FastAdversary(config, network, None, False, steps_per_epoch=10, start_epoch=2)
+    resumed = TrainingAttack(config, network, None, False, steps_per_epoch=10, start_epoch=2)
     assert resumed.eps() == pytest.approx(0.3 * 11 / 20)  # a resumed run continues the ramp where it was
 
 
@@ -190,7 +190,7 @@ def test_trades_loss_is_the_clean_loss_plus_beta_times_the_divergence(trained, b
 def test_trades_adversary_returns_the_clean_batch_then_its_perturbation(trained, batch) -> None:
     model, _ = trained
     config = AdversarialConfig(method="trades", eps=0.2, step=0.05, steps=3, ramp_epochs=0.0)
-    adversary = FastAdversary(config, model.model.network, (model.model.mean, model.model.std), False, 10)
+    adversary = TrainingAttack(config, model.model.network, (model.model.mean, model.model.std), False, 10)
     x, y = batch[0][:20], batch[1][:20]
     out = adversary(x, y)
     assert out.shape == (40, 28, 28) and torch.equal(out[:20], x) and not torch.equal(out[20:], x)

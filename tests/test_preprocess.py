@@ -335,7 +335,7 @@ def test_crop_finds_a_small_digit_in_the_corner_of_a_large_photo(seven: np.ndarr
     image = on_paper(seven, size=(2400, 1800), position=(2100, 1550), digit_height=150, seed=6)
     ImageDraw.Draw(image).ellipse((300, 300, 318, 316), fill=(40, 40, 40))  # a blot of dirt elsewhere
     result = preprocess(image)
-    assert result.gray.shape == (600, 800)  # reduced by 3 to fit WORK_SIDE
+    assert result.ink.shape == (600, 800)  # reduced by 3 to fit WORK_SIDE
     # Where the digit's ink lies in the photo, from how it was drawn, in the reduced picture's pixels.
     scale = frame_side(seven, 150) / 28
     rows, cols = np.flatnonzero(seven.any(axis=1)), np.flatnonzero(seven.any(axis=0))
@@ -441,10 +441,10 @@ def test_preprocessed_fields(page: Image.Image) -> None:
     result = preprocess(page)
     assert isinstance(result, Preprocessed)
     assert result.original.mode == "RGB" and result.original.size == page.size
-    assert result.gray.dtype == np.float32 and result.gray.shape == page.size[::-1]
-    assert result.gray.min() >= 0 and result.gray.max() == 1
+    assert result.ink.dtype == np.float32 and result.ink.shape == page.size[::-1]
+    assert result.ink.min() >= 0 and result.ink.max() == 1
     left, top, right, bottom = result.box
-    strong = result.gray > pp.BOX_LEVEL
+    strong = result.ink > pp.BOX_LEVEL
     assert strong[top:bottom, left:right].sum() == strong.sum()
     assert strong[top, left:right].any() and strong[bottom - 1, left:right].any()
     assert result.digit.dtype == np.float32 and result.digit.shape == (28, 28)

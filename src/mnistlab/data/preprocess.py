@@ -77,9 +77,9 @@ class Preprocessed:
     """Every stage of `preprocess`, for display and debugging; `tensor` is what a model takes."""
 
     original: Image.Image  # upright (EXIF applied), flattened to RGB
-    gray: np.ndarray  # float32 HxW in [0, 1], ink = 1, background removed; long side at most WORK_SIDE
+    ink: np.ndarray  # float32 HxW in [0, 1]: the ink (1) with the background removed; long side at most WORK_SIDE
     inverted: bool  # whether the image was dark ink on a light background
-    box: tuple[int, int, int, int]  # (left, top, right, bottom) of the digit in `gray`, as for Image.crop
+    box: tuple[int, int, int, int]  # (left, top, right, bottom) of the digit in `ink`, as for Image.crop
     digit: np.ndarray  # float32 28x28 in [0, 1], white ink on black
 
     @property

@@ -132,7 +132,7 @@ def trades_perturbation(
     return x.detach()
 
 
-class FastAdversary:
+class TrainingAttack:
     """Adversarial training's per-batch step for the training loop: `adversary(x, labels)` returns the batch's
     adversarial examples against the network being trained: for `fgsm-rs`, in place of the batch (its share of
     it), attacked in the network's current mode as Wong et al. did; for `trades`, the clean batch followed by
@@ -183,15 +183,15 @@ class FastAdversary:
         return torch.cat([attacked, images[k:]]) if k < len(images) else attacked
 
 
-def make_adversary(
+def make_training_attack(
     config: AdversarialConfig,
     network: nn.Module,
     normalize: tuple[float, float] | None,
     probabilities: bool,
     steps_per_epoch: int,
     start_epoch: int = 1,
-) -> FastAdversary | None:
+) -> TrainingAttack | None:
     """The training loop's adversary for `config` (None when adversarial training is off)."""
     if config.method == "none":
         return None
-    return FastAdversary(config, network, normalize, probabilities, steps_per_epoch, start_epoch)
+    return TrainingAttack(config, network, normalize, probabilities, steps_per_epoch, start_epoch)

@@ -26,7 +26,7 @@ from mnistlab.config import Config, config_from_dict, load_config
 from mnistlab.data.augment import augment_batch, is_active
 from mnistlab.data.splits import MnistData, batch_indices, load_data, standardize_, take, to_float
 from mnistlab.errors import MnistlabError
-from mnistlab.models.attacks import FastAdversary, make_adversary
+from mnistlab.models.attacks import TrainingAttack, make_training_attack
 from mnistlab.models.gradients import GradientFn, make_gradient_fn
 from mnistlab.models.losses import LossFn, make_loss
 from mnistlab.models.metrics import loss_and_correct
@@ -214,7 +214,7 @@ class Steps:
     normalize: tuple[float, float] | None
     autocast: contextlib.AbstractContextManager
     augmenting: bool
-    adversary: FastAdversary | None  # adversarial training ([adversarial] in the config), else None
+    adversary: TrainingAttack | None  # adversarial training ([adversarial] in the config), else None
 
     @classmethod
     def for_state(cls, state: RunState, data: MnistData) -> Steps:
@@ -230,7 +230,7 @@ class Steps:
             normalize=normalize,
             autocast=autocast,
             augmenting=is_active(config.augment),
-            adversary=make_adversary(
+            adversary=make_training_attack(
                 config.adversarial,
                 state.model,
                 normalize,
