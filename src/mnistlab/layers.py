@@ -1,8 +1,8 @@
 """A CNN's layer list (`["conv 32 3 1", "bn", "relu", "maxpool 2", ...]`) parsed and shape-checked, without
-torch: config validation uses it to report a bad list before anything is built, models.py to build one.
+torch: config validation uses it to report a bad list before anything is built, models/networks.py to build one.
 
 Each string is a layer name and its arguments:
-conv OUT KERNEL [PADDING [STRIDE]] | bn | relu | tanh | sigmoid | gelu | maxpool K | avgpool (global) |
+conv OUT KERNEL [PADDING [STRIDE]] | bn | an activation (ACTIVATIONS: relu, tanh ...) | maxpool K | avgpool (global) |
 dropout P | flatten | linear OUT
 """
 
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")
+# Every activation a config may name, with the torch.nn module that computes it: adding one is one entry here
+# (the hand-derived MLP gradients in models/gradients.py know relu, tanh and sigmoid; others train by autograd).
+ACTIVATIONS = {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid", "gelu": "GELU"}
 _ARGS = {"conv": (2, 4), "bn": (0, 0), "maxpool": (1, 1), "avgpool": (0, 0), "dropout": (1, 1), "flatten": (0, 0)}
 _ARGS.update({"linear": (1, 1), **{a: (0, 0) for a in ACTIVATIONS}})
 

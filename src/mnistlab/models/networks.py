@@ -14,17 +14,15 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from mnistlab.errors import MnistlabError
-from mnistlab.layers import LayerError, parse_layers
+from mnistlab.layers import ACTIVATIONS, LayerError, parse_layers
 
 if TYPE_CHECKING:
     from mnistlab.config import ModelConfig
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "gelu": nn.GELU,
-}
+
+def _activation(name: str) -> nn.Module:
+    """The module for an activation named in a config (layers.ACTIVATIONS maps names to torch.nn classes)."""
+    return getattr(nn, ACTIVATIONS[name])()
 
 
 def build_model(config: ModelConfig) -> nn.Sequential:
@@ -39,7 +37,7 @@ def _mlp_layers(config: ModelConfig) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Flatten()]
     width = 28 * 28
     for size, activation in zip(config.hidden, config.activations, strict=True):
-        layers += [nn.Linear(width, size), _ACTIVATIONS[activation]()]
+        layers += [nn.Linear(width, size), _activation(activation)]
         width = size
     layers.append(nn.Linear(width, 10))
     return layers
@@ -68,8 +66,8 @@ def _cnn_layers(spec: list[str]) -> list[nn.Module]:
             modules.append(nn.Conv2d(channels, int(a[0]), int(a[1]), stride, padding, bias=not layer.before_bn))
         elif layer.name == "bn":
             modules.append(nn.BatchNorm2d(channels) if len(layer.shape_in) == 3 else nn.BatchNorm1d(channels))
-        elif layer.name in _ACTIVATIONS:
-            modules.append(_ACTIVATIONS[layer.name]())
+        elif layer.name in ACTIVATIONS:
+            modules.append(_activation(layer.name))
         elif layer.name == "maxpool":
             modules.append(nn.MaxPool2d(int(a[0])))
         elif layer.name == "avgpool":
