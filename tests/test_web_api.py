@@ -35,6 +35,7 @@ from mnistlab.infer.predict import classify
 from mnistlab.models.files import load_model
 from mnistlab.serve import MAX_BODY, create_app, is_loopback, listen
 from mnistlab.serve.engines import load_served
+from mnistlab.serve.schemas import REF, HealthResponse, ModelsResponse, PredictResponse, Refusal
 
 from .digit_images import blank_png
 from .drawings import STROKES, drawing, drawn_png, png_bytes
@@ -130,6 +131,35 @@ def test_health_models_page_and_openapi(client, small_run):
         assert client.get(f"/swagger/{asset}").status_code == 200 and f"/swagger/{asset}" in docs.text
 
 
+def test_openapi_has_the_schemas_of_the_requests_and_of_the_real_answers(client):
+    """`/openapi.json` is generated from the Pydantic models of `serve.schemas`, and real answers match them
+    (the models forbid fields they do not list)."""
+    spec = client.get("/openapi.json").json()
+    components = spec["components"]["schemas"]
+    body = spec["paths"]["/api/predict"]["post"]["requestBody"]["content"]
+    assert body["application/json"]["schema"] == {"$ref": REF.format(model="PredictRequest")}
+    assert body["multipart/form-data"]["schema"] == {"$ref": REF.format(model="PredictUpload")}
+    assert components["PredictRequest"]["required"] == components["PredictUpload"]["required"] == ["image"]
+    assert components["PredictUpload"]["properties"]["image"]["format"] == "binary"
+    assert set(components["Prediction"]["properties"]) == {"model", "label", "class", "confidence", "probabilities"}
+    answers = [
+        ("/api/predict", "post", post_image(client, drawn_png("7")), PredictResponse),
+        ("/api/models", "get", client.get("/api/models"), ModelsResponse),
+        ("/api/health", "get", client.get("/api/health"), HealthResponse),
+        ("/api/predict", "post", client.post("/api/predict", json={}), Refusal),
+    ]
+    for path, method, response, model in answers:
+        code = str(response.status_code)
+        published = spec["paths"][path][method]["responses"][code]["content"]["application/json"]["schema"]
+        assert published == {"$ref": REF.format(model=model.__name__)}, (path, code)
+        generated = model.model_json_schema(mode="serialization", ref_template=REF)
+        nested = generated.pop("$defs", {})
+        for name, schema in {model.__name__: generated, **nested}.items():
+            assert components[name] == schema, name
+        model.model_validate(response.json())
+    assert PredictResponse.model_validate(answers[0][2].json()).predictions[0].label == 7
+
+
 @pytest.mark.parametrize("digit", sorted(STROKES))
 def test_predict_answers_as_the_predict_path_does(client, models, digit):
     png = drawn_png(digit)
@@ -184,7 +214,7 @@ def test_onnxruntime_serves_the_probabilities_pytorch_computes(models, mnist_dat
 def test_a_killed_preprocessing_process_costs_no_request(server, client):
     """A worker that dies (as one would if a decoder crashed on a hostile file) takes its pool with it; the
     next request gets a new pool and its answer."""
-    preparers = server.app.state.preparers
+    preparers = server.app.server_state.preparers
     killed = preparers.worker_pids()
     assert len(killed) == 2
     for pid in killed:

@@ -58,11 +58,12 @@ def _serve(args: argparse.Namespace) -> None:
             "without any authentication",
             file=sys.stderr,
         )
-    engines = sorted({m.engine for m in app.state.served})
+    state = app.server_state
+    engines = sorted({m.engine for m in state.models})
     print(
         f"serving {len(args.models) + 1} model(s) with {' and '.join(engines)} at {url_of(sock)} (Ctrl-C to stop)",
         flush=True,
     )
     # Requests are served side by side (uploads prepared in `workers` processes): one thread per forward pass
     # does more per core than a team of threads that wait for each other.
-    run(app, sock, threads=1 if app.state.preparers.workers else None)
+    run(app, sock, threads=1 if state.preparers.workers else None)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["MAX_BODY", "create_app", "is_loopback", "listen", "run", "url_of"]
+__all__ = ["MAX_BODY", "WebApp", "create_app", "is_loopback", "listen", "run", "url_of"]
 
 if TYPE_CHECKING:
-    from mnistlab.serve.app import MAX_BODY, create_app, is_loopback, listen, run, url_of
+    from mnistlab.serve.app import MAX_BODY, WebApp, create_app, is_loopback, listen, run, url_of
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,6 @@
 """What the web app runs its models with: each loaded once and prepared for inference (onnxruntime or
 PyTorch), and a micro-batcher that answers concurrent requests with one forward pass. Nothing here knows about
-HTTP; `app.py` turns `RequestError` into a status."""
+HTTP; `bodies.refused` turns `RequestError` into a status."""
 
 from __future__ import annotations
 

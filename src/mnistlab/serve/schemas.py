@@ -1,0 +1,141 @@
+"""The JSON the web API takes and answers, as Pydantic models: `/openapi.json` is generated from them, and every
+answer is validated against its model on the way out (a route that drifted from its model fails loudly).
+
+Request bodies are read by hand (`bodies.read_upload`: one-line refusals with statuses that say why, not
+FastAPI's validation errors), so their models describe them for the OpenAPI document: `image_body` refers an
+operation to them and `request_schemas` puts them among its components."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+REF = "#/components/schemas/{model}"
+DATA_URL = "data:image/png;base64,iVBORw0..."
+IMAGE_FILE = "the image file: PNG, JPEG, ... (at most 5 MB, and the preprocessing pixel limit)"
+LABEL = "the class the image shows (the served models' class number)"
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+class PredictRequest(BaseModel):
+    """An image as JSON: a base64 data URL, as a canvas's `toDataURL()` gives it."""
+
+    image: str = Field(description="the image as a base64 data URL", examples=[DATA_URL])
+
+
+class PredictUpload(BaseModel):
+    """An image as a multipart form: the file in the field `image`."""
+
+    image: bytes = Field(description=IMAGE_FILE)
+
+
+class CollectRequest(PredictRequest):
+    """A labelled image as JSON."""
+
+    label: int = Field(ge=0, le=9, description=LABEL)
+
+
+class CollectUpload(PredictUpload):
+    """A labelled image as a multipart form."""
+
+    label: int = Field(ge=0, le=9, description=LABEL)
+
+
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (PredictRequest, PredictUpload, CollectRequest, CollectUpload)
+
+
+def image_body(as_json: type[BaseModel], as_form: type[BaseModel]) -> dict[str, Any]:
+    """An operation's request body, for a route's `openapi_extra`: JSON or a multipart form, each its model."""
+    content = {"application/json": as_json, "multipart/form-data": as_form}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {media: {"schema": {"$ref": REF.format(model=m.__name__)}} for media, m in content.items()},
+        }
+    }
+
+
+def request_schemas() -> dict[str, Any]:
+    """The JSON schemas of the request models, by name, for the OpenAPI document's components."""
+    _, schema = models_json_schema([(m, "validation") for m in REQUEST_MODELS], ref_template=REF)
+    return schema["$defs"]
+
+
+# ---------------------------------------------------------------------------------------------- answers
+
+
+class Answer(BaseModel):
+    """An answer of the API: exactly these fields, no others."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Prediction(Answer):
+    """One model's answer for one image."""
+
+    model: str = Field(description="the served model's name, as /api/models lists it")
+    label: int = Field(description="the most probable class's number")
+    class_: str = Field(alias="class", description="the most probable class's name")
+    confidence: float = Field(description="its probability (6 decimals)")
+    probabilities: list[float] = Field(description="every class's probability, by class number (6 decimals)")
+
+
+class PredictResponse(Answer):
+    """Every served model's answer, in the order served, and the image they saw."""
+
+    predictions: list[Prediction]
+    preprocessed: str = Field(description="the 28x28 image the models saw, as a base64 PNG (white ink on black)")
+
+
+class ModelInfo(Answer):
+    """A served model."""
+
+    name: str
+    engine: Literal["torch", "onnxruntime"] = Field(description="what runs it")
+    architecture: str = Field(description='one line, such as "MLP 784-512-10 relu"')
+    parameters: int
+    dataset: str
+    classes: list[str] = Field(description="the class names, by class number")
+    test_accuracy: float | None = Field(description="as its model file records it (none for an ensemble)")
+    members_test_accuracy: list[float] = Field(description="an ensemble's members' test accuracies")
+
+
+class ModelsResponse(Answer):
+    """The served models, and whether /api/collect saves drawings."""
+
+    models: list[ModelInfo]
+    collect: bool
+
+
+class HealthResponse(Answer):
+    """The server answers; and how many images it classified in how many forward passes (batching at work)."""
+
+    status: Literal["ok"]
+    models: int
+    images: int
+    forward_passes: int
+
+
+class CollectResponse(Answer):
+    """Where a labelled drawing was saved, and how many its class's folder holds now."""
+
+    saved: str = Field(description="its path in the collect folder: <label>/<server-chosen name>.png")
+    count: int
+
+
+class Refusal(Answer):
+    """A refused request: why, in one line."""
+
+    detail: str
+
+
+MALFORMED = "Malformed: an empty body, no image field, bad JSON or data URL, a label that is no class number"
+REFUSALS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Refusal, "description": MALFORMED},
+    413: {"model": Refusal, "description": "The body is over 5 MB, or the image over the pixel limit"},
+    415: {"model": Refusal, "description": "Not an image, or a content type other than multipart or JSON"},
+    422: {"model": Refusal, "description": "A truncated or corrupt image, or a blank drawing"},
+}
