@@ -12,7 +12,8 @@ With PyTorch and oneDNN held to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_IS
 machine, the torch engine runs again. onnxruntime picks its kernels by CPUID and has no switch to hold it to
 AVX2, so its AVX2 figures cannot be shown on a machine with AVX-512.
 
-Run (under the shared CPU lock): flock /work/cpu.lock .venv/bin/python benchmarks/web_speed.py
+Run with nothing else busy on the machine (the server and the load share its cores):
+.venv/bin/python benchmarks/web_speed.py
 """
 
 from __future__ import annotations
@@ -312,7 +313,7 @@ def main() -> None:
     options = f" --repeats {args.repeats} --clients {args.clients} --rate {args.rate:g} --seconds {args.seconds:g}"
     section = f"""## Web app: one drawing in-process, and load over HTTP
 
-Command: `flock /work/cpu.lock .venv/bin/python benchmarks/web_speed.py{options}`
+Command: `.venv/bin/python benchmarks/web_speed.py{options}`
 Machine: {machine()}
 CPU: {inprocess["native"]["cpu"]}
 "AVX2" rows and column: the same with `{extra}` (PyTorch and oneDNN held to AVX2, as on an AVX2-only
