@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # otherwise mnistlab looks in its cache and downloads.
 export MNISTLAB_DATA ?= $(if $(wildcard ../shared/data/mnist/SHA256SUMS),$(abspath ../shared/data/mnist),)
 
-.PHONY: install install-dev demo serve test lint reproduce bench clean
+.PHONY: install install-dev demo serve test test-quick lint reproduce bench clean
 
 # The stamp files make `make install` a no-op when nothing it depends on changed.
 $(BIN)/python:
@@ -32,8 +32,13 @@ demo: install
 serve: install
 	$(BIN)/mnistlab serve
 
+# The whole suite, as CI runs it (.ci/run).
 test: install-dev
 	$(BIN)/python -m pytest
+
+# The edit loop: every test but those marked slow (training for more than a few seconds).
+test-quick: install-dev
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: install-dev
 	$(BIN)/ruff check src tests benchmarks

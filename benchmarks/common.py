@@ -1,4 +1,7 @@
-"""Shared by the benchmark scripts: machine description and writing a section of docs/benchmarks.md."""
+"""Shared by the benchmark scripts: machine description and writing a section of docs/benchmarks.md.
+
+Importing it also puts the repository root on the path, so that a benchmark run as `python benchmarks/NAME.py`
+(which puts only benchmarks/ there) can reuse the tests' image and case builders as `tests.support.<module>`."""
 
 from __future__ import annotations
 
@@ -13,7 +16,10 @@ import torch
 
 from mnistlab.devices import describe_cpu
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+DOC = ROOT / "docs" / "benchmarks.md"
 HEADER = (
     "# Benchmarks\n\nEvery figure here was written by a script in `benchmarks/`; each section names its command. "
     "Timings are medians of repeated runs within one process, so the pipelines compared share the machine's "

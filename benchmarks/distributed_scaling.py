@@ -20,6 +20,8 @@ from pathlib import Path
 
 from common import machine, write_section
 
+from mnistlab.devices import cpu_count
+
 
 def run(label: str, argv: list[str], env: dict[str, str], out: Path) -> str:
     result = subprocess.run(
@@ -47,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     print(machine())
     base = ["train", "--config", args.config, "--epochs", str(args.epochs)]
-    cores = os.cpu_count() or 1
+    cores = cpu_count()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [
             run(f"1 process, {cores} threads", base, {}, Path(tmp) / "a"),

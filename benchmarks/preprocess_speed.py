@@ -2,7 +2,7 @@
 pass, each timed apart (issue 10's budget: 5 ms for the whole of it on the 2-core CPU).
 
 The drawings are MNIST *test* digits drawn as a 280x280 drawing app's export (black strokes on a transparent
-canvas, about 20 px wide, tests/digit_images.py's `canvas_rgba`), half of them flattened onto white. Each stage
+canvas, about 20 px wide, tests/support/digit_images.py's `canvas_rgba`), half of them flattened onto white. Each stage
 is timed on every drawing in turn, several rounds, and the median is reported. The model's forward pass is
 also timed with torch held to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, as on an AMD EPYC without
 AVX-512), in a child process since the setting is read at start-up.
@@ -20,19 +20,16 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from common import machine, write_section
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from digit_images import canvas_rgba
-
 from mnistlab.data.preprocess import preprocess
 from mnistlab.data.splits import load_data
 from mnistlab.infer.predict import classify
 from mnistlab.models.files import LoadedModel, load_model
+from tests.support.digit_images import canvas_rgba
 
 
 def drawings(count: int, data_dir: str | None) -> list[bytes]:

@@ -4,7 +4,7 @@ Each kind (ink on tinted, unevenly lit, noisy paper as JPEG and PNG; a small dig
 photo; a transparent drawing canvas; palette, greyscale and EXIF-rotated files; chalk on a board; and the
 untouched 28x28 digits), and the tougher kinds of issue 13 (digits cropped tightly to their ink, low
 resolution as-is or enlarged, very thick and very thin strokes), is built from the same test digits by
-tests/digit_images.py, then classified through `mnistlab.predict.predict_images`, exactly as `mnistlab
+tests/support/digit_images.py, then classified through `mnistlab.predict.predict_images`, exactly as `mnistlab
 predict` does.
 
 Run: .venv/bin/python benchmarks/realistic_images.py [--model RUN_DIR] [--count 500] [--data-dir DIR]
@@ -14,7 +14,6 @@ Run: .venv/bin/python benchmarks/realistic_images.py [--model RUN_DIR] [--count 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,12 +21,10 @@ from pathlib import Path
 import torch
 from common import machine, write_section
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from digit_images import KINDS, TOUGH_KINDS, realistic_image
-
 from mnistlab.data.splits import load_data
 from mnistlab.infer.predict import predict_images
 from mnistlab.models.files import load_model
+from tests.support.digit_images import KINDS, TOUGH_KINDS, realistic_image
 
 
 def main() -> None:

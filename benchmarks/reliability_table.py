@@ -1,4 +1,4 @@
-"""Writes docs/reliability.md: every bad input and fault of tests/reliability_cases.py, run for real, with the
+"""Writes docs/reliability.md: every bad input and fault of tests/support/reliability_cases.py, run for real, with the
 exact message and exit code observed. tests/test_reliability.py checks the same cases.
 
 Run: .venv/bin/python benchmarks/reliability_table.py [--data-dir DIR]   (about three minutes on 2 cores)
@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 from common import machine
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import mnist_dir
-from tests.reliability_cases import CASES, Context, fresh_run
+from tests.support.mnist import mnist_dir
+from tests.support.reliability_cases import CASES, Context, fresh_run
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 
 INTRO = """# Reliability: bad inputs and faults
 
-Every row is a case in [tests/reliability_cases.py](../tests/reliability_cases.py), run by
+Every row is a case in [tests/support/reliability_cases.py](../tests/support/reliability_cases.py), run by
 `tests/test_reliability.py` (which checks the exit code and the key words of the message)
 and, for this page, by `benchmarks/reliability_table.py`, which recorded the message exactly as printed. Paths are
 shortened to `…/`. Exit codes: 2 for a user's mistake (one line on stderr, no traceback), 1 when `predict` could

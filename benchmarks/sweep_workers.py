@@ -21,8 +21,10 @@ from pathlib import Path
 
 from common import AVX2, machine, write_section
 
-from mnistlab.devices import describe_cpu
-from mnistlab.sweep.run import cores, load_sweep, sweep
+from mnistlab.devices import cpu_count, describe_cpu
+from mnistlab.sweep.plan import SweepOptions
+from mnistlab.sweep.run import sweep
+from mnistlab.sweep.storage import load_sweep
 
 TRIALS, EPOCHS = 6, 2
 
@@ -31,16 +33,18 @@ def run(workers: int, threads: int, folder: Path) -> tuple[float, float]:
     """Wall-clock seconds of the whole sweep, and the median seconds of one trial."""
     start = time.perf_counter()
     sweep(
-        config="seed-b",
-        space=["optimizer.lr=log:1e-4:1e-2"],
-        trials=TRIALS,
-        epochs=EPOCHS,
-        pruner="none",
-        workers=workers,
-        threads=threads,
-        out=folder,
-        device="cpu",
-        quiet=True,
+        SweepOptions(
+            config="seed-b",
+            space=["optimizer.lr=log:1e-4:1e-2"],
+            trials=TRIALS,
+            epochs=EPOCHS,
+            pruner="none",
+            workers=workers,
+            threads=threads,
+            out=folder,
+            device="cpu",
+            quiet=True,
+        )
     )
     wall = time.perf_counter() - start
     trials = load_sweep(folder)[0].get_trials(deepcopy=False)
@@ -48,7 +52,7 @@ def run(workers: int, threads: int, folder: Path) -> tuple[float, float]:
 
 
 def main() -> None:
-    n = cores()
+    n = cpu_count()
     setups = [(1, n, "1 worker x all cores"), (2, max(1, n // 2), "2 workers, cores split (the default)")]
     setups.append((2, n, "2 workers x all cores each (oversubscribed)"))
     rows = []

@@ -31,10 +31,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-from common import AVX2, machine, write_section  # noqa: E402
-from drawings import drawn_png  # noqa: E402
+from common import AVX2, machine, write_section
+
+from tests.support.drawings import drawn_png
 
 BOUNDARY = "mnistlabbenchmark"
 

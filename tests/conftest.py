@@ -3,7 +3,6 @@ and real HTTP servers on 127.0.0.1 for the download tests."""
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -15,18 +14,9 @@ import pytest
 from mnistlab.data.idx import read_images, read_labels
 from mnistlab.data.splits import load_data
 
-from .helpers import serve_folder
-from .idx_files import GZ_NAMES, write_dataset
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def mnist_dir() -> Path | None:
-    """The real MNIST files: $MNISTLAB_DATA when set, else the shared copy beside the checkout."""
-    for candidate in (os.environ.get("MNISTLAB_DATA"), REPO.parent / "shared" / "data" / "mnist"):
-        if candidate and (Path(candidate) / "t10k-images-idx3-ubyte.gz").is_file():
-            return Path(candidate)
-    return None
+from .support.idx_files import GZ_NAMES, write_dataset
+from .support.mnist import mnist_dir
+from .support.servers import serve_folder
 
 
 @pytest.fixture(scope="session")
@@ -120,6 +110,12 @@ def not_http_url() -> Iterator[str]:
         stop.set()
         thread.join(timeout=5)
         sock.close()
+
+
+@pytest.fixture(scope="session")
+def digits(mnist_path: Path) -> np.ndarray:
+    """The real MNIST *test* digits straight from the file, in file order."""
+    return read_images(mnist_path / "t10k-images-idx3-ubyte.gz")
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ from mnistlab.models.losses import make_loss
 from mnistlab.models.networks import Standardized
 from mnistlab.train.loop import train
 
-from .helpers import interrupted_and_resumed, subset, without_time
+from .support.mnist import subset
+from .support.runs import interrupted_and_resumed, without_time
 
 
 def tiny(epochs: int = 2, seed: int = 0, **overrides):
@@ -228,6 +229,7 @@ def test_adversarial_config_is_validated() -> None:
         {"adversarial.method": "trades"},
     ],
 )
+@pytest.mark.slow  # 5-8 s each on 2 busy cores
 def test_adversarial_training_makes_a_network_harder_to_attack(small, trained, batch, tmp_path, method) -> None:
     """The same network and data, trained with FGSM-RS, PGD on half of each batch, or TRADES at eps 0.1: PGD at
     eps 0.1 goes from breaking nearly everything to breaking far less, and each epoch records its PGD check."""

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
-from .helpers import assert_user_error, mnistlab
+import pytest
+
+from mnistlab.cli import build_parser
+
+from .support.cli import assert_user_error, mnistlab
 
 
-def test_help_on_every_command():
-    for command in ("train", "evaluate", "reproduce", "configs"):
-        result = mnistlab(command, "--help")
-        assert result.returncode == 0
-        assert "usage: mnistlab" in result.stdout
+def _commands() -> list[str]:
+    """Every command the parser declares, so that a new one is covered without a list to keep."""
+    (commands,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return list(commands.choices)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_help_on_every_command(command):
+    result = mnistlab(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"usage: mnistlab {command}" in result.stdout
+
+
+def test_help_shows_the_defaults_that_apply():
     assert "(default: None)" not in mnistlab("train", "--help").stdout  # overrides default to the config
     assert "(default: runs/reproduce, runs/study-<name>)" in " ".join(mnistlab("reproduce", "--help").stdout.split())
 
@@ -23,6 +37,7 @@ def test_configs_lists_the_seed_networks():
         assert any(line.startswith(name + " ") for line in result.stdout.splitlines())
 
 
+@pytest.mark.slow  # 43 s on 2 busy cores
 def test_train_then_evaluate(mnist_path, tmp_path):
     out = tmp_path / "run"
     args = ["--config", "seed-b-fixed", "--epochs", "1", "--out", str(out), "--data-dir", str(mnist_path)]
@@ -52,6 +67,7 @@ def test_train_then_evaluate(mnist_path, tmp_path):
     assert quiet.returncode == 0 and quiet.stdout == quiet.stderr == ""
 
 
+@pytest.mark.slow  # 9 s on 2 busy cores: five processes
 def test_user_mistakes_are_one_line_errors(mnist_path, tmp_path):
     assert_user_error(mnistlab("train", "--config", "seed-z"), "no config named 'seed-z'")
     missing = tmp_path / "nowhere"
@@ -107,9 +123,9 @@ def test_choices_come_from_the_config_and_help_lists_them():
     assert "augment.rotate = 0.0" in keys and "training.amp = false" in keys
 
 
+@pytest.mark.slow  # 20 s on 2 busy cores
 def test_set_and_no_nesterov_reach_any_config_key(mnist_path, tmp_path):
-    from mnistlab.cli.train import parse_set
-    from mnistlab.config import load_config
+    from mnistlab.config import load_config, parse_set
 
     overrides = parse_set(["augment.rotate=10", "training.amp=true", 'model.layers=["conv 8 3"]', "optimizer.name=sgd"])
     assert overrides == {

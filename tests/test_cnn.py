@@ -18,7 +18,9 @@ from mnistlab.models.metrics import evaluate_model, predict_scores
 from mnistlab.models.networks import ShiftAveraged, build_model, count_parameters
 from mnistlab.train.loop import train
 
-from .helpers import assert_user_error, interrupted_and_resumed, mnistlab, subset, without_time
+from .support.cli import assert_user_error, mnistlab
+from .support.mnist import subset
+from .support.runs import interrupted_and_resumed, without_time
 
 AFFINE = AugmentConfig(rotate=10, scale=0.1, shear=8, translate=2)
 
@@ -68,6 +70,7 @@ def test_bad_layer_lists_are_config_errors():
 # ---------------------------------------------------------------------------------------------- augmentation
 
 
+@pytest.mark.slow  # 7 s on 2 busy cores
 def test_augmentation_keeps_images_in_range_and_labels_valid(mnist_data):
     images = to_float(mnist_data.test.images[:1000])
     warped = augment_batch(images, AFFINE, torch.Generator().manual_seed(0))
@@ -100,6 +103,7 @@ def test_elastic_distortion_is_smooth_and_bounded(mnist_data):
 # ---------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow  # 28 s on 2 busy cores
 def test_cnn_with_augmentation_and_ema_resumes_exactly(mnist_data, tmp_path):
     data = subset(mnist_data, 1500, 500)
     config = load_config("cnn-best").with_overrides({"training.epochs": 3, "training.batch_size": 100})
@@ -115,6 +119,7 @@ def test_cnn_with_augmentation_and_ema_resumes_exactly(mnist_data, tmp_path):
 # ---------------------------------------------------------------------------------------------- ensembles
 
 
+@pytest.mark.slow  # 44 s on 2 busy cores
 def test_ensemble_averages_member_probabilities(mnist_data, mnist_path, tmp_path):
     data = subset(mnist_data, 3000, 1000)
     members = []
@@ -144,6 +149,7 @@ def test_ensemble_averages_member_probabilities(mnist_data, mnist_path, tmp_path
     assert_user_error(mnistlab("ensemble", *map(str, members), "--out", str(tmp_path / "ens")), "--force")
 
 
+@pytest.mark.slow  # 21 s on 2 busy cores
 def test_test_time_augmentation_averages_one_pixel_shifts(mnist_data, mnist_path, tmp_path):
     config = load_config("seed-b-fixed").with_overrides({"training.epochs": 1})
     train(config, out_dir=tmp_path / "run", quiet=True, data=subset(mnist_data, 3000, 1000))
@@ -181,6 +187,7 @@ def test_bundled_model_classifies_the_first_test_digits(mnist_data):
     assert (predicted != mnist_data.test.labels[:100]).sum() <= 1
 
 
+@pytest.mark.slow  # 31 s on 2 busy cores
 def test_evaluate_without_a_model_uses_the_bundled_one(mnist_path):
     result = mnistlab("evaluate", "--json", "--data-dir", str(mnist_path))
     assert result.returncode == 0, result.stderr

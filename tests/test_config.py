@@ -7,7 +7,7 @@ from itertools import pairwise
 import pytest
 import torch
 
-from mnistlab.config import config_from_dict, load_config, shipped_configs
+from mnistlab.config import check_value, config_from_dict, load_config, parse_set, read_value, shipped_configs
 from mnistlab.errors import MnistlabError
 from mnistlab.models.networks import build_model, count_parameters
 
@@ -101,3 +101,27 @@ def test_a_bad_epoch_count_is_the_only_complaint():
     assert "warmup" not in str(excinfo.value)
     with pytest.raises(MnistlabError, match=r"warmup_epochs must be at least 0 and less than training\.epochs"):
         load_config("seed-a").with_overrides({"training.epochs": 2, "training.warmup_epochs": 2})
+
+
+def test_every_value_is_read_by_one_rule():
+    """--set, sweep spaces and config files: text is a TOML value or else itself; the key's type decides."""
+    texts = ("true", "0.1", "3", '["conv 8 3"]', "sgd", " adam ", '"x"')
+    assert [read_value(t) for t in texts] == [True, 0.1, 3, ["conv 8 3"], "sgd", "adam", "x"]
+    assert parse_set(["training.epochs=3", "optimizer.name=sgd"]) == {"training.epochs": 3, "optimizer.name": "sgd"}
+    value = check_value(3, 0.5, "optimizer.lr")
+    assert value == 3.0 and isinstance(value, float)  # an integer where a number is expected
+    with pytest.raises(MnistlabError, match=r"training.epochs: expected int \('ten' is not an integer\)"):
+        check_value("ten", 10, "training.epochs")
+    with pytest.raises(MnistlabError, match=r"optimizer.lr must be a finite number \(nan is not a number\)"):
+        check_value(float("nan"), 0.5, "optimizer.lr")
+    with pytest.raises(MnistlabError, match="is not a list of integers"):
+        check_value([512, "64"], [512], "model.hidden")
+
+
+def test_overrides_take_dotted_keys_and_section_tables():
+    base = load_config("seed-a")
+    config = base.with_overrides({"optimizer": {"name": "adam", "lr": 0.01}, "training.epochs": 2})
+    assert (config.optimizer.name, config.optimizer.lr, config.training.epochs) == ("adam", 0.01, 2)
+    assert "changed: optimizer.name" in config.description
+    with pytest.raises(MnistlabError, match=r"seed-a with optimizer.lr=-1.0: optimizer.lr must be positive"):
+        base.with_overrides({"optimizer.lr": -1.0})

@@ -16,7 +16,7 @@ from mnistlab.data.splits import load_data
 from mnistlab.datasets import DATASETS, DataFile, dataset_info
 from mnistlab.errors import MnistlabError
 
-from .idx_files import (
+from .support.idx_files import (
     GZ_NAMES,
     MNIST,
     error_text,

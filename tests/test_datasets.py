@@ -4,7 +4,6 @@ served by a real HTTP server on 127.0.0.1 (KMNIST's own mirror is not reachable 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 from dataclasses import replace
@@ -26,7 +25,9 @@ from mnistlab.errors import MnistlabError
 from mnistlab.models.files import load_model
 from mnistlab.train.loop import train
 
-from .helpers import serve_folder, subset
+from .support.idx_files import gz, idx_bytes
+from .support.mnist import subset
+from .support.servers import serve_folder
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_DIR = REPO.parent / "shared" / "data" / "fashion-mnist"
@@ -132,20 +133,16 @@ def test_evaluate_inspect_and_predict_print_garment_names(fashion_run, fashion, 
 # ---------------------------------------------------------------------------------------------- KMNIST
 
 
-def idx(magic: int, array: np.ndarray) -> bytes:
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    return gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0)
-
-
 def small_kmnist(folder: Path, n_train: int = 300, n_test: int = 50) -> list[bytes]:
     """KMNIST-named gzipped IDX files with random strokes and labels; returns their bytes in registry order."""
     rng = np.random.default_rng(0)
-    contents = [
-        idx(IMAGES_MAGIC, rng.integers(0, 256, (n_train, 28, 28)) * (rng.random((n_train, 28, 28)) < 0.2)),
-        idx(LABELS_MAGIC, rng.integers(0, 10, n_train)),
-        idx(IMAGES_MAGIC, rng.integers(0, 256, (n_test, 28, 28)) * (rng.random((n_test, 28, 28)) < 0.2)),
-        idx(LABELS_MAGIC, rng.integers(0, 10, n_test)),
+    arrays = [
+        (IMAGES_MAGIC, rng.integers(0, 256, (n_train, 28, 28)) * (rng.random((n_train, 28, 28)) < 0.2)),
+        (LABELS_MAGIC, rng.integers(0, 10, n_train)),
+        (IMAGES_MAGIC, rng.integers(0, 256, (n_test, 28, 28)) * (rng.random((n_test, 28, 28)) < 0.2)),
+        (LABELS_MAGIC, rng.integers(0, 10, n_test)),
     ]
+    contents = [gz(idx_bytes(magic, array.shape, array)) for magic, array in arrays]
     folder.mkdir(parents=True, exist_ok=True)
     for file, content in zip(DATASETS["kmnist"].files, contents):
         (folder / file.name).write_bytes(content)

@@ -25,8 +25,8 @@ from mnistlab.train.checkpoint import CHECKPOINT, Checkpoint
 from mnistlab.train.loop import Steps, train_epoch
 from mnistlab.train.state import RunState
 
-from .helpers import subset
-from .reliability_cases import run_cli
+from .support.cli import mnistlab
+from .support.mnist import subset
 
 # A BatchNorm-free CNN, so that a step of two ranks is exactly a step of one process (with BatchNorm each rank
 # normalises by its own share's statistics on the CPU; see docs/distributed.md).
@@ -83,6 +83,7 @@ def _steps(rank: int, config: Config, data: MnistData, world: int, port: int, ou
 
 
 @pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.slow  # 3-8 s each on 2 busy cores: two processes
 def test_a_step_of_two_ranks_is_a_step_of_one_process(name: str, mnist_data, tmp_path: Path) -> None:
     config = CONFIGS[name]
     data = subset(mnist_data, config.training.batch_size, 10)  # one batch: one step
@@ -118,8 +119,8 @@ def test_two_processes_train_like_one(mnist_path: Path, tmp_path: Path) -> None:
     """`--nproc 2` for one epoch: the accuracy of a single process within 0.3 points, files written by rank 0
     only (one set, one printed result), the world size in metrics.json."""
     args = ["train", "--config", "seed-b-fixed", "--epochs", "1", "--data-dir", str(mnist_path)]
-    one = run_cli([*args, "--out", str(tmp_path / "one")])
-    two = run_cli([*args, "--nproc", "2", "--out", str(tmp_path / "two")])
+    one = mnistlab(*args, "--out", str(tmp_path / "one"))
+    two = mnistlab(*args, "--nproc", "2", "--out", str(tmp_path / "two"))
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     a = json.loads((tmp_path / "one" / "metrics.json").read_text())
     b = json.loads((tmp_path / "two" / "metrics.json").read_text())
@@ -186,7 +187,6 @@ def test_a_rank_that_dies_or_hangs_fails_the_job_and_the_checkpoint_resumes(
     job = _start(argv, env={"MNISTLAB_DIST_TIMEOUT": "10"})
     _wait_for(out / CHECKPOINT)
     victim = _rank_pids(job.pid)[1]
-    started = time.monotonic()
     os.kill(victim, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
     try:
         _, stderr = job.communicate(timeout=90)
@@ -194,12 +194,12 @@ def test_a_rank_that_dies_or_hangs_fails_the_job_and_the_checkpoint_resumes(
         if fault == "hung":
             with pytest.raises(ProcessLookupError):  # torchrun has ended it
                 os.kill(victim, signal.SIGCONT)
-    assert job.returncode != 0 and time.monotonic() - started < 60
+    assert job.returncode != 0  # ended, within communicate's 90 s
     if fault == "hung":
         assert "rank 0 of 2: lost the other ranks" in stderr
     done = Checkpoint.load(out / CHECKPOINT).state["epoch"]
     assert 1 <= done < 4
-    resumed = run_cli(["train", "--nproc", "2", "--resume", str(out), "--data-dir", str(mnist_path)])
+    resumed = mnistlab("train", "--nproc", "2", "--resume", str(out), "--data-dir", str(mnist_path))
     assert resumed.returncode == 0, resumed.stderr
     assert f"from epoch {done + 1}" in resumed.stderr
     assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 4

@@ -14,8 +14,8 @@ from mnistlab.infer.evaluate import evaluate_images
 from mnistlab.infer.predict import predict_images
 from mnistlab.models.files import load_model
 
-from .digit_images import on_paper
-from .helpers import assert_user_error, mnistlab
+from .support.cli import assert_user_error, mnistlab
+from .support.digit_images import on_paper
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from mnistlab.models.optimizers import make_optimizer, make_scheduler, make_step
 from mnistlab.subnormals import flush_subnormals
 from mnistlab.train.loop import train
 
-from .helpers import subset
+from .support.mnist import subset
 
 
 @pytest.mark.parametrize("activations", [["relu"], ["tanh"], ["sigmoid"], ["relu", "tanh"], ["sigmoid", "relu"]])

@@ -10,7 +10,7 @@ import pytest
 from mnistlab.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx, read_images, read_labels
 from mnistlab.errors import MnistlabError
 
-from .idx_files import (
+from .support.idx_files import (
     error_text,
     gz,
     idx_bytes,

@@ -20,8 +20,8 @@ from mnistlab.config import load_config
 from mnistlab.models.files import load_model
 from mnistlab.train.loop import train
 
-from .digit_images import KINDS, blank_png, realistic_image
-from .helpers import assert_user_error, mnistlab
+from .support.cli import assert_user_error, mnistlab
+from .support.digit_images import KINDS, blank_png, realistic_image
 
 # The least accuracy each kind of image must keep with the bundled model, on the digits below (measured
 # figures are in docs/predict.md; these floors leave a margin under them).
@@ -61,6 +61,7 @@ def predictions(*paths: Path, extra: tuple[str, ...] = ()) -> tuple[list[dict], 
     return [json.loads(line) for line in result.stdout.splitlines()], result
 
 
+@pytest.mark.slow  # 25 s on 2 busy cores, with its images
 def test_accuracy_on_each_kind_of_image(image_folders, test_digits):
     _, labels = test_digits
     found, result = predictions(image_folders)
@@ -80,6 +81,7 @@ def test_accuracy_on_each_kind_of_image(image_folders, test_digits):
     assert first["confidence"] == max(first["probabilities"])
 
 
+@pytest.mark.slow  # with image_folders, 20 s to make, on 2 busy cores
 def test_bad_files_are_reported_and_the_rest_still_classified(image_folders, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -104,6 +106,7 @@ def test_bad_files_are_reported_and_the_rest_still_classified(image_folders, tmp
     assert found[-1]["path"] == str(good) and "label" in found[-1]
 
 
+@pytest.mark.slow  # with image_folders, 20 s to make, on 2 busy cores
 def test_plain_output_top_k_and_show(image_folders, tmp_path):
     image = image_folders / "canvas-rgba-png" / "0001.png"
     result = mnistlab("predict", "--top-k", "3", "--show", str(tmp_path / "show"), str(image))
@@ -114,6 +117,7 @@ def test_plain_output_top_k_and_show(image_folders, tmp_path):
     assert len(shown) == 1 and Image.open(shown[0]).size[0] > 500
 
 
+@pytest.mark.slow  # 8 s on 2 busy cores
 def test_polarity_override(image_folders, test_digits):
     _, labels = test_digits
     image = image_folders / "paper-png" / "0003.png"
@@ -124,6 +128,7 @@ def test_polarity_override(image_folders, test_digits):
     assert "error" in wrong[0] or wrong[0]["probabilities"] != auto[0]["probabilities"]
 
 
+@pytest.mark.slow  # with image_folders, 20 s to make, on 2 busy cores
 def test_classify_reads_paths_until_exit(image_folders, test_digits):
     _, labels = test_digits
     paths = [image_folders / "paper-jpeg" / "0002.jpg", image_folders / "mnist-png" / "0005.png"]
@@ -146,6 +151,7 @@ def test_classify_reads_paths_until_exit(image_folders, test_digits):
     assert len(errors) == 2 and "file.png" in errors[0] and "folder" in errors[1]
 
 
+@pytest.mark.slow  # with image_folders, 20 s to make, on 2 busy cores
 def test_classify_typed_at_a_terminal(image_folders, test_digits):
     """The same loop typed at a real terminal (a pseudo-terminal), line by line."""
     _, labels = test_digits
@@ -175,6 +181,7 @@ def test_classify_typed_at_a_terminal(image_folders, test_digits):
     assert b"Exiting..." in output
 
 
+@pytest.mark.slow  # 25 s on 2 busy cores
 def test_inspect_finds_the_mistakes(mnist_path, tmp_path):
     result = mnistlab("inspect", "--out", str(tmp_path), "--data-dir", str(mnist_path))
     assert result.returncode == 0, result.stderr
@@ -191,6 +198,7 @@ def test_inspect_finds_the_mistakes(mnist_path, tmp_path):
     assert counts[(top["true"], top["predicted"])] == top["count"] == max(counts.values())
 
 
+@pytest.mark.slow  # 13 s on 2 busy cores
 def test_onnx_export_matches_pytorch(mnist_path, tmp_path):
     pytest.importorskip("onnxruntime", reason="ONNX export is an optional extra")
     import onnxruntime
@@ -209,6 +217,7 @@ def test_onnx_export_matches_pytorch(mnist_path, tmp_path):
         np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+@pytest.mark.slow  # 42 s on 2 busy cores
 def test_unsafe_or_mismatched_model_files_are_refused(mnist_data, tmp_path, image_folders):
     image = str(image_folders / "mnist-png" / "0000.png")
     pickled = tmp_path / "evil.safetensors"

@@ -8,11 +8,13 @@ from mnistlab.analysis.reports import compare
 from mnistlab.config import load_config
 from mnistlab.train.loop import train
 
-from .helpers import assert_user_error, mnistlab, subset
+from .support.cli import assert_user_error, mnistlab
+from .support.mnist import subset
 
 # ---------------------------------------------------------------------------------------------- compare
 
 
+@pytest.mark.slow  # 6 s on 2 busy cores
 def test_compare_reports_runs_side_by_side(mnist_data, tmp_path):
     data = subset(mnist_data, 4000, 1000)
     base = load_config("seed-b-fixed").with_overrides({"training.epochs": 2})

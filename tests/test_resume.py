@@ -3,12 +3,15 @@ exactly the metrics of an uninterrupted one; resume's mistakes are one-line erro
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mnistlab.config import load_config
 from mnistlab.train.loop import train
 
-from .helpers import assert_user_error, interrupted_and_resumed, mnistlab, subset, without_time
+from .support.cli import assert_user_error, mnistlab
+from .support.mnist import subset
+from .support.runs import interrupted_and_resumed, without_time
 
 # ---------------------------------------------------------------------------------------------- resume
 
@@ -34,6 +37,7 @@ def test_interrupted_run_resumes_to_identical_metrics(mnist_data, tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # 17 s on 2 busy cores
 def test_resume_mistakes_are_one_line_errors(mnist_path, tmp_path):
     assert_user_error(mnistlab("train", "--resume", str(tmp_path / "nope")), "no such run directory")
     (tmp_path / "empty").mkdir()

@@ -16,7 +16,9 @@ from mnistlab.data.splits import load_data
 from mnistlab.datasets import DATASETS
 from mnistlab.train.loop import train
 
-from .helpers import subset, train_small
+from .support.cli import assert_user_error, run_main
+from .support.mnist import subset
+from .support.runs import train_small
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = DATASETS["fashion-mnist"].classes
@@ -106,9 +108,7 @@ def test_refusals_are_one_line_and_leave_no_folder(run_dir, mnist_path, tmp_path
     ]
     for i, (extra, message) in enumerate(cases):
         out = tmp_path / f"out{i}"
-        assert main([*base, "--out", str(out), *extra]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("mnistlab: error: ") and message in err and err.count("\n") == 1
+        assert_user_error(run_main(capsys, *base, "--out", str(out), *extra), message)
         assert not out.exists()
 
 

@@ -11,7 +11,7 @@ import torch
 from mnistlab.data.splits import MnistData, Split, batches, load_data, to_float
 from mnistlab.errors import MnistlabError
 
-from .idx_files import (
+from .support.idx_files import (
     MNIST,
     error_text,
     random_images,

@@ -4,7 +4,6 @@ pruning, interruptions, resumption, reports. Trials train a small MLP on a 2,500
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -13,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 from hypothesis import given, settings
@@ -25,7 +23,13 @@ from mnistlab.cli import main
 from mnistlab.config import load_config
 from mnistlab.data.idx import read_images, read_labels
 from mnistlab.errors import MnistlabError
-from mnistlab.sweep.run import Param, Space, apply, check_space, load_space_file, make_plans, open_storage, parse_spec
+from mnistlab.files import Interrupts
+from mnistlab.sweep.plan import SweepOptions, make_plans
+from mnistlab.sweep.space import Param, Space, apply, check_space, load_space_file, parse_spec
+from mnistlab.sweep.storage import open_storage
+
+from .support.cli import assert_user_error, mnistlab, run_main
+from .support.idx_files import write_images, write_labels
 
 TINY = """description = "a small MLP for sweep tests"
 [model]
@@ -51,10 +55,8 @@ def small_mnist(mnist_path, tmp_path_factory) -> Path:
     for split, n in (("train", 2500), ("t10k", 500)):
         images = read_images(mnist_path / f"{split}-images-idx3-ubyte.gz")[:n]
         labels = read_labels(mnist_path / f"{split}-labels-idx1-ubyte.gz")[:n]
-        for kind, magic, array in (("images-idx3", 2051, images), ("labels-idx1", 2049, labels)):
-            header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-            data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-            (root / "mnist" / f"{split}-{kind}-ubyte.gz").write_bytes(gzip.compress(data))
+        write_images(root / "mnist" / f"{split}-images-idx3-ubyte.gz", images, compress=True)
+        write_labels(root / "mnist" / f"{split}-labels-idx1-ubyte.gz", labels, compress=True)
     return root
 
 
@@ -62,26 +64,6 @@ def tiny_config(folder: Path, epochs: int = 2) -> Path:
     path = folder / f"tiny-{epochs}.toml"
     path.write_text(TINY.format(epochs=epochs))
     return path
-
-
-def mnistlab(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mnistlab", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=600,
-    )
-
-
-def assert_user_error(code: int, stderr: str, *needles: str) -> None:
-    """Exit code 2, one line on stderr, no traceback."""
-    assert code == 2, stderr
-    assert "Traceback" not in stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def table_rows(report: str) -> list[int]:
@@ -172,8 +154,9 @@ def test_specs_parse_to_typed_params():
     ],
 )
 def test_bad_specs_are_one_line_errors(key, spec, needle, capsys, tmp_path):
-    code = main(["sweep", "--config", "seed-a", "--space", f"{key}={spec}", "--out", str(tmp_path / "sweep")])
-    assert_user_error(code, capsys.readouterr().err, needle)
+    args = ["sweep", "--config", "seed-a", "--space", f"{key}={spec}", "--out", str(tmp_path / "sweep")]
+    result = run_main(capsys, *args)
+    assert_user_error(result, needle)
     assert not (tmp_path / "sweep").exists()
 
 
@@ -193,8 +176,7 @@ def test_bad_specs_are_one_line_errors(key, spec, needle, capsys, tmp_path):
 )
 def test_bad_sweeps_fail_before_any_work(args, needle, capsys, tmp_path):
     config = [] if "--preset" in args else ["--config", "seed-a"]
-    code = main(["sweep", *config, *args, "--out", str(tmp_path / "sweep")])
-    assert_user_error(code, capsys.readouterr().err, needle)
+    assert_user_error(run_main(capsys, "sweep", *config, *args, "--out", str(tmp_path / "sweep")), needle)
     assert not (tmp_path / "sweep").exists()
 
 
@@ -278,12 +260,13 @@ training.batch_size = [32, 64]
 def test_bad_space_files_are_one_line_errors(text, needle, tmp_path, capsys):
     path = tmp_path / "space.toml"
     path.write_text(text)
-    code = main(["sweep", "--config", "seed-a", "--space-file", str(path), "--out", str(tmp_path / "sweep")])
-    assert_user_error(code, capsys.readouterr().err, needle, str(path))
+    args = ["sweep", "--config", "seed-a", "--space-file", str(path), "--out", str(tmp_path / "sweep")]
+    result = run_main(capsys, *args)
+    assert_user_error(result, needle, str(path))
 
 
 def test_seed_lr_preset_sweeps_the_reports_networks_as_they_are():
-    plans = make_plans(preset="seed-lr", out="sweeps/seed-lr")
+    plans = make_plans(SweepOptions(preset="seed-lr", out="sweeps/seed-lr"))
     assert [p.config.name for p in plans] == ["seed-a", "seed-b", "seed-c"]
     assert all(p.config.model.softmax_output for p in plans)  # the report's quirk, kept on purpose
     assert [p.study for p in plans] == ["seed-lr-seed-a", "seed-lr-seed-b", "seed-lr-seed-c"]
@@ -295,7 +278,7 @@ def test_seed_lr_preset_sweeps_the_reports_networks_as_they_are():
 
 
 def test_importances_need_enough_complete_trials():
-    from mnistlab.sweep.run import _importances
+    from mnistlab.sweep.report import _importances
 
     study = optuna.create_study(direction="maximize")
     distribution = optuna.distributions.FloatDistribution(1e-4, 1, log=True)
@@ -306,6 +289,25 @@ def test_importances_need_enough_complete_trials():
         study.add_trial(optuna.create_trial(params={"lr": lr}, distributions={"lr": distribution}, value=value))
     importances, _ = _importances(study)
     assert list(importances) == ["lr"]
+
+
+def test_a_signal_during_a_storage_write_waits_for_it_and_leaves_a_pruned_trial_pruned():
+    """Ctrl-C during a trial's storage write (`hold`) takes effect once the write is done; if the trial is pruned
+    meanwhile it stays pruned (a result), and the signal, still pending, stops the worker before its next trial."""
+    with Interrupts() as interrupts:
+        written = []
+        with pytest.raises(KeyboardInterrupt), interrupts.allow(), interrupts.hold():
+            signal.raise_signal(signal.SIGINT)
+            written.append("report")
+        assert written == ["report"]
+    with Interrupts() as interrupts:
+        with pytest.raises(optuna.TrialPruned), interrupts.allow(), interrupts.hold():
+            signal.raise_signal(signal.SIGINT)
+            raise optuna.TrialPruned()
+        assert interrupts.pending  # the worker's loop stops on it
+        with pytest.raises(KeyboardInterrupt), interrupts.allow():  # as would the next trial's training
+            pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # ---------------------------------------------------------------------------------------------- studies
@@ -357,7 +359,7 @@ def test_two_workers_share_a_journal_study_and_a_second_run_continues_it(small_m
     again = mnistlab(*args, "--trials", "16")
     assert again.returncode == 0 and "nothing to run" in again.stderr
     changed = mnistlab(*[a.replace(":1000000", ":1000") for a in args], "--trials", "16")
-    assert_user_error(changed.returncode, changed.stderr, "exists with a different search space", "training.seed")
+    assert_user_error(changed, "exists with a different search space", "training.seed")
 
     # The report names the best complete trial; best.toml is its config and trains as any config does.
     report = (out / "report.md").read_text()
@@ -436,7 +438,8 @@ def test_ctrl_c_and_a_killed_worker_lose_only_their_running_trials(small_mnist, 
     if sweep.returncode == 0:  # the other worker finished the study
         assert len(states[TrialState.COMPLETE]) == 4
     else:  # it had nothing left to start when the victim died: the message says how to go on
-        assert_user_error(sweep.returncode, stderr.splitlines()[-1], "run the same command to continue")
+        last = subprocess.CompletedProcess(command, sweep.returncode, "", stderr.splitlines()[-1])
+        assert_user_error(last, "run the same command to continue")
         resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert resumed.returncode == 0, resumed.stderr
         assert len(by_state(load_study(out))[TrialState.COMPLETE]) == 4
@@ -458,7 +461,7 @@ def test_unreachable_storage_is_a_one_line_error(mnist_path, tmp_path):
         "--data-dir",
         str(mnist_path),
     )
-    assert_user_error(result.returncode, result.stderr, "cannot open storage postgresql://someone@127.0.0.1:9/sweeps")
+    assert_user_error(result, "cannot open storage postgresql://someone@127.0.0.1:9/sweeps")
     assert "secret" not in result.stderr
     assert not (tmp_path / "sweep").exists()
 
@@ -466,10 +469,9 @@ def test_unreachable_storage_is_a_one_line_error(mnist_path, tmp_path):
 def test_a_folder_of_something_else_is_refused(tmp_path, capsys):
     out = tmp_path / "sweep"
     (out / "notes").mkdir(parents=True)
-    code = main(["sweep", "--config", "seed-a", "--space", "optimizer.lr=log:1e-4:1", "--out", str(out)])
-    assert_user_error(code, capsys.readouterr().err, "already exists and is not empty")
-    code = main(["sweep", "--report", str(out)])
-    assert_user_error(code, capsys.readouterr().err, "no sweep here")
+    result = run_main(capsys, "sweep", "--config", "seed-a", "--space", "optimizer.lr=log:1e-4:1", "--out", str(out))
+    assert_user_error(result, "already exists and is not empty")
+    assert_user_error(run_main(capsys, "sweep", "--report", str(out)), "no sweep here")
 
 
 @pytest.fixture
@@ -508,4 +510,4 @@ def test_two_workers_share_a_postgresql_study(postgres_url, small_mnist, tmp_pat
     assert table_rows((tmp_path / "b" / "report.md").read_text()) == list(range(8))  # both machines' trials
     changed = [a.replace("1e-6", "1e-5") for a in args]
     other = mnistlab("sweep", *changed, "--trials", "8", "--out", str(tmp_path / "c"))
-    assert_user_error(other.returncode, other.stderr, "exists with a different search space")
+    assert_user_error(other, "exists with a different search space")

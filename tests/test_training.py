@@ -16,7 +16,7 @@ from mnistlab.models.losses import make_loss
 from mnistlab.models.metrics import evaluate_model, predict_scores
 from mnistlab.train.loop import train
 
-from .helpers import subset
+from .support.mnist import subset
 
 
 def test_one_epoch_of_seed_b_fixed_reaches_95_percent(mnist_data, tmp_path):
@@ -123,9 +123,9 @@ def test_best_weights_restored_when_the_epoch_limit_ends_the_run(mnist_data):
 
 
 def test_early_stopping_refuses_the_test_set_and_needs_validation():
-    with pytest.raises(Exception, match="refusing to monitor 'test_accuracy'"):
+    with pytest.raises(MnistlabError, match="refusing to monitor 'test_accuracy'"):
         load_config("seed-b-fixed").with_overrides({"training.monitor": "test_accuracy"})
-    with pytest.raises(Exception, match="needs a validation split"):
+    with pytest.raises(MnistlabError, match="needs a validation split"):
         load_config("seed-b-fixed").with_overrides({"training.early_stopping": 3, "data.val_size": 0})
 
 

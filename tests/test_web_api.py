@@ -37,9 +37,10 @@ from mnistlab.serve import MAX_BODY, create_app, is_loopback, listen
 from mnistlab.serve.engines import load_served
 from mnistlab.serve.schemas import REF, HealthResponse, ModelsResponse, PredictResponse, Refusal
 
-from .digit_images import blank_png
-from .drawings import STROKES, drawing, drawn_png, png_bytes
-from .helpers import assert_user_error, mnistlab, train_small
+from .support.cli import assert_user_error, mnistlab
+from .support.digit_images import blank_png
+from .support.drawings import STROKES, drawing, drawn_png, png_bytes
+from .support.runs import train_small
 
 
 class Server:
@@ -200,6 +201,7 @@ def test_concurrent_requests_share_forward_passes_and_keep_their_answers(server,
     assert after["forward_passes"] - before["forward_passes"] < 48  # batched, at least once
 
 
+@pytest.mark.slow  # 4 s on 2 busy cores
 def test_onnxruntime_serves_the_probabilities_pytorch_computes(models, mnist_data):
     """The two engines on 500 real test digits: probabilities within 1e-5 and the same class for every one."""
     images = mnist_data.test.images[:500].float() / 255
@@ -294,10 +296,10 @@ def multipart_head(server: Server, length: int | None) -> bytes:
 
 
 def test_body_over_the_limit_is_refused_from_its_content_length_before_it_is_sent(server):
-    start = time.monotonic()
-    status, body = raw_http(server, multipart_head(server, 50 * MAX_BODY))  # 250 MB announced, none sent
+    # 250 MB announced, not a byte of it sent: an answer at all shows the refusal came from the header (a
+    # server waiting for the body would leave raw_http's read to time out).
+    status, body = raw_http(server, multipart_head(server, 50 * MAX_BODY))
     assert status == 413 and "5 MB limit" in body["detail"]
-    assert time.monotonic() - start < 5
 
 
 def test_chunked_body_over_the_limit_is_refused_while_it_streams(server):
@@ -409,6 +411,7 @@ def test_serve_reports_a_taken_port_in_one_line():
         assert_user_error(mnistlab("serve", "--port", str(taken.getsockname()[1])), "cannot listen", "--port")
 
 
+@pytest.mark.slow  # 4 s on 2 busy cores: servers started and stopped
 def test_serve_leaves_no_preprocessing_process_behind_when_killed_or_stopped():
     for how in (signal.SIGKILL, signal.SIGINT):
         server = subprocess.Popen(

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
-from .digit_images import on_paper
-from .drawings import STROKES
-from .helpers import train_small
+from .support.digit_images import on_paper
+from .support.drawings import STROKES
+from .support.mnist import REPO
+from .support.runs import train_small
+
+pytestmark = pytest.mark.slow  # a browser and a server: 15 s on 2 busy cores
 
 CHROMIUM_ARGS = [
     "--headless",

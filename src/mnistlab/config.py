@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
+import tomllib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -18,11 +19,6 @@ from typing import Any
 from mnistlab.datasets import DATASETS
 from mnistlab.errors import MnistlabError
 from mnistlab.layers import ACTIVATIONS, check_layers
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
 LOSSES = ("cross-entropy", "nll", "mse", "hinge")
@@ -159,27 +155,30 @@ class Config:
             for key, value in table.items()
         }
 
-    def with_overrides(self, overrides: dict[str, Any]) -> Config:
-        """A copy with dotted keys replaced, e.g. `{"training.epochs": 3, "optimizer.lr": 0.01}` (None: keep).
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """A copy with dotted keys replaced, e.g. `{"training.epochs": 3, "optimizer.lr": 0.01}` (None: keep); a
+        section's name with a table sets several of its keys at once (`{"optimizer": {"name": "sgd"}}`).
 
         Where a setting changes, the description says so, so that a run's title never claims the settings it
-        was loaded with when it trained with others.
+        was loaded with when it trained with others (unless `overrides` sets the description itself).
         """
         data = self.to_dict()
-        changed = []
-        for dotted, value in overrides.items():
+        shown, changed = [], []
+        for dotted, value in _dotted(overrides).items():
             if value is None:
                 continue
             section, _, key = dotted.rpartition(".")
             target = data.get(section) if section else data
             if not isinstance(target, dict) or key not in target:
                 raise MnistlabError(f"unknown config key {dotted!r} (see `mnistlab configs --keys`)")
-            if section and target[key] != value:
-                changed.append(f"{dotted}={_toml_value(value)}")
+            if section:
+                shown.append(f"{dotted}={_shown(value)}")
+                if target[key] != value:
+                    changed.append(shown[-1])
             target[key] = value
         if changed and "description" not in overrides:
             data["description"] = f"{self.description} (changed: {', '.join(changed)})".strip()
-        return config_from_dict(data, source=f"{self.name} with overrides")
+        return config_from_dict(data, source=f"{self.name} with {', '.join(shown) or 'overrides'}")
 
     def summary(self) -> str:
         """One line saying what this config trains, from its values (not its description)."""
@@ -204,22 +203,73 @@ _SECTIONS = {
 }
 
 
-def _check_type(value: Any, default: Any, where: str) -> Any:
-    """Values must have the type of the field's default (an int is accepted where a float is expected)."""
+def _dotted(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides by dotted key: a section's table (`{"optimizer": {"name": "sgd"}}`) becomes one key per entry."""
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key in _SECTIONS and isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------- reading values
+# One rule for every way a setting is given: a TOML file's values are already typed; a value written as text
+# (`--set KEY=VALUE`, a sweep's `--space KEY=A,B`) is read by `read_value`; either way `check_value` holds it to
+# the type of the key's default.
+
+
+def read_value(text: str) -> Any:
+    """A setting written as text: a TOML value (`true`, `0.1`, `["conv 8 3"]`, `"x"`), else the text itself
+    (`sgd`), surrounding spaces left out. `check_value` then checks it against the key's type."""
+    text = text.strip()
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_set(items: Iterable[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` strings as overrides by dotted key, each VALUE read by `read_value`."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise MnistlabError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optimizer.lr=0.01")
+        overrides[key.strip()] = read_value(text)
+    return overrides
+
+
+def type_name(default: Any) -> str:
+    """What a setting whose default is `default` takes, in words."""
+    if isinstance(default, list):
+        return "a list of integers" if default and isinstance(default[0], int) else "a list of strings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)]
+
+
+def check_value(value: Any, default: Any, where: str) -> Any:
+    """`value` as a setting whose default is `default` takes it, else a MnistlabError naming `where`: the same
+    type (an integer where a number is expected becomes a float), numbers finite, lists of the default's items
+    (strings for model.layers, the only list whose default is empty)."""
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        if ok:
+            value = float(value)
+            if not math.isfinite(value):
+                what = "a number" if math.isnan(value) else "finite"
+                raise MnistlabError(f"{where} must be a finite number ({value!r} is not {what})")
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, list):
-        item = type(default[0]) if default else str  # the only list without a default is model.layers
+        item = type(default[0]) if default else str
         ok = isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
     else:
-        ok = isinstance(value, type(default))
+        ok = isinstance(value, str)
     if not ok:
-        raise MnistlabError(f"{where}: expected {type(default).__name__}, got {value!r}")
+        raise MnistlabError(f"{where}: expected {type(default).__name__} ({value!r} is not {type_name(default)})")
     return value
 
 
@@ -238,10 +288,10 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
             for k, v in value.items():
                 if k not in names:
                     raise MnistlabError(f"{source}: unknown key {key}.{k} (known: {', '.join(sorted(names))})")
-                section[k] = _check_type(v, getattr(defaults, k), f"{source}: {key}.{k}")
+                section[k] = check_value(v, getattr(defaults, k), f"{source}: {key}.{k}")
             kwargs[key] = cls(**section)
         elif key in ("name", "description"):
-            kwargs[key] = _check_type(value, getattr(top, key), f"{source}: {key}")
+            kwargs[key] = check_value(value, getattr(top, key), f"{source}: {key}")
         else:
             raise MnistlabError(f"{source}: unknown key {key!r}")
     config = Config(**kwargs)
@@ -250,7 +300,24 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
 
 
 def _validate(config: Config, source: str) -> None:
-    m, o, t, d = config.model, config.optimizer, config.training, config.data
+    """Refuse settings that cannot train together, naming every problem at once."""
+    problems = [
+        *_model_problems(config.model),
+        *_optimizer_problems(config.optimizer),
+        *_training_problems(config),
+        *_augment_problems(config.augment),
+        *_adversarial_problems(config.adversarial, config.training),
+        *_data_problems(config.data),
+    ]
+    if problems:
+        raise MnistlabError(f"{source}: " + "; ".join(problems))
+
+
+def _unknown(key: str, value: str, known: tuple[str, ...] | dict[str, Any]) -> list[str]:
+    return [] if value in known else [f"{key}: unknown {value!r} (choose from {', '.join(known)})"]
+
+
+def _model_problems(m: ModelConfig) -> list[str]:
     problems = []
     if m.kind == "cnn":
         problems += check_layers(m.layers)
@@ -260,21 +327,25 @@ def _validate(config: Config, source: str) -> None:
         problems.append("model.hidden and model.activations must have the same length")
     if any(h <= 0 for h in m.hidden):
         problems.append("model.hidden sizes must be positive")
-    problems += [
-        f"model.activations: unknown {a!r} (choose from {', '.join(ACTIVATIONS)})"
-        for a in m.activations
-        if a not in ACTIVATIONS
-    ]
-    if o.name not in OPTIMIZERS:
-        problems.append(f"optimizer.name: unknown {o.name!r} (choose from {', '.join(OPTIMIZERS)})")
+    return problems + [p for a in m.activations for p in _unknown("model.activations", a, ACTIVATIONS)]
+
+
+def _optimizer_problems(o: OptimizerConfig) -> list[str]:
+    problems = _unknown("optimizer.name", o.name, OPTIMIZERS)
     if o.lr <= 0:
         problems.append("optimizer.lr must be positive")
-    if t.loss not in LOSSES:
-        problems.append(f"training.loss: unknown {t.loss!r} (choose from {', '.join(LOSSES)})")
-    if t.scheduler not in SCHEDULERS:
-        problems.append(f"training.scheduler: unknown {t.scheduler!r} (choose from {', '.join(SCHEDULERS)})")
     if o.nesterov and (o.name != "sgd" or o.momentum <= 0):
         problems.append("optimizer.nesterov needs optimizer.name = 'sgd' and a positive momentum")
+    if o.momentum < 0 or o.weight_decay < 0:
+        problems.append("optimizer.momentum and optimizer.weight_decay must be 0 or more")
+    if o.momentum >= 1:
+        problems.append("optimizer.momentum must be below 1")
+    return problems
+
+
+def _training_problems(config: Config) -> list[str]:
+    t = config.training
+    problems = _unknown("training.loss", t.loss, LOSSES) + _unknown("training.scheduler", t.scheduler, SCHEDULERS)
     if not 0 <= t.label_smoothing < 1:
         problems.append("training.label_smoothing must be in [0, 1)")
     if t.label_smoothing and t.loss != "cross-entropy":
@@ -288,22 +359,29 @@ def _validate(config: Config, source: str) -> None:
             f"training.monitor: refusing to monitor {t.monitor!r}: the test set must never choose the model "
             "(use val_loss or val_accuracy)"
         )
-    elif t.monitor not in MONITORS:
-        problems.append(f"training.monitor: unknown {t.monitor!r} (choose from {', '.join(MONITORS)})")
-    if t.early_stopping and d.val_size == 0 and t.monitor.startswith("val_"):
+    else:
+        problems += _unknown("training.monitor", t.monitor, MONITORS)
+    if t.early_stopping and config.data.val_size == 0 and t.monitor.startswith("val_"):
         problems.append("early stopping needs a validation split (data.val_size > 0)")
     if t.monitor == "train_pgd_accuracy" and config.adversarial.method == "none":
         problems.append("training.monitor = 'train_pgd_accuracy' needs adversarial training ([adversarial] method)")
     if t.epochs < 1 or t.batch_size < 1:
         problems.append("training.epochs and training.batch_size must be at least 1")
-    a = config.augment
-    if min(a.rotate, a.scale, a.shear, a.translate, a.elastic_alpha) < 0 or a.elastic_sigma <= 0 or a.scale >= 1:
-        problems.append("augment values must be 0 or more (scale below 1, elastic_sigma positive)")
     if not 0 <= t.ema_decay < 1:
         problems.append("training.ema_decay must be in [0, 1)")
-    v = config.adversarial
-    if v.method not in ADVERSARIAL:
-        problems.append(f"adversarial.method: unknown {v.method!r} (choose from {', '.join(ADVERSARIAL)})")
+    if t.min_delta < 0 or t.gamma <= 0 or t.step_size < 1:
+        problems.append("training.min_delta must be 0 or more, training.gamma positive, training.step_size at least 1")
+    return problems
+
+
+def _augment_problems(a: AugmentConfig) -> list[str]:
+    if min(a.rotate, a.scale, a.shear, a.translate, a.elastic_alpha) < 0 or a.elastic_sigma <= 0 or a.scale >= 1:
+        return ["augment values must be 0 or more (scale below 1, elastic_sigma positive)"]
+    return []
+
+
+def _adversarial_problems(v: AdversarialConfig, t: TrainingConfig) -> list[str]:
+    problems = _unknown("adversarial.method", v.method, ADVERSARIAL)
     if not 0 < v.eps <= 1 or v.step <= 0:
         problems.append("adversarial.eps must be in (0, 1] and adversarial.step positive (pixels are in [0, 1])")
     if not 0 < v.fraction <= 1:
@@ -314,23 +392,12 @@ def _validate(config: Config, source: str) -> None:
         problems.append("adversarial: trades needs beta >= 0 and fraction = 1 (it always keeps the clean batch)")
     if v.ramp_epochs < 0 or v.ramp_epochs > max(t.epochs, 1):
         problems.append("adversarial.ramp_epochs must be between 0 and training.epochs")
-    if d.val_size < 0:
-        problems.append("data.val_size must be 0 or more")
-    if d.dataset not in DATASETS:
-        problems.append(f"data.dataset: unknown {d.dataset!r} (choose from {', '.join(DATASETS)})")
-    problems += [
-        f"{key} must be a finite number, got {value!r}"
-        for key, value in config.flat().items()
-        if isinstance(value, float) and not math.isfinite(value)
-    ]
-    if t.min_delta < 0 or t.gamma <= 0 or t.step_size < 1:
-        problems.append("training.min_delta must be 0 or more, training.gamma positive, training.step_size at least 1")
-    if o.momentum < 0 or o.weight_decay < 0:
-        problems.append("optimizer.momentum and optimizer.weight_decay must be 0 or more")
-    if o.momentum >= 1:
-        problems.append("optimizer.momentum must be below 1")
-    if problems:
-        raise MnistlabError(f"{source}: " + "; ".join(problems))
+    return problems
+
+
+def _data_problems(d: DataConfig) -> list[str]:
+    problems = [] if d.val_size >= 0 else ["data.val_size must be 0 or more"]
+    return problems + _unknown("data.dataset", d.dataset, DATASETS)
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -368,6 +435,14 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _shown(value: Any) -> str:
+    """A value as TOML writes it, for messages; a value TOML cannot hold (a table, a date) as Python shows it."""
+    try:
+        return _toml_value(value)
+    except TypeError:
+        return repr(value)
 
 
 def _dump_toml(data: dict[str, Any]) -> str:

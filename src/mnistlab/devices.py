@@ -1,27 +1,48 @@
-"""Where a model runs and how it computes: device choice (cpu, cuda, mps), bfloat16 autocast, and a one-line
-description of the CPU for logs and benchmarks. Training and inference both choose their device here."""
+"""Where a model runs and how it computes: device choice (cpu, cuda, mps), bfloat16 autocast, the CPU cores this
+process may use, and a one-line description of the CPU for logs and benchmarks. Training and inference both
+choose their device here.
+
+torch is imported by the functions that need it, not at the top, so that code which must not load torch (the web
+server's preprocessing processes, tests/test_web_api.py) can still count cores here: one module keeps everything
+about the machine, rather than a torch-free twin of it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import functools
+import os
 import platform
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mnistlab.config import DEVICES
 from mnistlab.errors import MnistlabError
 
+if TYPE_CHECKING:
+    import torch
+
+
+def cpu_count() -> int:
+    """The CPU cores this process may run on: its affinity mask where the OS has one (taskset, cgroups' cpusets,
+    a batch scheduler's allocation), else every core the machine has."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; macOS and Windows have none
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
 
 def mps_available() -> bool:
     """Whether PyTorch can use Apple's Metal GPU here."""
+    import torch
+
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`auto` picks CUDA, else Apple's MPS, else the CPU; asking for a device PyTorch cannot see is an error."""
+    import torch
+
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -46,6 +67,8 @@ def cpu_bf16_native() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AMX or AVX512-BF16), where oneDNN's bf16 kernels beat
     float32. On AVX2-only CPUs (and where `ONEDNN_MAX_CPU_ISA` caps oneDNN below AVX-512) bf16 is emulated and
     slower than float32, so autocast stays off there."""
+    import torch
+
     if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
         return False
     flags = _cpu_flags()
@@ -54,6 +77,8 @@ def cpu_bf16_native() -> bool:
 
 def bf16_native(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 natively (CUDA GPUs from Ampere on, CPUs with AMX or AVX512-BF16)."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and cpu_bf16_native()
@@ -61,6 +86,8 @@ def bf16_native(device: torch.device) -> bool:
 
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """bfloat16 autocast when `enabled` and the device computes bf16 natively; plain float32 otherwise."""
+    import torch
+
     if enabled and bf16_native(device):
         return torch.autocast(device.type, torch.bfloat16)
     return contextlib.nullcontext()
@@ -110,6 +137,8 @@ def cpu_model() -> str:
 
 def describe_cpu() -> str:
     """The CPU, the instruction set PyTorch dispatches to, and whether bfloat16 runs natively, in one line."""
+    import torch
+
     flags = _cpu_flags()
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return (

@@ -1,5 +1,6 @@
 """Files and folders: atomic writes (a crash or a failed check leaves the old file, or none, never half of a new
-one), JSON that is always valid JSON, and output folders checked and locked before any work."""
+one), JSON that is always valid JSON, output folders checked and locked before any work, and Ctrl-C or SIGTERM
+held back while a write must finish."""
 
 from __future__ import annotations
 
@@ -15,12 +16,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from mnistlab.errors import MnistlabError
 
 LOCK = ".lock"
-_HELD = (signal.SIGINT, signal.SIGTERM)  # what signals_held defers
 
 
 def _umask() -> int:
@@ -79,22 +79,108 @@ def replacing(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, or SIGHUP (a closed terminal), handled like Ctrl-C: the command stops at once and keeps what it
+    saved; it exits with 128 + the signal's number, as a shell reports a process killed by it."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        return f"terminated ({signal.Signals(self.signum).name})"
+
+
+def interrupt_of(signum: int) -> KeyboardInterrupt:
+    """The exception a caught signal becomes: KeyboardInterrupt for Ctrl-C, Terminated for any other."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+# The signals that stop a command, keeping what it saved: Ctrl-C, SIGTERM, and SIGHUP (its terminal closed).
+STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupts:
+    """Ctrl-C, SIGTERM and SIGHUP (or the given signals) caught while installed: they raise (`interrupt_of`) only inside
+    `allow()` blocks; anywhere else they are held, pending, until the next `allow()` or for the holder to act on.
+    Installing another set inside (a write held by `signals_held`) takes them over until it is restored. Signals
+    reach only the main thread; in any other, installing does nothing."""
+
+    def __init__(self, signals: tuple[int, ...] = STOPPING):
+        self.signals = signals
+        self.allowed = False
+        self.caught: list[int] = []  # in the order they came
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.caught)
+
+    def interrupt(self) -> KeyboardInterrupt:
+        """The exception for the first signal caught."""
+        return interrupt_of(self.caught[0])
+
+    def install(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def __enter__(self) -> Self:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.caught.append(signum)
+        if self.allowed:
+            self.allowed = False  # a second signal while this one unwinds is only held
+            raise interrupt_of(signum)
+
+    @contextmanager
+    def allow(self) -> Iterator[None]:
+        """A block that a signal may interrupt (training, waiting); one held before it interrupts it at once."""
+        if self.caught:
+            raise self.interrupt()
+        self.allowed = True
+        try:
+            yield
+        finally:
+            self.allowed = False
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Inside an `allow()` block: hold signals back for a moment (a storage write). One that came meanwhile
+        interrupts once the block has finished; if the block raised, its exception goes on and the signal stays
+        pending."""
+        allowed, self.allowed = self.allowed, False
+        try:
+            yield
+        finally:
+            self.allowed = allowed
+        if allowed and self.caught:
+            raise self.interrupt()
+
+
 @contextmanager
 def signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM arriving inside the block take effect only once it is done, as they would have then:
-    for writes of several files that must agree (a checkpoint and the metrics that describe it). Signals reach
-    only the main thread; in any other the block just runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _: caught.append(signum)) for sig in _HELD}
+    """Ctrl-C, SIGTERM and SIGHUP arriving inside the block take effect only once it is done, as they would have then:
+    for writes of several files that must agree (a checkpoint and the metrics that describe it)."""
+    held = Interrupts().install()
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        for sig in dict.fromkeys(caught):
+        held.restore()
+        for sig in dict.fromkeys(held.caught):
             signal.raise_signal(sig)
 
 
@@ -162,53 +248,51 @@ def clear_dir(out: Path) -> Path:
     return out
 
 
-class FolderLock:
-    """An exclusive lock on an output folder, held by whatever writes it, for as long as it writes.
+class FileLock:
+    """An exclusive lock on a file, held for as long as a block must be the only one doing something.
 
-    A lock file (`.lock`) inside the folder is locked with `flock`: the kernel releases it when the process
-    ends however it ends, so a crashed command never leaves a stale lock. A second writer is refused at once.
-    Released, the lock file is removed, and so is the folder if the lock made it and nothing was written.
-    Within one process the lock nests: a sweep holds its trial's folder while `train` writes it.
+    The file is locked with `flock`: the kernel releases it when the process ends however it ends, so a crashed
+    command never leaves a stale lock. With `wait`, a second holder waits its turn; without, it is refused at
+    once. Released, the lock file is removed. Within one process the lock nests.
     """
 
-    _held: ClassVar[dict[tuple[int, Path], int]] = {}  # (pid, folder) -> depth, for the locks this process holds
+    _held: ClassVar[dict[tuple[int, Path], int]] = {}  # (pid, file) -> depth, for the locks this process holds
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+    def __init__(self, path: Path, wait: bool = False):
+        self.path = Path(path)
+        self.wait = wait
         self._fd: int | None = None
-        self._created = False
         self._nested = False
 
     def _key(self) -> tuple[int, Path]:
-        return os.getpid(), self.folder.resolve()
+        return os.getpid(), self.path.resolve()
 
-    def acquire(self) -> FolderLock:
+    def acquire(self) -> Self:
         key = self._key()
-        if key in FolderLock._held:
-            FolderLock._held[key] += 1
+        if key in FileLock._held:
+            FileLock._held[key] += 1
             self._nested = True
             return self
-        self._created = not self.folder.exists()
-        make_dirs(self.folder)
-        path = self.folder / LOCK
+        self._lock()
+        FileLock._held[key] = 1
+        return self
+
+    def _lock(self) -> None:
         while True:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
             except OSError as exc:
-                raise describe_os_error(path, exc) from None
+                raise describe_os_error(self.path, exc) from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
                 os.close(fd)
-                raise MnistlabError(
-                    f"{self.folder} is being written by another mnistlab command ({holder}); wait for it to "
-                    "finish, or choose another --out"
-                ) from None
+                raise self._refusal(holder) from None
             # The last holder removes the file on release: if it did so between our open and our flock, we
             # hold a lock on a file no one else will open, so try again on the new one.
             try:
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break
             except FileNotFoundError:
                 pass
@@ -216,27 +300,58 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}".encode())
         self._fd = fd
-        FolderLock._held[key] = 1
-        return self
+
+    def _refusal(self, holder: str) -> MnistlabError:
+        return MnistlabError(f"{self.path} is locked by {holder}; wait for it to finish")
 
     def release(self) -> None:
         if self._nested:
-            FolderLock._held[self._key()] -= 1
+            FileLock._held[self._key()] -= 1
             self._nested = False
             return
         if self._fd is None:
             return
-        FolderLock._held.pop(self._key(), None)
+        FileLock._held.pop(self._key(), None)
+        self._unlock()
+
+    def _unlock(self) -> None:
         with suppress(OSError):
-            (self.folder / LOCK).unlink()
+            self.path.unlink()
+        assert self._fd is not None
         os.close(self._fd)  # closing the descriptor releases the flock
         self._fd = None
-        if self._created:
-            with suppress(OSError):
-                self.folder.rmdir()  # only succeeds when nothing was written
 
-    def __enter__(self) -> FolderLock:
+    def __enter__(self) -> Self:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class FolderLock(FileLock):
+    """An exclusive lock on an output folder, held by whatever writes it, for as long as it writes: its lock
+    file (`.lock`) inside it. A second writer is refused at once. Released, the folder is removed too if the lock
+    made it and nothing was written. A sweep holds its trial's folder while `train` writes it (the lock nests).
+    """
+
+    def __init__(self, folder: Path):
+        super().__init__(Path(folder) / LOCK)
+        self.folder = Path(folder)
+        self._created = False
+
+    def _lock(self) -> None:
+        self._created = not self.folder.exists()
+        make_dirs(self.folder)
+        super()._lock()
+
+    def _refusal(self, holder: str) -> MnistlabError:
+        return MnistlabError(
+            f"{self.folder} is being written by another mnistlab command ({holder}); wait for it to finish, or "
+            "choose another --out"
+        )
+
+    def _unlock(self) -> None:
+        super()._unlock()
+        if self._created:
+            with suppress(OSError):
+                self.folder.rmdir()  # only succeeds when nothing was written

@@ -8,7 +8,6 @@ test images, so every run with the same settings measures the same images.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mnistlab.data.corruptions import CORRUPTIONS, corrupt, parse_names
 from mnistlab.data.splits import Split, to_float
@@ -28,6 +26,7 @@ from mnistlab.models.attacks import fgsm, pgd
 from mnistlab.models.files import LoadedModel, load_model
 from mnistlab.models.metrics import predict_scores
 from mnistlab.plots import plot_gallery, plot_robustness
+from mnistlab.progress import Progress
 
 ATTACKS = ("fgsm", "pgd")
 # Where our figures stand: a standard CNN falls to about 0% under PGD at eps 0.3 (Madry et al. 2018), whose
@@ -105,21 +104,6 @@ def command_line(model_path: str | Path | None, settings: RobustnessSettings) ->
     return " ".join([*parts, f"--seed {s.seed}"])
 
 
-class _Progress:
-    """One line per finished measurement on stderr, and a bar for the attacks on a terminal; nothing if quiet."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-
-    def line(self, text: str) -> None:
-        if not self.quiet:
-            tqdm.write(text, file=sys.stderr)
-
-    def bar(self, total: int, desc: str) -> tqdm:
-        disable = self.quiet or not sys.stderr.isatty()
-        return tqdm(total=total, desc=desc, leave=False, disable=disable, file=sys.stderr)
-
-
 def _predictions(
     loaded: LoadedModel, images: torch.Tensor, labels: torch.Tensor, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,17 +147,17 @@ def robustness(
     settings.check(len(test))
     name = str(model_path or "bundled model")
     if out is None:
-        return _measure(loaded, test, settings, dev, _Progress(quiet), name)[0]
+        return _measure(loaded, test, settings, dev, Progress(quiet), name)[0]
     with FolderLock(out):
         clear_dir(out)
-        result, example_images = _measure(loaded, test, settings, dev, _Progress(quiet), name)
+        result, example_images = _measure(loaded, test, settings, dev, Progress(quiet), name)
         result["command"] = command_line(model_path, settings)
         _write(result, example_images, out)
     return result
 
 
 def _measure(
-    loaded: LoadedModel, test: Split, settings: RobustnessSettings, dev: torch.device, progress: _Progress, name: str
+    loaded: LoadedModel, test: Split, settings: RobustnessSettings, dev: torch.device, progress: Progress, name: str
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """The measurements, and the first test image clean and under each corruption (for the figure)."""
     classes = loaded.classes
@@ -233,7 +217,7 @@ def _describe_accelerator(dev: torch.device) -> str:
 
 
 def _attack(
-    loaded: LoadedModel, test: Split, settings: RobustnessSettings, dev: torch.device, progress: _Progress
+    loaded: LoadedModel, test: Split, settings: RobustnessSettings, dev: torch.device, progress: Progress
 ) -> dict[str, Any]:
     """FGSM and PGD accuracies at each eps on the first `adversarial_images` test images.
 

@@ -18,12 +18,10 @@ from mnistlab import __version__
 from mnistlab.cli import robustness, serve, sweep, train, use
 from mnistlab.cli.common import Formatter
 from mnistlab.errors import MnistlabError
+from mnistlab.files import Interrupts, Terminated
+from mnistlab.processes import reports_the_end
 
 GROUPS = (train, use, robustness, sweep, serve)
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: the run stops at once and keeps what it saved."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,34 +37,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise _Terminated
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM and SIGHUP stop a command as Ctrl-C does (a KeyboardInterrupt: Terminated), keeping what it saved
+    sigterm = Interrupts((signal.SIGTERM, signal.SIGHUP))
     try:
-        code = args.handler(args) or 0
-        sys.stdout.flush()  # here, where a reader that went away can still be handled
+        with sigterm, sigterm.allow():
+            code = args.handler(args) or 0
+            sys.stdout.flush()  # here, where a reader that went away can still be handled
         return code
     except MnistlabError as exc:
         print(f"mnistlab: error: {exc}", file=sys.stderr)
         return 2
-    except _Terminated:
-        print("mnistlab: terminated (SIGTERM)", file=sys.stderr)
-        return 143
+    except Terminated as exc:
+        _report_the_end(f"mnistlab: {exc}")
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("mnistlab: interrupted", file=sys.stderr)
+        _report_the_end("mnistlab: interrupted")
         return 130
     except BrokenPipeError:
         # The reader went away (`mnistlab configs | head -1`): stop quietly, as command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+
+
+def _report_the_end(line: str) -> None:
+    """The one line saying a signal ended the command (from one process of a distributed training)."""
+    if reports_the_end():
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

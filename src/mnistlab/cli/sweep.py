@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from mnistlab.cli.common import Formatter, Subparsers, add_data_dir, add_device
 from mnistlab.config import PRUNERS
+from mnistlab.errors import MnistlabError
+from mnistlab.sweep.plan import DEFAULT_TRIALS, METRICS, SweepOptions
+
+_DEFAULT = SweepOptions()
 
 
 def register(sub: Subparsers) -> None:
@@ -31,11 +36,16 @@ def _add_sweep(sub: Subparsers) -> None:
     )
     p.add_argument("--space-file", metavar="FILE", help="a TOML file with [space] (and [set] for fixed values)")
     p.add_argument("--preset", help="a shipped sweep: seed-lr (learning rate and optimizer for networks A, B, C)")
-    p.add_argument("--trials", type=int, help="finished trials the study should have in total (default 20)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        help=f"finished trials the study should have in total (default: the preset's, else {DEFAULT_TRIALS})",
+    )
     p.add_argument("--epochs", type=int, help="override training.epochs for every trial")
-    p.add_argument("--metric", default="val_accuracy", help="the objective: val_accuracy (maximised) or val_loss")
-    p.add_argument("--pruner", default="median", choices=PRUNERS, help="stop hopeless trials after an epoch")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    objectives = " or ".join(f"{m} ({'maximised' if d == 'maximize' else 'minimised'})" for m, d in METRICS.items())
+    p.add_argument("--metric", default=_DEFAULT.metric, help=f"the objective: {objectives}")
+    p.add_argument("--pruner", default=_DEFAULT.pruner, choices=PRUNERS, help="stop hopeless trials after an epoch")
+    p.add_argument("--workers", type=int, default=_DEFAULT.workers, help="worker processes on this machine")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: CPU cores / workers)")
     p.add_argument(
         "--storage", help="SQL database URL (postgresql://user@host/db) or journal file (default: OUT/study.journal)"
@@ -47,33 +57,19 @@ def _add_sweep(sub: Subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="print nothing but errors and the report's path")
     add_data_dir(p)
     add_device(p)
-
-    p.set_defaults(handler=_sweep)
+    p.set_defaults(handler=_sweep, device=_DEFAULT.device)
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from mnistlab.sweep.run import report, sweep
+    try:
+        from mnistlab.sweep.report import report
+        from mnistlab.sweep.run import sweep
+    except ImportError as exc:
+        raise MnistlabError(f"mnistlab sweep needs Optuna: pip install 'mnistlab[sweep]' ({exc})") from None
 
     if args.report:
         print(f"report: {report(args.report, storage=args.storage)}")
         return
-    path = sweep(
-        config=args.config,
-        space=args.space or (),
-        space_file=args.space_file,
-        preset=args.preset,
-        trials=args.trials,
-        metric=args.metric,
-        pruner=args.pruner,
-        workers=args.workers,
-        threads=args.threads,
-        storage=args.storage,
-        study=args.study,
-        out=args.out,
-        epochs=args.epochs,
-        timeout=args.timeout,
-        data_dir=args.data_dir,
-        device=args.device,
-        quiet=args.quiet,
-    )
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SweepOptions)}
+    path = sweep(SweepOptions(**{**options, "space": tuple(args.space or ())}))
     print(f"report: {path}")

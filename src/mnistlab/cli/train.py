@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 from mnistlab.cli.common import Formatter, Subparsers, add_data_dir, add_device
 from mnistlab.config import LOSSES, MONITORS, OPTIMIZERS, SCHEDULERS
@@ -71,7 +70,7 @@ def _add_train(sub: Subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int | None:
-    from mnistlab.config import load_config
+    from mnistlab.config import load_config, parse_set
     from mnistlab.train import distributed
     from mnistlab.train.checkpoint import CHECKPOINT
     from mnistlab.train.loop import resume, train
@@ -196,24 +195,6 @@ _TRAIN_FLAGS = {
     "training.monitor": "monitor",
     "training.min_delta": "min_delta",
 }
-
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` strings as overrides; VALUE is read as a TOML value (`true`, `0.1`, `["conv 8 3"]`), else
-    taken as a plain string (`sgd`)."""
-    import tomllib
-
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise MnistlabError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optimizer.lr=0.01")
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text
-        overrides[key.strip()] = value
-    return overrides
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mnistlab.config import Config
 from mnistlab.models.losses import LossFn, log_probabilities_of
@@ -42,14 +43,21 @@ def by_hand_supported(config: Config) -> bool:
     return m.kind == "mlp" and set(m.activations) <= _FORWARD.keys() and t.loss == "cross-entropy" and not t.amp
 
 
+def bypasses_autograd(config: Config) -> bool:
+    """Whether `make_gradient_fn` computes `config`'s gradients by hand, outside autograd (and so outside the
+    hooks of DistributedDataParallel, which then cannot sum them across processes)."""
+    return config.adversarial.method != "trades" and by_hand_supported(config)
+
+
 def make_gradient_fn(
     model: nn.Module, config: Config, loss_fn: LossFn, autocast: contextlib.AbstractContextManager
 ) -> GradientFn:
-    """The gradient function for training `model`: TRADES's for `[adversarial] method = "trades"`, by hand where
-    `by_hand_supported`, else autograd."""
+    """The gradient function for training `model` (a network, or one under DistributedDataParallel where it goes
+    through autograd): TRADES's for `[adversarial] method = "trades"`, by hand where `by_hand_supported`, else
+    autograd."""
     if config.adversarial.method == "trades":
         return trades_gradients(model, loss_fn, config.adversarial.beta, config.model.softmax_output, autocast)
-    if not by_hand_supported(config):
+    if not bypasses_autograd(config):
         return autograd_gradients(model, loss_fn, autocast)
     m = config.model
     return mlp_gradients(model, m.activations, m.softmax_output, config.training.label_smoothing)
@@ -66,15 +74,21 @@ def autograd_gradients(
         with autocast:
             out = model(x)
             loss = loss_fn(out, y)
-        _store_gradients(loss, params)
+        _store_gradients(loss, params, model)
         return loss.detach(), out.detach()
 
     return gradients
 
 
-def _store_gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> None:
+def _store_gradients(loss: torch.Tensor, params: list[nn.Parameter], model: nn.Module) -> None:
     """Each parameter's gradient of `loss` as its `.grad`: autograd.grad hands them back without accumulating
-    them into .grad first."""
+    them into .grad first. Under DistributedDataParallel, backward() instead: DDP's all-reduce hooks run as
+    gradients accumulate into .grad, which autograd.grad skips."""
+    if isinstance(model, DistributedDataParallel):
+        for param in params:
+            param.grad = None  # so that backward() stores the gradient rather than adding to the last one
+        loss.backward()
+        return
     for param, grad in zip(params, torch.autograd.grad(loss, params), strict=True):
         param.grad = grad
 
@@ -100,7 +114,7 @@ def trades_gradients(
             out, out_perturbed = model(clean), model(perturbed)
             log_p, log_q = (log_probabilities_of(o, probabilities) for o in (out, out_perturbed))
             loss = loss_fn(out, y) + beta * F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
-        _store_gradients(loss, params)
+        _store_gradients(loss, params, model)
         return loss.detach(), out.detach()
 
     return gradients

@@ -37,9 +37,7 @@ def make_loss(name: str, probabilities: bool = False, label_smoothing: float = 0
         # Deliberately the same call for both: with probabilities this *is* the report's quirk.
         return lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing)
     if name == "nll":
-        if probabilities:
-            return lambda out, y: F.nll_loss(torch.log(out.clamp_min(1e-12)), y)
-        return lambda out, y: F.nll_loss(F.log_softmax(out, dim=1), y)
+        return lambda out, y: F.nll_loss(log_probabilities_of(out, probabilities), y)
     if name == "mse":
         to_probs = (lambda out: out) if probabilities else (lambda out: F.softmax(out, dim=1))
         return lambda out, y: F.mse_loss(to_probs(out), F.one_hot(y, out.shape[1]).to(out.dtype))

@@ -6,19 +6,19 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import threading
-import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
+from mnistlab.devices import cpu_count
+from mnistlab.processes import end_with_parent
 from mnistlab.serve.images import RequestError, prepare_digit, sample_drawing
 
 
 def default_workers() -> int:
     """One preprocessing process per CPU core this process may use, at most 4 (each holds about 45 MB)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return max(1, min(4, cpu_count()))
 
 
 class Preparers:
@@ -46,7 +46,7 @@ class Preparers:
         return ProcessPoolExecutor(
             self.workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_exit_with_parent,
+            initializer=end_with_parent,  # a server killed outright cannot shut its pool down
             initargs=(os.getpid(),),
         )
 
@@ -75,17 +75,3 @@ class Preparers:
         """Stop the workers and wait for them to exit (they finish the image at hand, a few ms)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._threads.shutdown(wait=False, cancel_futures=True)
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A preprocessing process's first act: a thread that ends the process once the server that started it is
-    gone. A server killed outright cannot shut its pool down, and its workers would otherwise wait forever
-    for work (their siblings keep the queue's pipe open). `parent` is the server's process id, given by the
-    server itself: one that died while this process was starting is noticed too."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -3,22 +3,27 @@
 Under `torchrun` (or `mnistlab train --nproc N`, which starts torchrun), every process runs the same training.
 Data parallel, with the config's `batch_size` kept as the global batch: every rank draws the same seeded
 permutation a single process would, takes a contiguous 1/N share of each batch, computes the gradients of its
-share, and the shares' gradients are summed across ranks weighted by their size, so each step is the step one
-process would take, up to float rounding, and the learning rate needs no rescaling. This is what
-DistributedDataParallel does after backward; it is done explicitly here (one all-reduce of all gradients per
-step) so that it also serves the hand-derived MLP gradients, which bypass autograd and so DDP's hooks.
+share, and the shares' gradients are summed across ranks weighted by their size (`BatchGradients`), so each step
+is the step one process would take, up to float rounding, and the learning rate needs no rescaling. Networks
+trained through autograd (every CNN) do this under DistributedDataParallel, whose all-reduce of each bucket of
+gradients runs while backward computes the next; the hand-derived MLP gradients bypass autograd, and so DDP's
+hooks, and are summed in one explicit all-reduce after they are computed.
 
 Evaluation is sharded without padding (sums of losses and correct counts), so accuracy is exactly the single
-process's on the same weights. BatchNorm's running statistics are rank 0's, broadcast after each epoch (DDP's
-default); on CUDA the layers are SyncBatchNorm, which also shares the batch statistics across ranks. Only rank 0
-writes files and prints. A rank that dies or hangs fails the others' next collective within the timeout.
+process's on the same weights. BatchNorm's running statistics are rank 0's, broadcast after each epoch; on CUDA
+the layers are SyncBatchNorm, which also shares the batch statistics across ranks. Only rank 0 writes files and
+prints. A rank that dies or hangs fails the others' next collective within the timeout.
 """
 
 from __future__ import annotations
 
 import datetime
+import inspect
+import logging
 import os
+import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +31,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.rendezvous import rendezvous
+from torch.nn.parallel import DistributedDataParallel
 
+from mnistlab.devices import cpu_count
 from mnistlab.errors import MnistlabError
+from mnistlab.files import interrupt_of
+from mnistlab.models.gradients import GradientFn
+from mnistlab.processes import LAUNCHER_ENV, end_with_parent, launcher_pid
 
 # How long a rank waits in a collective for the others before giving up (a rank that died or hung).
 TIMEOUT_S = float(os.environ.get("MNISTLAB_DIST_TIMEOUT", "60"))
@@ -66,7 +76,8 @@ class Cluster:
         return values
 
     def share_gradients(self, params: list[torch.Tensor], local: int, total: int) -> None:
-        """Turn each rank's mean gradient over its `local` images into the mean over the `total` of the batch."""
+        """Turn each rank's mean gradient over its `local` images into the mean over the `total` of the batch, in
+        one all-reduce (for gradients computed outside autograd: `BatchGradients`)."""
         if not self.active:
             return
         grads = [p.grad for p in params]
@@ -104,19 +115,109 @@ class Cluster:
         return out
 
     def _run(self, collective, *args, **kwargs) -> None:
-        """A collective operation; a peer that died or hung (past the timeout) is a one-line error naming this
-        rank, instead of a hang or a traceback from the backend."""
+        """A collective operation; a peer that died or hung (past the timeout) is a one-line error (`lost`)."""
         try:
             collective(*args, **kwargs)
         except (RuntimeError, dist.DistError) as exc:
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise MnistlabError(
-                f"rank {self.rank} of {self.world_size}: lost the other ranks (one died, or hung for over "
-                f"{TIMEOUT_S:g} s: {reason}); the last checkpoint is intact, resume with --resume"
-            ) from None
+            raise self.lost(exc) from None
+
+    def lost(self, exc: BaseException) -> MnistlabError:
+        """The one-line error for a collective that failed with `exc` (a peer died, or hung past the timeout),
+        naming this rank, instead of a hang or a traceback from the backend."""
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return MnistlabError(
+            f"rank {self.rank} of {self.world_size}: lost the other ranks (one died, or hung for over "
+            f"{TIMEOUT_S:g} s: {reason}); the last checkpoint is intact, resume with --resume"
+        )
 
 
 SINGLE = Cluster()
+
+
+class BatchGradients:
+    """The gradients of a whole batch in every parameter's `.grad`, on every rank, from each rank's share of it.
+
+    Each rank's mean gradient over its share is weighted by the share's size (local / total: shares differ by one
+    image where the batch does not divide) and the weighted gradients are summed over the ranks: the mean over
+    the batch, the gradient one process computes. Networks trained through autograd run under
+    DistributedDataParallel with that weighting as its communication hook, so each bucket of gradients is
+    all-reduced while backward computes the next; the hand-derived MLP gradients (`by_hand`), which bypass
+    autograd and so DDP's hooks, are summed in one all-reduce after. One process: the gradient function alone.
+    """
+
+    def __init__(self, cluster: Cluster, model: nn.Module, make: Callable[[nn.Module], GradientFn], by_hand: bool):
+        self.cluster = cluster
+        self.weight = 1.0  # this rank's share of the batch at hand, for the communication hook
+        self._failure: BaseException | None = None  # an all-reduce of the communication hook that failed
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._overlapped = cluster.active and not by_hand
+        # Only the gradient function goes through DDP: the training attacks, evaluation, the weight average and
+        # checkpoints use the network itself, so no forward without its backward reaches DDP (which would wait
+        # for gradients that never come) and no state_dict key gets DDP's `module.` prefix.
+        self._gradients = make(self._data_parallel(model) if self._overlapped else model)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, local: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient function on this rank's images `x` (`local` of the batch's `total`; TRADES passes them
+        twice), its gradients summed with the other ranks'; returns this rank's loss and outputs."""
+        self.weight = local / total
+        if not self._overlapped:
+            loss, out = self._gradients(x, y)
+            self.cluster.share_gradients(self._params, local, total)
+            return loss, out
+        try:
+            return self._gradients(x, y)
+        except RuntimeError:
+            if self._failure is None:  # the computation's own error (a CUDA out-of-memory, say): no lost peer
+                raise
+            raise self.cluster.lost(self._failure) from None
+
+    def sum_bucket(self, flat: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+        """A bucket of this rank's mean gradients, weighted by its share of the batch and summed over the ranks
+        (DDP's own hook divides by the number of ranks, which is right only for equal shares). A failure is kept:
+        DDP re-raises it from backward as a RuntimeError like any other, and only this tells them apart."""
+        try:
+            future = dist.all_reduce(flat.mul_(self.weight), async_op=True).get_future()
+        except RuntimeError as exc:
+            self._failure = exc
+            raise
+        return future.then(self._summed)
+
+    def _summed(self, done: torch.futures.Future) -> torch.Tensor:
+        try:
+            return done.value()[0]
+        except RuntimeError as exc:
+            self._failure = exc
+            raise
+
+    def _data_parallel(self, model: nn.Module) -> DistributedDataParallel:
+        device = next(model.parameters()).device
+        ddp = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # BatchNorm's running statistics are rank 0's, sent to every rank after each epoch (`broadcast_buffers`
+            # of the Cluster, which the hand-derived path needs too) before evaluation; within an epoch each rank's
+            # own serve its adversarial attacks (eval mode), as they did before DDP. DDP's default, rank 0's before
+            # every forward, would add a collective to every step.
+            **{_BUFFER_SYNC: False},
+            # A built network uses every parameter in every forward: searching the graph for unused ones would
+            # walk it at every step for nothing.
+            find_unused_parameters=False,
+        )
+        ddp.register_comm_hook(self, _weighted_sum)
+        return ddp
+
+
+# torch 2.13 renamed DDP's `broadcast_buffers` to `forward_sync_buffers` (the old name warns on every rank).
+_BUFFER_SYNC = next(
+    name
+    for name in ("forward_sync_buffers", "broadcast_buffers")
+    if name in inspect.signature(DistributedDataParallel).parameters
+)
+
+
+def _weighted_sum(gradients, bucket):  # unannotated: DDP compares annotations with classes, and these would be strings
+    """DDP's communication hook (`BatchGradients.sum_bucket`)."""
+    return gradients.sum_bucket(bucket.buffer())
 
 
 def environment_world_size() -> int:
@@ -132,10 +233,14 @@ def join(device: torch.device) -> tuple[Cluster, torch.device]:
     process group is started (gloo on CPU, nccl on CUDA) and this rank's CPU threads or GPU are chosen."""
     world = environment_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # A rank of torchrun's: it must not outlive its launcher, even one killed by SIGKILL (issue 27). SIGTERM
+        # to itself stops it as a terminal's would, its checkpoint intact.
+        end_with_parent(launcher_pid(), signal.SIGTERM)
     if "LOCAL_WORLD_SIZE" in os.environ:
         # torchrun gives each process one thread unless told otherwise, a silent loss on a small machine: share
         # the cores among this machine's ranks instead (docs/distributed.md measures both).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, cpu_count() // local_world))
     if world <= 1:
         return SINGLE, device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -183,21 +288,33 @@ def restarted() -> bool:
 def launch(nproc: int, argv: list[str]) -> int:
     """`torchrun --standalone --nproc-per-node NPROC -m mnistlab ARGV` in this process: what `--nproc` does."""
     from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if nproc < 1:
         raise MnistlabError(f"--nproc must be at least 1, got {nproc}")
     args = ["--standalone", "--nproc-per-node", str(nproc), "-m", "mnistlab", *argv]
     # The ranks set their own thread counts (`join`); this only spares the user torchrun's warning about it.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // nproc)))
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # the ranks end with this process (processes.end_with_parent)
+    # torchrun's agent logs each signal it passes on as warnings; the ranks and this process say what matters.
+    for name in list(logging.root.manager.loggerDict):  # each module's logger has a level of its own
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         run.main(args)
     except SystemExit as exc:
         return int(exc.code or 0)
+    except SignalException as exc:
+        # Ctrl-C, SIGTERM or SIGHUP: torchrun has passed it on to the ranks, which saved and said how to resume;
+        # here it ends as it would in one process, not in torchrun's traceback.
+        raise interrupt_of(exc.sigval) from None
     except ChildFailedError as exc:  # torchrun has printed each rank's own message and its failure table
         rank, failure = exc.get_first_failure()
         print(
             f"mnistlab: error: rank {rank} of {nproc} failed (exit code {failure.exitcode}); see above", file=sys.stderr
         )
         return 1
+    finally:
+        os.environ.pop(LAUNCHER_ENV, None)  # for this process's later launches of other kinds (tests run several)
     return 0

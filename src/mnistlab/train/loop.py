@@ -27,15 +27,16 @@ from mnistlab.data.augment import augment_batch, is_active
 from mnistlab.data.splits import MnistData, batch_indices, load_data, standardize_, take, to_float
 from mnistlab.errors import MnistlabError
 from mnistlab.models.attacks import TrainingAttack, make_training_attack
-from mnistlab.models.gradients import GradientFn, make_gradient_fn
+from mnistlab.models.gradients import bypasses_autograd, make_gradient_fn
 from mnistlab.models.losses import LossFn, make_loss
 from mnistlab.models.metrics import loss_and_correct
 from mnistlab.models.networks import count_parameters
 from mnistlab.models.optimizers import make_step
+from mnistlab.progress import Progress
 from mnistlab.subnormals import flush_subnormals
 from mnistlab.train import distributed
 from mnistlab.train.checkpoint import CHECKPOINT, Checkpoint
-from mnistlab.train.run_dir import Logger, RunDirectory, epoch_line
+from mnistlab.train.run_dir import RunDirectory, epoch_line
 from mnistlab.train.state import Run, RunState
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -209,7 +210,7 @@ class Steps:
     """What stays fixed while a run trains: how a batch is prepared, its gradients computed, the step taken."""
 
     loss_fn: LossFn
-    gradients: GradientFn
+    gradients: distributed.BatchGradients  # (x, labels, this rank's share, the batch) -> loss, outputs
     step: Callable[[], None]
     normalize: tuple[float, float] | None
     autocast: contextlib.AbstractContextManager
@@ -225,7 +226,12 @@ class Steps:
         steps_per_epoch = (len(data.train) + t.batch_size - 1) // t.batch_size
         return cls(
             loss_fn=loss_fn,
-            gradients=make_gradient_fn(state.model, config, loss_fn, autocast),
+            gradients=distributed.BatchGradients(
+                state.cluster,
+                state.model,
+                lambda model: make_gradient_fn(model, config, loss_fn, autocast),
+                by_hand=bypasses_autograd(config),
+            ),
             step=make_step(state.optimizer),
             normalize=normalize,
             autocast=autocast,
@@ -245,11 +251,10 @@ def train_epoch(state: RunState, steps: Steps, data: MnistData, bar: tqdm) -> di
     """One pass over the training split in a seeded random order; returns its mean loss and accuracy.
 
     In a distributed run each rank takes its share of every batch, and the shares' gradients are combined into
-    the batch's before the step, so every rank takes the step a single process would.
+    the batch's before the step (`distributed.BatchGradients`), so every rank takes the step a single process would.
     """
     config, cluster = state.config, state.cluster
     state.model.train()
-    params = [p for p in state.model.parameters() if p.requires_grad]
     sums = torch.zeros(2, dtype=torch.float64, device=state.device)  # loss, correct
     order = batch_indices(len(data.train), config.training.batch_size, state.shuffle, state.device)
     for index in order:
@@ -260,8 +265,7 @@ def train_epoch(state: RunState, steps: Steps, data: MnistData, bar: tqdm) -> di
             x = augment_batch(x, config.augment, state.warp, (rows.start, len(index)))
         if steps.adversary is not None:  # adversarial training: attacks on the current model join or replace the batch
             x = steps.adversary(x, batch.labels)
-        loss, out = steps.gradients(standardize_(x, steps.normalize), batch.labels)
-        cluster.share_gradients(params, len(batch), len(index))
+        loss, out = steps.gradients(standardize_(x, steps.normalize), batch.labels, len(batch), len(index))
         steps.step()
         if state.scheduler:
             state.scheduler.step()
@@ -270,7 +274,7 @@ def train_epoch(state: RunState, steps: Steps, data: MnistData, bar: tqdm) -> di
         sums[0] += loss * len(batch)
         sums[1] += (out.argmax(1) == batch.labels).sum()
         bar.update()
-    cluster.broadcast_buffers(state.model)  # BatchNorm's running statistics: rank 0's, as DDP does
+    cluster.broadcast_buffers(state.model)  # BatchNorm's running statistics: rank 0's, before anything evaluates
     if state.ema:
         state.ema.copy_buffers()
     loss_sum, correct = cluster.sum_(sums).tolist()
@@ -317,7 +321,7 @@ def _fit(
     quiet: bool,
     on_epoch_end: EpochCallback | None,
 ) -> Run:
-    log = Logger(quiet or not cluster.main)  # in a distributed run, rank 0 alone prints
+    log = Progress(quiet or not cluster.main)  # in a distributed run, rank 0 alone prints
     dev = device
     try:
         t = config.training

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from mnistlab.datasets import DATASETS
 from mnistlab.errors import MnistlabError
@@ -129,18 +127,3 @@ def epoch_line(r: dict[str, Any], total: int) -> str:
     parts.append(f"test loss {r['test_loss']:.4f} acc {100 * r['test_accuracy']:.2f}%")
     parts.append(f"{r['seconds']:.1f}s")
     return " | ".join(parts)
-
-
-class Logger:
-    """A progress bar per epoch on a terminal; one plain line per epoch otherwise (logs, CI, pipes)."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-
-    def line(self, text: str, force: bool = False) -> None:
-        if force or not self.quiet:
-            tqdm.write(text, file=sys.stderr)
-
-    def bar(self, total: int, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, leave=False, disable=self.quiet or not self.tty, file=sys.stderr)

@@ -3,7 +3,8 @@ canvases with transparent backgrounds; files in several modes and formats; EXIF-
 tightly to their ink, at low resolution, and with very thick or very thin strokes.
 
 The builders take a uint8 28x28 MNIST digit (white ink on black) and return a PIL image or a saved path;
-`blank_png` writes a huge but tiny-on-disk PNG for decompression-bomb tests.
+`blank_png` writes a huge but tiny-on-disk PNG for decompression-bomb tests; `assert_like` checks what
+preprocessing made of one against the digit itself.
 """
 
 from __future__ import annotations
@@ -273,3 +274,18 @@ def tough_image(kind: str, digit: np.ndarray, index: int) -> Image.Image:
         ink = tight_crop(restroke(digit, change), int(rng.integers(80, 201)), 0.2, Image.Resampling.BICUBIC)
         return scan(ink, **colours)
     raise ValueError(f"unknown kind {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------- comparing
+
+
+def similarity(out: np.ndarray, digit: np.ndarray) -> tuple[float, float]:
+    """Mean absolute difference and correlation between a preprocessed digit and the MNIST original."""
+    ref = digit / 255
+    return float(np.abs(out - ref).mean()), float(np.corrcoef(out.ravel(), ref.ravel())[0, 1])
+
+
+def assert_like(out: np.ndarray, digit: np.ndarray, corr: float = 0.85, most: float = 0.07) -> None:
+    """What preprocessing made of a picture of `digit` is close to `digit` itself."""
+    mad, r = similarity(out, digit)
+    assert r > corr and mad < most, f"correlation {r:.3f}, mean abs diff {mad:.3f}"

@@ -8,7 +8,6 @@ exact messages into docs/reliability.md, so the table there is what the tests ch
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import signal
@@ -24,6 +23,9 @@ from PIL import Image
 
 from mnistlab.config import load_config
 
+from .cli import mnistlab
+from .digit_images import blank_png
+
 
 @dataclass
 class Context:
@@ -38,14 +40,6 @@ class Context:
         target = self.tmp / name
         shutil.copytree(self.run, target)
         return target
-
-
-def run_cli(args: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """`mnistlab ARGS` in a fresh process, as a user runs it."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "mnistlab", *args], capture_output=True, text=True, env=full_env, timeout=600, **kwargs
-    )
 
 
 @dataclass
@@ -68,7 +62,7 @@ class Case:
         argv = [a.format(tmp=ctx.tmp, data=ctx.data, run=ctx.run) for a in self.argv]
         if self.runner is not None:
             return self.runner(ctx, argv)
-        return run_cli(argv, env={k: v.format(tmp=ctx.tmp) for k, v in self.env.items()})
+        return mnistlab(*argv, env={k: v.format(tmp=ctx.tmp) for k, v in self.env.items()})
 
 
 # ---------------------------------------------------------------------------------------------- file makers
@@ -149,18 +143,8 @@ def _truncate_checkpoint(run: Path) -> None:
 
 
 def _bomb(ctx: Context) -> None:
-    """A PNG whose header claims 30000 x 30000 pixels: refused before a pixel is decoded."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
-    png = (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
-    )
-    (ctx.tmp / "bomb.png").write_bytes(png)
+    """A PNG of 30000 x 30000 pixels (100 kB on disk): refused before a pixel is decoded."""
+    blank_png(ctx.tmp / "bomb.png", 30000, 30000)
 
 
 def _truncated_png(ctx: Context) -> None:
@@ -214,7 +198,7 @@ def _file_size_limit(ctx: Context, argv: list[str]) -> subprocess.CompletedProce
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
 
-    return run_cli(argv, preexec_fn=limit)
+    return mnistlab(*argv, preexec_fn=limit)
 
 
 def _two_writers(ctx: Context, argv: list[str]) -> subprocess.CompletedProcess:
@@ -226,7 +210,7 @@ def _two_writers(ctx: Context, argv: list[str]) -> subprocess.CompletedProcess:
     deadline = time.monotonic() + 120
     while not (out / ".lock").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
-    second = run_cli(argv)
+    second = mnistlab(*argv)
     _, first_err = first.communicate(timeout=600)
     assert first.returncode == 0, first_err  # the first run is not disturbed
     return second
@@ -552,7 +536,7 @@ CASES: list[Case] = [
 def fresh_run(tmp: Path, data: Path) -> Path:
     """The finished run the cases use: one epoch of seed-b-fixed on the real MNIST."""
     run = tmp / "base-run"
-    result = run_cli([*(a.format(data=data) for a in _TRAIN), "--out", str(run), "--quiet"])
+    result = mnistlab(*(a.format(data=data) for a in _TRAIN), "--out", str(run), "--quiet")
     assert result.returncode == 0, result.stderr
     assert load_config(run / "config.toml").training.epochs == 1
     return run

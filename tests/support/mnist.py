@@ -1,0 +1,29 @@
+"""Where the real MNIST lives, and slices of it for tests that need real data but not all of it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mnistlab.data.splits import MnistData, Split
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def mnist_dir() -> Path | None:
+    """The real MNIST files: $MNISTLAB_DATA when set, else the shared copy beside the checkout."""
+    for candidate in (os.environ.get("MNISTLAB_DATA"), REPO.parent / "shared" / "data" / "mnist"):
+        if candidate and (Path(candidate) / "t10k-images-idx3-ubyte.gz").is_file():
+            return Path(candidate)
+    return None
+
+
+def subset(data: MnistData, n_train: int, n_eval: int) -> MnistData:
+    """The first images of each split."""
+
+    def head(s: Split, n: int) -> Split:
+        return Split(s.images[:n], s.labels[:n])
+
+    return MnistData(
+        data.name, head(data.train, n_train), head(data.val, n_eval), head(data.test, n_eval), data.mean, data.std
+    )
