@@ -24,8 +24,8 @@ Every row is a case in [tests/support/reliability_cases.py](../tests/support/rel
 `tests/test_reliability.py` (which checks the exit code and the key words of the message)
 and, for this page, by `benchmarks/reliability_table.py`, which recorded the message exactly as printed. Paths are
 shortened to `…/`. Exit codes: 2 for a user's mistake (one line on stderr, no traceback), 1 when `predict` could
-not read some of its images (it still reads the others), 130 after Ctrl-C, 143 after SIGTERM, 141 when the
-reader of the output went away.
+not read some of its images (it still reads the others), 130 after Ctrl-C, 143 after SIGTERM, 129 after SIGHUP
+(a closed terminal), 141 when the reader of the output went away.
 
 Beside these, `tests/test_reliability.py` proves properties over many generated cases (hypothesis): checkpoints
 and model files load back whatever the length of their header (every value modulo 256); arbitrary bytes given to
@@ -34,6 +34,19 @@ the model loader, the checkpoint loader, the IDX reader, the config loader and i
 cut short by a size limit or by the process being killed leaves the previous checkpoint whole and no
 half-written file under a real name; that a full or read-only disk is a one-line error; that a run interrupted
 by SIGINT or SIGTERM resumes to bit-identical metrics; that a diverging run keeps its last good epoch.
+
+A distributed training's launcher and its ranks (`tests/test_rank_lifetime.py` and `tests/test_distributed.py`,
+2 ranks of seed-b-fixed on the real MNIST; [docs/distributed.md](distributed.md)):
+
+Resumable: `--resume` ends on the metrics of an uninterrupted run; rank 0 has printed the resume command.
+
+| fault | what happens | exit code |
+|---|---|---|
+| SIGKILL to `mnistlab train --nproc 2` after epoch 1 | every rank stops (1.5 s seen, 10 s tested); resumes | 137 |
+| SIGKILL to `torchrun --standalone` (its agent) | the same | 137 |
+| SIGHUP to `mnistlab train --nproc 2` | `mnistlab: terminated (SIGHUP)` once; resumable | 129 |
+| Ctrl-C (SIGINT) to `mnistlab train --nproc 2` | `mnistlab: interrupted` once, no traceback; resumable | 130 |
+| a rank killed (SIGKILL) or hung (SIGSTOP) | `rank 0 of 2: lost the other ranks ...`; resumable | 1 |
 """
 
 
