@@ -530,6 +530,9 @@ CASES: list[Case] = [
     Case(
         "output cut short by the reader (`configs | head -1`)", ["configs"], 141, "", runner=_head_one, one_line=False
     ),
+    # sweeps (issue 26)
+    # using models: evaluate, ensemble, export (issue 26)
+    # training, runs and compare (issue 26)
 ]
 
 

@@ -376,6 +376,10 @@ def _fit(
             run.run_dir = outputs.path
             outputs.finish(run, steps.normalize, dev)
             log.line(f"wrote {outputs.path}/ (model.safetensors, model.json, metrics.json, curves.png, config.toml)")
+        # Every rank leaves together, after rank 0 has written the run: a rank that ends its process group while a
+        # peer still holds connections to it can abort in gloo's teardown ("terminate called without an active
+        # exception", exit -6, once in a CI run), and torchrun then stops the others mid-write.
+        cluster.barrier()
         return run
     except KeyboardInterrupt:
         if outputs is not None and outputs.saved:
