@@ -3,6 +3,13 @@
 The CLI turns it into one line on stderr and exit code 2. Anything else is a bug and keeps its traceback.
 """
 
+import sys
+
 
 class MnistlabError(Exception):
     """A user-facing error: the message names the thing that is wrong and, where possible, the fix."""
+
+
+def warn(message: str) -> None:
+    """One line on stderr for something the user should know but that does not stop the command."""
+    print(f"mnistlab: warning: {message}", file=sys.stderr)

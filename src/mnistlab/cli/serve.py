@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from mnistlab.cli.common import Formatter, Subparsers, add_device
 from mnistlab.config import ENGINES
-from mnistlab.errors import MnistlabError
+from mnistlab.errors import MnistlabError, warn
 
 
 def register(sub: Subparsers) -> None:
@@ -53,11 +52,7 @@ def _serve(args: argparse.Namespace) -> None:
     sock = listen(args.host, args.port)  # first, so a taken port is reported before the models load
     app = create_app([None, *args.models], args.collect, args.device, args.workers, args.engine)
     if not is_loopback(args.host):
-        print(
-            f"mnistlab: warning: listening on {args.host}: the page and API are reachable from the network, "
-            "without any authentication",
-            file=sys.stderr,
-        )
+        warn(f"listening on {args.host}: the page and API are reachable from the network, without any authentication")
     state = app.server_state
     engines = sorted({m.engine for m in state.models})
     print(

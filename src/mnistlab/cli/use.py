@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mnistlab.cli.common import Formatter, Subparsers, add_data_dir, add_device, add_model, model_of
-from mnistlab.errors import MnistlabError
+from mnistlab.errors import MnistlabError, warn
 
 
 def register(sub: Subparsers) -> None:
@@ -46,7 +46,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.images:
         found = evaluate_images(args.images, model_of(args), args.device, args.tta)
         for problem in found.skipped:
-            print(f"mnistlab: warning: {problem} (not counted)", file=sys.stderr)
+            warn(f"{problem} (not counted)")
         result, what = found.evaluation, f"accuracy on {found.count} images in {args.images}"
     else:
         result, what = evaluate(model_of(args), args.data_dir, args.device, args.tta), "test accuracy"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from mnistlab.config import ENGINES, ModelConfig
-from mnistlab.errors import MnistlabError
+from mnistlab.errors import MnistlabError, warn
 from mnistlab.models.files import LoadedModel, bundled_model_path, load_model
 from mnistlab.models.networks import count_parameters, for_inference
 from mnistlab.serve.images import png_base64, prepare_digit, sample_drawing
@@ -139,7 +138,7 @@ def _engine(loaded: LoadedModel, engine: str) -> tuple[Callable[[torch.Tensor], 
     except Exception as exc:  # the exporter fails in many ways on layers it does not know
         if engine != "auto":
             raise MnistlabError(f"{loaded.path}: cannot run with onnxruntime: {exc}") from None
-        print(f"mnistlab: warning: {loaded.path}: served by PyTorch ({exc})", file=sys.stderr)
+        warn(f"{loaded.path}: served by PyTorch ({exc})")
         return reference, "torch"
     return onnx, "onnxruntime"
 
