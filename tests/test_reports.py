@@ -6,10 +6,11 @@ import pytest
 
 from mnistlab.analysis.reports import compare
 from mnistlab.config import load_config
+from mnistlab.data.splits import load_data
 from mnistlab.train.loop import train
 
 from .support.cli import assert_user_error, mnistlab
-from .support.mnist import subset
+from .support.mnist import fashion_dir, subset
 
 # ---------------------------------------------------------------------------------------------- compare
 
@@ -29,6 +30,22 @@ def test_compare_reports_runs_side_by_side(mnist_data, tmp_path):
     assert cli.returncode == 0, cli.stderr
     assert "| adam |" in (tmp_path / "cli" / "report.md").read_text()
     assert_user_error(mnistlab("compare", str(tmp_path), "--out", str(tmp_path / "x")), "not a run directory")
+
+
+@pytest.mark.slow  # two 1-epoch runs on 2,000 images
+def test_compare_says_when_runs_are_on_different_data_sets(mnist_data, tmp_path):
+    if fashion_dir() is None:
+        pytest.skip("real Fashion-MNIST not found beside the checkout")
+    fashion = subset(load_data("fashion-mnist", fashion_dir(), val_size=500), 2000, 500)
+    config = load_config("fashion-mlp").with_overrides({"training.epochs": 1})
+    train(config, out_dir=tmp_path / "clothes", quiet=True, data=fashion)
+    base = load_config("seed-b-fixed").with_overrides({"training.epochs": 1})
+    train(base, out_dir=tmp_path / "digits", quiet=True, data=subset(mnist_data, 2000, 500))
+    result = mnistlab("compare", str(tmp_path / "digits"), str(tmp_path / "clothes"), "--out", str(tmp_path / "cmp"))
+    assert result.returncode == 0, result.stderr
+    warning = "different data sets (fashion-mnist, mnist): their accuracies are not comparable"
+    assert result.stderr.strip() == f"mnistlab: warning: these runs were trained and tested on {warning}"
+    assert "different data sets (fashion-mnist, mnist)" in (tmp_path / "cmp" / "report.md").read_text()
 
 
 @pytest.mark.slow

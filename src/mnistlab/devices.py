@@ -32,6 +32,17 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel could give new processes now without swapping (Linux's MemAvailable, which
+    counts reclaimable caches); None where the OS does not say."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def mps_available() -> bool:
     """Whether PyTorch can use Apple's Metal GPU here."""
     import torch

@@ -1,4 +1,4 @@
-"""Where the real MNIST lives, and slices of it for tests that need real data but not all of it."""
+"""Where the real MNIST (and Fashion-MNIST) lives, and slices of it for tests that need real data but not all of it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,15 @@ def mnist_dir() -> Path | None:
         if candidate and (Path(candidate) / "t10k-images-idx3-ubyte.gz").is_file():
             return Path(candidate)
     return None
+
+
+FASHION_DIR = REPO.parent / "shared" / "data" / "fashion-mnist"
+
+
+def fashion_dir() -> Path | None:
+    """The real Fashion-MNIST files beside the checkout (a set of non-digits for the MNIST models, and a data set
+    of its own), or None."""
+    return FASHION_DIR if (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file() else None
 
 
 def subset(data: MnistData, n_train: int, n_eval: int) -> MnistData:

@@ -14,7 +14,7 @@ from typing import Any
 from mnistlab.config import Config, load_config
 from mnistlab.data.splits import MnistData, load_data
 from mnistlab.devices import resolve_device
-from mnistlab.errors import MnistlabError
+from mnistlab.errors import MnistlabError, warn
 from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, is_empty_output
 from mnistlab.models.files import load_model
 from mnistlab.plots import plot_overlay
@@ -286,6 +286,11 @@ def compare(
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
+    datasets = sorted({c.data.dataset for _, c, _ in loaded})
+    if len(datasets) > 1:
+        different = f"these runs were trained and tested on different data sets ({', '.join(datasets)})"
+        warn(f"{different}: their accuracies are not comparable")
+        lines += [f"**Warning: {different}; their accuracies are not comparable.**", ""]
     lines += [
         "Best values are per epoch; the test column never chose anything (model selection uses validation).",
         "",

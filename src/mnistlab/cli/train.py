@@ -61,6 +61,11 @@ def _add_train(sub: Subparsers) -> None:
         metavar="N",
         help="train in N processes on this machine (torchrun --standalone --nproc-per-node N; see docs/distributed.md)",
     )
+    p.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help="with --nproc: allow more processes than CPU cores (or GPUs); the memory they need is still checked",
+    )
     p.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard (needs tensorboard)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     add_data_dir(p)
@@ -71,6 +76,7 @@ def _add_train(sub: Subparsers) -> None:
 
 def _train(args: argparse.Namespace) -> int | None:
     from mnistlab.config import load_config, parse_set
+    from mnistlab.devices import resolve_device
     from mnistlab.train import distributed
     from mnistlab.train.checkpoint import CHECKPOINT
     from mnistlab.train.loop import resume, train
@@ -78,6 +84,7 @@ def _train(args: argparse.Namespace) -> int | None:
     if args.nproc is not None:
         if distributed.environment_world_size() > 1:
             raise MnistlabError("--nproc starts torchrun itself; under torchrun, leave it out")
+        distributed.check_capacity(args.nproc, resolve_device(args.device), args.oversubscribe)
         return distributed.launch(args.nproc, _without_nproc(args.argv))
     overrides = {key: getattr(args, flag) for key, flag in _TRAIN_FLAGS.items()}
     overrides.update(parse_set(args.set))

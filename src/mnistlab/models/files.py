@@ -22,7 +22,7 @@ from torch import nn
 from mnistlab.config import ModelConfig, config_from_dict
 from mnistlab.datasets import DATASETS
 from mnistlab.errors import MnistlabError
-from mnistlab.files import replacing, write_json
+from mnistlab.files import LOCK, replacing, write_json
 from mnistlab.models.losses import LossFn, make_loss
 from mnistlab.models.networks import Ensemble, Standardized, as_probabilities, build_model
 
@@ -122,6 +122,7 @@ def model_paths(path: str | Path) -> tuple[Path, Path]:
     """(weights, json) for a run directory, a `.safetensors` file or a `.json` file."""
     path = Path(path)
     if path.is_dir():
+        _check_finished(path)
         path = path / "model.safetensors"
     weights, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
     if not path.exists():
@@ -130,6 +131,23 @@ def model_paths(path: str | Path) -> tuple[Path, Path]:
         if not p.is_file():
             raise MnistlabError(f"{p}: missing (a model is a .safetensors file with a .json beside it)")
     return weights, meta
+
+
+def _check_finished(folder: Path) -> None:
+    """A run directory whose run has not written its model yet is named as such, with how to go on."""
+    if (folder / "model.safetensors").exists() or (folder / "model.json").exists():
+        return
+    # A run writes metrics.json beside its checkpoint after every epoch (train/run_dir.py), the model at its end.
+    if (folder / "metrics.json").is_file():
+        raise MnistlabError(
+            f"{folder}: the run has not finished (its model is written at its end): it is still training, or it "
+            f"stopped; finish it with: mnistlab train --resume {folder}"
+        )
+    if (folder / LOCK).exists():  # a run locked it and has not saved an epoch: training now, or killed
+        raise MnistlabError(
+            f"{folder}: the run has no finished epoch (it is in its first, or it stopped there), so there is nothing "
+            f"to load or resume; start it again with: mnistlab train --config NAME --out {folder}"
+        )
 
 
 def check_safetensors(path: Path) -> None:

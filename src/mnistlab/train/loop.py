@@ -25,7 +25,7 @@ from mnistlab import devices
 from mnistlab.config import Config, config_from_dict, load_config
 from mnistlab.data.augment import augment_batch, is_active
 from mnistlab.data.splits import MnistData, batch_indices, load_data, standardize_, take, to_float
-from mnistlab.errors import MnistlabError
+from mnistlab.errors import MnistlabError, plural
 from mnistlab.models.attacks import TrainingAttack, make_training_attack
 from mnistlab.models.gradients import bypasses_autograd, make_gradient_fn
 from mnistlab.models.losses import LossFn, make_loss
@@ -142,16 +142,18 @@ def _open_for_resume(
             if saved.training.scheduler in ("cosine", "onecycle"):
                 raise MnistlabError(
                     f"{run_dir} uses the {saved.training.scheduler} schedule, which is laid out for "
-                    f"{saved.training.epochs} epochs; it cannot be resumed with --epochs {epochs}"
+                    f"{plural(saved.training.epochs, 'epoch')}; it cannot be resumed with --epochs {epochs}"
                 )
             if epochs < done:
-                raise MnistlabError(f"{run_dir} has trained {done} epochs already; --epochs {epochs} is fewer")
+                raise MnistlabError(
+                    f"{run_dir} has trained {plural(done, 'epoch')} already; --epochs {epochs} is fewer"
+                )
             saved = saved.with_overrides({"training.epochs": epochs})
         train_on = done < saved.training.epochs and (not early_stopped or epochs is not None)
         if not train_on and (run_dir / "model.safetensors").is_file():
-            how = "by early stopping" if early_stopped else f"after {done} epochs"
+            how = "by early stopping" if early_stopped else f"after {plural(done, 'epoch')}"
             raise MnistlabError(
-                f"{run_dir} is already complete (stopped {how}, {done} epochs trained); "
+                f"{run_dir} is already complete (stopped {how}, {plural(done, 'epoch')} trained); "
                 f"give --epochs with a total above {done} to train further"
             )
         if train_on and early_stopped:  # asked for more epochs after early stopping: train on, with a fresh patience
@@ -367,7 +369,7 @@ def _fit(
             if stop:
                 tracker = state.tracker
                 log.line(
-                    f"early stopping: {t.monitor} has not improved for {t.early_stopping} epochs "
+                    f"early stopping: {t.monitor} has not improved for {plural(t.early_stopping, 'epoch')} "
                     f"(best {tracker.best_value:.4f} at epoch {tracker.best_epoch})"
                 )
                 break
@@ -384,7 +386,8 @@ def _fit(
     except KeyboardInterrupt:
         if outputs is not None and outputs.saved:
             log.line(
-                f"interrupted; {outputs.saved} epochs are saved. Resume with: mnistlab train --resume {outputs.path}",
+                f"interrupted; {plural(outputs.saved, 'epoch')} saved. "
+                f"Resume with: mnistlab train --resume {outputs.path}",
                 force=True,
             )
         raise
@@ -412,5 +415,5 @@ def _describe_device(device: torch.device, amp: bool) -> str:
     if amp and precision == "float32":
         precision += " (amp is on, but this device has no native bfloat16)"
     if device.type == "cpu":
-        return f"cpu, {torch.get_num_threads()} threads, {precision} [{devices.describe_cpu()}]"
+        return f"cpu, {plural(torch.get_num_threads(), 'thread')}, {precision} [{devices.describe_cpu()}]"
     return f"{device}, {precision}"
