@@ -97,6 +97,12 @@ def _run_copy(name: str, change: Callable[[Path], None] | None = None) -> Callab
     return prepare
 
 
+def _unfinish(run: Path) -> None:
+    """The state of a run killed after an epoch was saved: no model files yet."""
+    for name in ("model.safetensors", "model.json"):
+        (run / name).unlink()
+
+
 def _edit_config(run: Path) -> None:
     text = (run / "config.toml").read_text().replace("hidden = [512]", "hidden = [256]")
     (run / "config.toml").write_text(text)
@@ -533,6 +539,27 @@ CASES: list[Case] = [
     # sweeps (issue 26)
     # using models: evaluate, ensemble, export (issue 26)
     # training, runs and compare (issue 26)
+    Case("--nproc above the CPU cores", [*_TRAIN, "--nproc", "9999"], 2, "is more than this machine's"),
+    Case(
+        "--nproc --oversubscribe above the memory",
+        [*_TRAIN, "--nproc", "100000", "--oversubscribe"],
+        2,
+        "GB of memory",
+    ),
+    Case(
+        "evaluate of a run killed in its first epoch",
+        ["evaluate", "{tmp}/killed"],
+        2,
+        "the run has no finished epoch",
+        _write("killed/.lock", "4242 mnistlab train"),
+    ),
+    Case(
+        "evaluate of a run killed after some epochs",
+        ["evaluate", "{tmp}/unfinished"],
+        2,
+        "finish it with: mnistlab train --resume",
+        _run_copy("unfinished", _unfinish),
+    ),
 ]
 
 
