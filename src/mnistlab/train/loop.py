@@ -373,16 +373,7 @@ def _fit(
                     f"(best {tracker.best_value:.4f} at epoch {tracker.best_epoch})"
                 )
                 break
-        run = state.finish()
-        if outputs is not None:
-            run.run_dir = outputs.path
-            outputs.finish(run, steps.normalize, dev)
-            log.line(f"wrote {outputs.path}/ (model.safetensors, model.json, metrics.json, curves.png, config.toml)")
-        # Every rank leaves together, after rank 0 has written the run: a rank that ends its process group while a
-        # peer still holds connections to it can abort in gloo's teardown ("terminate called without an active
-        # exception", exit -6, once in a CI run), and torchrun then stops the others mid-write.
-        cluster.barrier()
-        return run
+        return _finish(state, steps, outputs, cluster, log)
     except KeyboardInterrupt:
         if outputs is not None and outputs.saved:
             log.line(
@@ -395,6 +386,22 @@ def _fit(
         flush_subnormals(False)  # PyTorch's default, for whatever the caller does next
         if outputs is not None:
             outputs.close()
+
+
+def _finish(
+    state: RunState, steps: Steps, outputs: RunDirectory | None, cluster: distributed.Cluster, log: Progress
+) -> Run:
+    """The finished run, its model and files written by rank 0, once every rank is done."""
+    run = state.finish()
+    if outputs is not None:
+        run.run_dir = outputs.path
+        outputs.finish(run, steps.normalize, state.device)
+        log.line(f"wrote {outputs.path}/ (model.safetensors, model.json, metrics.json, curves.png, config.toml)")
+    # Every rank leaves together, after rank 0 has written the run: a rank that ends its process group while a
+    # peer still holds connections to it can abort in gloo's teardown ("terminate called without an active
+    # exception", exit -6, once in a CI run), and torchrun then stops the others mid-write.
+    cluster.barrier()
+    return run
 
 
 def _load_data_once_per_machine(
