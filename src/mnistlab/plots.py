@@ -1,7 +1,9 @@
 """Figures: per-run curves, overlays of several runs, confusion matrices and galleries.
 
 Drawn on `matplotlib.figure.Figure` objects, which need no display and never touch pyplot's global state, so
-importing mnistlab in a notebook leaves its plotting backend alone.
+importing mnistlab in a notebook leaves its plotting backend alone. Each `plot_*` saves what its `_figure_*`
+draws; labels of any length (Fashion-MNIST's class names, long run names) are wrapped or given room so that no
+text overlaps another, an image or the figure's edge, and legends sit outside the data (tests/test_pictures.py).
 """
 
 from __future__ import annotations
@@ -9,73 +11,34 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from matplotlib import rcParams
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import text_to_path
 
 from mnistlab.files import replacing
 
 _SPLITS = (("train", "-"), ("val", "--"), ("test", ":"))
+_DIGITS = tuple(str(d) for d in range(10))
+_CAPTION = 7  # points: gallery captions
 
 
 def plot_curves(epochs: Sequence[Mapping], path: Path, title: str) -> Path:
     """Accuracy and loss per epoch, train vs validation vs test (the report's Figures 5-7)."""
-    fig, (acc_ax, loss_ax) = _subplots(1, 2, figsize=(10, 4))
-    xs = [e["epoch"] for e in epochs]
-    for split, style in _SPLITS:
-        if epochs and epochs[0].get(f"{split}_accuracy") is not None:
-            acc_ax.plot(xs, [100 * e[f"{split}_accuracy"] for e in epochs], style, marker="o", label=split)
-            loss_ax.plot(xs, [e[f"{split}_loss"] for e in epochs], style, marker="o", label=split)
-    _finish(fig, acc_ax, loss_ax, title)
-    return _save(fig, path)
+    return _save(_figure_curves(epochs, title), path)
 
 
 def plot_overlay(runs: Mapping[str, Sequence[Mapping]], path: Path, split: str = "test") -> Path:
     """One figure with every run's accuracy and loss on `split`, for side-by-side comparison."""
-    fig, (acc_ax, loss_ax) = _subplots(1, 2, figsize=(11, 4.5))
-    for name, epochs in runs.items():
-        xs = [e["epoch"] for e in epochs]
-        acc_ax.plot(xs, [100 * e[f"{split}_accuracy"] for e in epochs], marker=".", label=name)
-        loss_ax.plot(xs, [e[f"{split}_loss"] for e in epochs], marker=".", label=name)
-    _finish(fig, acc_ax, loss_ax, f"{split} accuracy and loss per epoch")
-    return _save(fig, path)
+    return _save(_figure_overlay(runs, split), path)
 
 
-def _finish(fig, acc_ax, loss_ax, title: str) -> None:
-    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    for ax in (acc_ax, loss_ax):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle(title)
-    fig.tight_layout()
-
-
-def _save(fig, path: Path) -> Path:
-    with replacing(path) as tmp:
-        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
-    return path
-
-
-def _subplots(rows: int = 1, columns: int = 1, figsize: tuple[float, float] = (6.4, 4.8), **kwargs):
-    """A figure and its axes, as `pyplot.subplots` gives them, without pyplot."""
-    fig = Figure(figsize=figsize)
-    return fig, fig.subplots(rows, columns, **kwargs)
-
-
-def plot_prediction(original, digit, probabilities, path: Path, title: str) -> Path:
-    """The image as given, the 28x28 the model saw, and the probabilities as a bar chart."""
-    fig, (a, b, c) = _subplots(1, 3, figsize=(10, 3.2), gridspec_kw={"width_ratios": [1.3, 1, 1.6]})
-    a.imshow(original)
-    a.set_title("original")
-    b.imshow(digit, cmap="gray", vmin=0, vmax=1)
-    b.set_title("what the model saw (28x28)")
-    for ax in (a, b):
-        ax.axis("off")
-    best = max(range(10), key=lambda d: probabilities[d])
-    c.bar(range(10), probabilities, color=["tab:orange" if d == best else "tab:blue" for d in range(10)])
-    c.set(xticks=range(10), ylim=(0, 1), xlabel="digit", ylabel="probability")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+def plot_prediction(
+    original, digit, probabilities, path: Path, title: str, classes: Sequence[str] | None = None
+) -> Path:
+    """The image as given, the 28x28 the model saw (`digit`), and the probabilities as a bar chart labelled
+    by `classes` (default: the digits)."""
+    return _save(_figure_prediction(original, digit, probabilities, title, classes), path)
 
 
 def plot_confusion(
@@ -83,38 +46,12 @@ def plot_confusion(
 ) -> Path:
     """The confusion matrix with counts; the diagonal is left pale so the mistakes stand out. `classes` names
     the rows and columns (default: the digits)."""
-    import numpy as np
-
-    counts = np.array(matrix)
-    off = counts.copy()
-    np.fill_diagonal(off, 0)
-    fig, ax = _subplots(figsize=(6.5, 5.5))
-    image = ax.imshow(off, cmap="Reds")
-    for (i, j), v in np.ndenumerate(counts):
-        if v:
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="black" if i != j else "grey")
-    names = list(classes) if classes else [str(d) for d in range(10)]
-    short = max(map(len, names)) < 3  # digits stay upright; words ("T-shirt/top") are slanted to fit
-    ax.set_xticks(range(10), names, rotation=0 if short else 45, ha="center" if short else "right")
-    ax.set_yticks(range(10), names)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.colorbar(image, ax=ax, label="mistakes")
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(_figure_confusion(matrix, title, classes), path)
 
 
 def plot_gallery(images, captions: Sequence[str], path: Path, title: str, columns: int = 10) -> Path:
-    """A grid of 28x28 digits, each with a caption."""
-    rows = max(1, -(-len(images) // columns))
-    fig, axes = _subplots(rows, columns, figsize=(columns * 1.1, rows * 1.35), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, caption in zip(axes.flat, images, captions):
-        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(caption, fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    """A grid of 28x28 images, each with a caption (wrapped to its column)."""
+    return _save(_figure_gallery(images, captions, title, columns), path)
 
 
 def plot_sweep_objective(
@@ -128,6 +65,198 @@ def plot_sweep_objective(
 ) -> Path:
     """A sweep's objective by trial number: complete trials filled, pruned ones hollow (at the epoch they
     stopped), and the best complete value so far as a step line (`sign` +1 when higher is better)."""
+    return _save(_figure_sweep_objective(numbers, values, pruned, sign, title, ylabel), path)
+
+
+def plot_sweep_params(
+    axes: Mapping[str, Mapping], accuracies: Sequence[float], pruned: Sequence[bool], path: Path, title: str
+) -> Path:
+    """Validation accuracy against each searched parameter, one panel per parameter. `axes` maps a parameter
+    to {"values": x per trial, "ticks": labels of categorical positions or None, "log": log scale}."""
+    return _save(_figure_sweep_params(axes, accuracies, pruned, title), path)
+
+
+def plot_robustness(
+    corruptions: Mapping[str, float], clean: float, adversarial: Sequence[Mapping], path: Path, title: str
+) -> Path:
+    """Accuracy per corruption as bars (clean accuracy and the corruptions' mean as lines) and, where given,
+    accuracy against eps for each attack."""
+    return _save(_figure_robustness(corruptions, clean, adversarial, title), path)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
+    return path
+
+
+def _subplots(rows: int = 1, columns: int = 1, figsize: tuple[float, float] = (6.4, 4.8), **kwargs):
+    """A figure and its axes, as `pyplot.subplots` gives them, without pyplot; constrained layout makes room
+    for titles, tick labels, colorbars and outside legends."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.subplots(rows, columns, **kwargs)
+
+
+def _points(size: float | str) -> float:
+    return FontProperties(size=size).get_size_in_points()
+
+
+def _width(text: str, size: float | str) -> float:
+    """How wide `text` is drawn at font size `size`, in points."""
+    return text_to_path.get_text_width_height_descent(text, FontProperties(size=size), ismath=False)[0]
+
+
+def _wrap(text: str, width: float, size: float | str) -> str:
+    """`text` in lines no wider than `width` points at font size `size`: broken between words, and inside a
+    word only when the word alone is wider than a line."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and _width(f"{lines[-1]} {word}", size) <= width:
+            lines[-1] += f" {word}"
+            continue
+        while len(word) > 1 and _width(word, size) > width:
+            cut = next(k for k in range(len(word) - 1, 0, -1) if _width(word[:k], size) <= width or k == 1)
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return "\n".join(lines)
+
+
+def _title(fig: Figure, title: str) -> None:
+    """The figure's title, wrapped to its width."""
+    size = rcParams["figure.titlesize"]
+    fig.suptitle(_wrap(title, 72 * fig.get_figwidth() - 20, size), fontsize=size)
+
+
+def _outside_legend(ax) -> None:
+    """The axes' legend beside it, top right, where it covers no data."""
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+
+
+def _figure_legend(fig: Figure, ax) -> int:
+    """The lines of `ax` named once below the figure, in as many columns as fit its width; the rows it takes."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not labels:
+        return 0
+    size = _points("small")
+    column = max(_width(label, size) for label in labels) + 5 * size  # the line sample and the gaps
+    columns = max(1, min(len(labels), int((72 * fig.get_figwidth() - 20) // column)))
+    fig.legend(handles, labels, fontsize=size, loc="outside lower center", ncols=columns)
+    return -(-len(labels) // columns)
+
+
+def _class_ticks(ax, names: Sequence[str]) -> None:
+    """Class names along the x axis: digits upright, words ("T-shirt/top") slanted so they do not overlap."""
+    if max(map(len, names)) < 3:
+        ax.set_xticks(range(len(names)), names)
+    else:  # turned about the label's end, which stays under its tick
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", rotation_mode="anchor")
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def _figure_curves(epochs: Sequence[Mapping], title: str) -> Figure:
+    fig, (acc_ax, loss_ax) = _subplots(1, 2, figsize=(10, 4.4))
+    xs = [e["epoch"] for e in epochs]
+    for split, style in _SPLITS:
+        if epochs and epochs[0].get(f"{split}_accuracy") is not None:
+            acc_ax.plot(xs, [100 * e[f"{split}_accuracy"] for e in epochs], style, marker="o", label=split)
+            loss_ax.plot(xs, [e[f"{split}_loss"] for e in epochs], style, marker="o", label=split)
+    _finish(fig, acc_ax, loss_ax, title)
+    return fig
+
+
+def _figure_overlay(runs: Mapping[str, Sequence[Mapping]], split: str) -> Figure:
+    fig, (acc_ax, loss_ax) = _subplots(1, 2, figsize=(11, 4.5))
+    for name, epochs in runs.items():
+        xs = [e["epoch"] for e in epochs]
+        acc_ax.plot(xs, [100 * e[f"{split}_accuracy"] for e in epochs], marker=".", label=name)
+        loss_ax.plot(xs, [e[f"{split}_loss"] for e in epochs], marker=".", label=name)
+    _finish(fig, acc_ax, loss_ax, f"{split} accuracy and loss per epoch")
+    return fig
+
+
+def _finish(fig: Figure, acc_ax, loss_ax, title: str) -> None:
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+    rows = _figure_legend(fig, acc_ax)  # both panels draw the same lines: one legend, below both
+    fig.set_figheight(fig.get_figheight() + rows * 1.5 * _points("small") / 72)
+    _title(fig, title)
+
+
+def _figure_prediction(original, digit, probabilities, title: str, classes: Sequence[str] | None = None) -> Figure:
+    names = list(classes) if classes else list(_DIGITS)
+    fig, (a, b, c) = _subplots(1, 3, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.3, 1, 1.6]})
+    a.imshow(original)
+    a.set_title("original")
+    b.imshow(digit, cmap="gray", vmin=0, vmax=1)
+    b.set_title("what the model saw (28x28)")
+    for ax in (a, b):
+        ax.axis("off")
+    shown = range(len(names))
+    best = max(shown, key=lambda d: probabilities[d])
+    c.bar(shown, [probabilities[d] for d in shown], color=["tab:orange" if d == best else "tab:blue" for d in shown])
+    _class_ticks(c, names)
+    c.set(ylim=(0, 1), xlabel="digit" if tuple(names) == _DIGITS else "class", ylabel="probability")
+    _title(fig, title)
+    return fig
+
+
+def _figure_confusion(matrix: Sequence[Sequence[int]], title: str, classes: Sequence[str] | None) -> Figure:
+    import numpy as np
+
+    counts = np.array(matrix)
+    off = counts.copy()
+    np.fill_diagonal(off, 0)
+    fig, ax = _subplots(figsize=(6.5, 5.5))
+    image = ax.imshow(off, cmap="Reds")
+    for (i, j), v in np.ndenumerate(counts):
+        if v:
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="black" if i != j else "grey")
+    names = list(classes) if classes else list(_DIGITS)
+    _class_ticks(ax, names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="predicted", ylabel="true")
+    fig.colorbar(image, ax=ax, label="mistakes")
+    _title(fig, title)
+    return fig
+
+
+def _figure_gallery(images, captions: Sequence[str], title: str, columns: int) -> Figure:
+    """Placed by hand, in inches: each row as tall as its image plus its longest caption, so a caption never
+    reaches into the row above, and each column as wide as the longest word of any caption."""
+    cell = max([1.1, *(_width(w, _CAPTION) / 72 + 0.1 for c in captions for w in c.split())])
+    wrapped = [_wrap(c, 72 * (cell - 0.1), _CAPTION) for c in captions]
+    line = 1.25 * _CAPTION / 72
+    caption = line * max([1, *(c.count("\n") + 1 for c in wrapped)]) + 0.06
+    side, gap = cell - 0.15, 0.08
+    rows = max(1, -(-len(images) // columns))
+    width = columns * cell + 0.2
+    heading = _wrap(title, 72 * width - 20, rcParams["figure.titlesize"])
+    top = (heading.count("\n") + 1) * 1.3 * _points(rcParams["figure.titlesize"]) / 72 + 0.15
+    height = top + rows * (caption + side + gap) + 0.05
+    fig = Figure(figsize=(width, height))
+    fig.suptitle(heading, y=1 - 0.08 / height, va="top", fontsize=rcParams["figure.titlesize"])
+    for k, (image, text) in enumerate(zip(images, wrapped)):
+        row, column = divmod(k, columns)
+        left = 0.1 + column * cell + (cell - side) / 2
+        bottom = height - top - (row + 1) * (caption + side + gap) + gap
+        ax = fig.add_axes((left / width, bottom / height, side / width, side / height))
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(text, fontsize=_CAPTION, pad=3)
+        ax.axis("off")
+    return fig
+
+
+def _figure_sweep_objective(
+    numbers: Sequence[int], values: Sequence[float], pruned: Sequence[bool], sign: int, title: str, ylabel: str
+) -> Figure:
     fig, ax = _subplots(figsize=(8, 4.5))
     done = [(n, v) for n, v, p in zip(numbers, values, pruned) if not p]
     cut = [(n, v) for n, v, p in zip(numbers, values, pruned) if p]
@@ -142,21 +271,30 @@ def plot_sweep_objective(
         ax.step([*xs, last], [*ys, ys[-1]], where="post", color="tab:orange", label="best so far")
     if cut:
         ax.scatter(*zip(*cut), facecolors="none", edgecolors="tab:gray", label="pruned", zorder=2)
-    ax.set(xlabel="trial", ylabel=ylabel, title=title)
+    ax.set(xlabel="trial", ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return _save(fig, path)
+    _outside_legend(ax)
+    _title(fig, title)
+    return fig
 
 
-def plot_sweep_params(
-    axes: Mapping[str, Mapping], accuracies: Sequence[float], pruned: Sequence[bool], path: Path, title: str
-) -> Path:
-    """Validation accuracy against each searched parameter, one panel per parameter. `axes` maps a parameter
-    to {"values": x per trial, "ticks": labels of categorical positions or None, "log": log scale}."""
+def _figure_sweep_params(
+    axes: Mapping[str, Mapping], accuracies: Sequence[float], pruned: Sequence[bool], title: str
+) -> Figure:
+    """Choices are labelled upright, each wrapped to its share of the panel; panels widen for many long choices
+    and rows grow with the labels' lines."""
     columns = min(3, max(1, len(axes)))
     rows = -(-len(axes) // columns)
-    fig, grid = _subplots(rows, columns, figsize=(max(6.0, 4.2 * columns), 3.4 * rows + 0.4), squeeze=False)
+    size = _points("small")
+    # each choice gets up to 1.4 inches where its label needs it; 1 inch of a panel goes to its y axis
+    slots = {n: min(100.0, max(_width(t, size) + 10 for t in a["ticks"])) for n, a in axes.items() if a["ticks"]}
+    panel = max([4.2, *(1.0 + len(axes[n]["ticks"]) * s / 72 for n, s in slots.items())])
+    ticks = {
+        n: [_wrap(t, 72 * (panel - 1.0) / len(axes[n]["ticks"]) - 6, size) for t in axes[n]["ticks"]] for n in slots
+    }
+    lines = max([1, *(t.count("\n") + 1 for labels in ticks.values() for t in labels)])
+    height = (3.4 + (lines - 1) * 1.2 * size / 72) * rows + 0.4
+    fig, grid = _subplots(rows, columns, figsize=(max(6.0, panel * columns), height), squeeze=False)
     for ax in grid.flat[len(axes) :]:
         ax.axis("off")
     for ax, (name, axis) in zip(grid.flat, axes.items()):
@@ -165,28 +303,25 @@ def plot_sweep_params(
             if points:
                 style = {"facecolors": "none", "edgecolors": "tab:gray"} if hollow else {"color": "tab:blue"}
                 ax.scatter(*zip(*points), label="pruned" if hollow else "complete", **style)
-        if axis["ticks"] is not None:
-            ax.set_xticks(range(len(axis["ticks"])), axis["ticks"], rotation=20, fontsize="small")
-            ax.set_xlim(-0.5, len(axis["ticks"]) - 0.5)
+        if name in ticks:
+            ax.set_xticks(range(len(ticks[name])), ticks[name], fontsize=size)
+            ax.set_xlim(-0.5, len(ticks[name]) - 0.5)
         if axis["log"]:
             ax.set_xscale("log")
         ax.set(xlabel=name, ylabel="val accuracy (%)")
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    _title(fig, title)
+    return fig
 
 
-def plot_robustness(
-    corruptions: Mapping[str, float], clean: float, adversarial: Sequence[Mapping], path: Path, title: str
-) -> Path:
-    """Accuracy per corruption as bars (clean accuracy and the corruptions' mean as lines) and, where given,
-    accuracy against eps for each attack."""
+def _figure_robustness(
+    corruptions: Mapping[str, float], clean: float, adversarial: Sequence[Mapping], title: str
+) -> Figure:
     panels = [p for p in ("corruptions", "attacks") if (corruptions if p == "corruptions" else adversarial)]
     panels = panels or ["corruptions"]
     widths = [2.0 if p == "corruptions" else 1.0 for p in panels]
     fig, axes = _subplots(
-        1, len(panels), figsize=(4.5 * sum(widths), 4.8), squeeze=False, gridspec_kw={"width_ratios": widths}
+        1, len(panels), figsize=(4.5 * sum(widths) + 1.5, 4.8), squeeze=False, gridspec_kw={"width_ratios": widths}
     )
     for ax, panel in zip(axes[0], panels):
         if panel == "corruptions":
@@ -211,7 +346,6 @@ def plot_robustness(
                 title="white-box attacks",
             )
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize="small", loc="lower left")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+        _outside_legend(ax)
+    _title(fig, title)
+    return fig
