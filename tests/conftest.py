@@ -15,7 +15,7 @@ from mnistlab.data.idx import read_images, read_labels
 from mnistlab.data.splits import load_data
 
 from .support.idx_files import GZ_NAMES, write_dataset
-from .support.mnist import mnist_dir
+from .support.mnist import fashion_dir, mnist_dir, subset
 from .support.servers import serve_folder
 
 
@@ -32,6 +32,27 @@ def mnist_data(mnist_path):
     """The real MNIST, loaded once per test session (default 5,000-image validation split, seed 0)."""
 
     return load_data("mnist", mnist_path)
+
+
+@pytest.fixture(scope="session")
+def fashion_data():
+    """The real Fashion-MNIST (500-image validation split), loaded once per session; skipped where it is missing."""
+    if fashion_dir() is None:
+        pytest.skip("real Fashion-MNIST not found beside the checkout")
+    return load_data("fashion-mnist", fashion_dir(), val_size=500)
+
+
+@pytest.fixture(scope="session")
+def fashion_run(fashion_data, tmp_path_factory) -> Path:
+    """fashion-mlp trained for one epoch on 5,000 real Fashion-MNIST training images: a model whose classes are
+    words, the longest of them "T-shirt/top" and "Ankle boot"."""
+    from mnistlab.config import load_config
+    from mnistlab.train.loop import train
+
+    run = tmp_path_factory.mktemp("fashion") / "fashion-mlp"
+    config = load_config("fashion-mlp").with_overrides({"training.epochs": 1, "data.val_size": 500})
+    train(config, out_dir=run, data=subset(fashion_data, 5000, 500), device="cpu", quiet=True)
+    return run
 
 
 @pytest.fixture

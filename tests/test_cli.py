@@ -165,3 +165,26 @@ def test_set_and_no_nesterov_reach_any_config_key(mnist_path, tmp_path):
     assert saved.optimizer.nesterov is False and saved.augment.rotate == 12.5 and saved.training.amp is False
     assert saved.model.layers[0] == "conv 4 5 0 2" and saved.data.val_size == 500  # --set comes after the flags
     assert "changed:" in saved.description and "optimizer.nesterov=false" in saved.description
+
+
+def test_an_ensemble_refuses_one_run_given_twice_under_any_path(mnist_data, tmp_path, monkeypatch):
+    """`d1 d1` would be "an ensemble of 1": the same model named twice, however it is named, is refused before
+    anything is written (the reliability table has the command's one line)."""
+    from mnistlab.errors import MnistlabError
+    from mnistlab.infer.ensemble import make_ensemble
+
+    from .support.runs import train_small
+
+    d1 = train_small(tmp_path / "d1", mnist_data, 2000)
+    (tmp_path / "link").symlink_to(d1)
+    monkeypatch.chdir(tmp_path)
+    for pair in (
+        ["d1", "d1"],
+        ["d1", "./d1/"],
+        ["d1", "link"],
+        ["d1", "d1/model.safetensors"],
+        ["d1/model.json", "d1"],
+    ):
+        with pytest.raises(MnistlabError, match="the same model given twice"):
+            make_ensemble(pair, tmp_path / "e", device="cpu")
+        assert not (tmp_path / "e").exists()

@@ -72,6 +72,29 @@ def test_classes_without_images_show_a_dash(folder, tmp_path):
     assert [s.endswith(": -") for s in shown] == [d != 4 for d in range(10)]
 
 
+def test_classes_without_images_are_null_in_json_not_zero(folder, tmp_path):
+    """No image of a class is no accuracy (null), not 0.0; the report lists those classes, whose confusion-matrix
+    rows are all zero, and the Python API says the same. One image is "1 image"."""
+    (tmp_path / "4").mkdir()
+    shutil.copy(next((folder / "4").glob("*.jpg")), tmp_path / "4")
+    result = mnistlab("evaluate", "--images", str(tmp_path), "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "NaN" not in result.stdout
+    report = json.loads(result.stdout)
+    absent = [d for d in range(10) if d != 4]
+    assert report["classes_without_images"] == absent and report["images"] == 1
+    assert [a is None for a in report["per_class_accuracy"]] == [d != 4 for d in range(10)]
+    assert report["per_class_accuracy"][4] in (0.0, 1.0)
+    assert [sum(row) for row in report["confusion_matrix"]] == [int(d == 4) for d in range(10)]
+
+    found = evaluate_images(tmp_path, device="cpu")
+    assert found.to_dict() == report
+    assert found.evaluation.classes_without_images == absent and found.evaluation.per_class_accuracy[0] is None
+
+    text = mnistlab("evaluate", "--images", str(tmp_path), "--device", "cpu")
+    assert text.stdout.startswith(f"accuracy on 1 image in {tmp_path} "), text.stdout
+
+
 def test_folders_not_named_by_class_are_refused(tmp_path):
     (tmp_path / "seven").mkdir()
     Image.new("L", (28, 28)).save(tmp_path / "seven" / "a.png")

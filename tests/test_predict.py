@@ -17,11 +17,16 @@ import torch
 from PIL import Image
 
 from mnistlab.config import load_config
+from mnistlab.datasets import DATASETS
+from mnistlab.infer.evaluate import gallery_text
+from mnistlab.infer.predict import predict_images
 from mnistlab.models.files import load_model
+from mnistlab.plots import plot_prediction
 from mnistlab.train.loop import train
 
-from .support.cli import assert_user_error, mnistlab
+from .support.cli import assert_user_error, mnistlab, run_main
 from .support.digit_images import KINDS, blank_png, realistic_image
+from .support.mnist import fashion_dir
 
 # The least accuracy each kind of image must keep with the bundled model, on the digits below (measured
 # figures are in docs/predict.md; these floors leave a margin under them).
@@ -235,3 +240,41 @@ def test_unsafe_or_mismatched_model_files_are_refused(mnist_data, tmp_path, imag
     assert_user_error(mnistlab("evaluate", str(run)), "do not match the architecture")
     (run / "model.json").write_text("{not json")
     assert_user_error(mnistlab("predict", "--model", str(run), image), "not valid JSON")
+
+
+@pytest.mark.slow  # 10 s on 2 busy cores: an ONNX export
+def test_a_fashion_model_speaks_of_garments_not_digits(fashion_run, fashion_data, tmp_path, capsys):
+    """evaluate --images, predict --show's chart, inspect's gallery and export name a Fashion-MNIST model's
+    classes, not the digits 0-9."""
+    run, data = fashion_run, fashion_data
+    names = list(DATASETS["fashion-mnist"].classes)
+    image = tmp_path / "mine" / "Trouser" / "trouser.png"
+    image.parent.mkdir(parents=True)
+    Image.fromarray(data.test.images[int((data.test.labels == 1).nonzero()[0])].numpy()).save(image)
+
+    text = run_main(capsys, "evaluate", str(run), "--images", str(tmp_path / "mine"), "--device", "cpu")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.splitlines()[1].startswith("per-class accuracy: T-shirt/top: -  Trouser: "), text.stdout
+
+    # The chart is the one drawn with the class names (the same figure, byte for byte).
+    shown = run_main(capsys, "predict", str(image), "--model", str(run), "--show", str(tmp_path / "show"))
+    assert shown.returncode == 0, shown.stderr
+    (chart,) = (tmp_path / "show").glob("*.png")
+    p = next(predict_images([str(image)], load_model(run), keep_preprocessed=True))
+    title = f"{p.path}: {p.class_name}"
+    named = plot_prediction(
+        p.preprocessed.original, p.preprocessed.digit, p.probabilities, tmp_path / "n.png", title, names
+    )
+    assert chart.read_bytes() == named.read_bytes()
+
+    heading, captions = gallery_text(names, 1, [(9, 7, 0.5)])
+    assert heading.startswith("1 misclassified test image (") and captions == ["Ankle boot → Sneaker (50%)"]
+    assert gallery_text([str(d) for d in range(10)], 2, [(4, 9, 1.0)]) == (
+        "2 misclassified test digits (true → predicted, confidence), most confident first",
+        ["4 → 9 (100%)"],
+    )
+
+    pytest.importorskip("onnxruntime", reason="ONNX export is an optional extra")
+    onnx = run_main(capsys, "export", str(run), "--onnx", str(tmp_path / "f.onnx"), "--data-dir", str(fashion_dir()))
+    assert onnx.returncode == 0, onnx.stderr
+    assert "on 1000 test images" in onnx.stdout and "same class for all)" in onnx.stdout, onnx.stdout

@@ -6,11 +6,10 @@ import pytest
 
 from mnistlab.analysis.reports import compare
 from mnistlab.config import load_config
-from mnistlab.data.splits import load_data
 from mnistlab.train.loop import train
 
 from .support.cli import assert_user_error, mnistlab
-from .support.mnist import fashion_dir, subset
+from .support.mnist import subset
 
 # ---------------------------------------------------------------------------------------------- compare
 
@@ -32,16 +31,11 @@ def test_compare_reports_runs_side_by_side(mnist_data, tmp_path):
     assert_user_error(mnistlab("compare", str(tmp_path), "--out", str(tmp_path / "x")), "not a run directory")
 
 
-@pytest.mark.slow  # two 1-epoch runs on 2,000 images
-def test_compare_says_when_runs_are_on_different_data_sets(mnist_data, tmp_path):
-    if fashion_dir() is None:
-        pytest.skip("real Fashion-MNIST not found beside the checkout")
-    fashion = subset(load_data("fashion-mnist", fashion_dir(), val_size=500), 2000, 500)
-    config = load_config("fashion-mlp").with_overrides({"training.epochs": 1})
-    train(config, out_dir=tmp_path / "clothes", quiet=True, data=fashion)
+@pytest.mark.slow  # a 1-epoch run on 2,000 images
+def test_compare_says_when_runs_are_on_different_data_sets(mnist_data, fashion_run, tmp_path):
     base = load_config("seed-b-fixed").with_overrides({"training.epochs": 1})
     train(base, out_dir=tmp_path / "digits", quiet=True, data=subset(mnist_data, 2000, 500))
-    result = mnistlab("compare", str(tmp_path / "digits"), str(tmp_path / "clothes"), "--out", str(tmp_path / "cmp"))
+    result = mnistlab("compare", str(tmp_path / "digits"), str(fashion_run), "--out", str(tmp_path / "cmp"))
     assert result.returncode == 0, result.stderr
     warning = "different data sets (fashion-mnist, mnist): their accuracies are not comparable"
     assert result.stderr.strip() == f"mnistlab: warning: these runs were trained and tested on {warning}"

@@ -1,22 +1,28 @@
 """The draw-a-digit page in a real browser: Debian's Chromium driven by Playwright against a real `mnistlab serve`
 (a subprocess on a free loopback port). Draws with the mouse stroke by stroke and reads the digit the page shows,
 draws with a finger on a phone-sized screen without scrolling the page, uploads and drops files, checks Undo
-and Clear, saves a drawing with "That was a", and takes a screenshot (the README's, in docs/img/, with
-MNISTLAB_SCREENSHOT=1).
+and Clear, saves a drawing with "That was a", takes a screenshot (the README's, in docs/img/, with
+MNISTLAB_SCREENSHOT=1), and keeps a Fashion-MNIST model's long class names clear of their percentages.
 
 Without Chromium the tests skip with a one-line reason, except under CI=true, where a missing browser fails."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from mnistlab.infer.predict import predict_images
+from mnistlab.models.files import load_model
 
 from .support.digit_images import on_paper
 from .support.drawings import STROKES
@@ -62,21 +68,28 @@ def browser():
         launched.close()
 
 
+@contextlib.contextmanager
+def serving(*args: str) -> Iterator[str]:
+    """`mnistlab serve ARGS` on a free loopback port; yields its URL."""
+    command = [sys.executable, "-m", "mnistlab", "serve", *args, "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert " at http://127.0.0.1:" in line, line + server.stderr.read()
+        yield line.split(" at ")[1].split()[0]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, mnist_data):
     """`mnistlab serve` with the bundled model and a quickly trained second model, collecting into a folder."""
     root = tmp_path_factory.mktemp("web")
     run = train_small(root / "seed-b-fixed-1-epoch-20k", mnist_data, 20000)
     collect = root / "collected"
-    command = [sys.executable, "-m", "mnistlab", "serve", str(run), "--port", "0", "--collect", str(collect)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = server.stdout.readline()
-        assert " at http://127.0.0.1:" in line, line + server.stderr.read()
-        yield line.split(" at ")[1].split()[0], collect
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with serving(str(run), "--collect", str(collect)) as url:
+        yield url, collect
 
 
 def answer(page) -> str:
@@ -228,5 +241,63 @@ def test_upload_and_drop_an_image_file(browser, served, mnist_data, tmp_path):
     page.set_input_files("#file", str(tmp_path / "notes.png"))
     page.wait_for_function("() => document.getElementById('status').classList.contains('error')", timeout=TIMEOUT)
     assert "not an image" in page.locator("#status").text_content()
+    assert errors == []
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def fashion_served(fashion_run, fashion_data):
+    """`mnistlab serve` with the bundled model and fashion-mlp trained for one epoch on 5,000 real Fashion-MNIST
+    images; with the run and the test split."""
+    with serving(str(fashion_run)) as url:
+        yield url, fashion_run, fashion_data.test
+
+
+# The text of each label beside the text of its percentage, in one model's column: the answer's name and
+# confidence, and each bar's class name and probability. Ranges measure the glyphs themselves, which may run
+# outside their element's box.
+TEXT_BOXES = """(column) => {
+    const boxes = (element) => {
+        const range = document.createRange();
+        range.selectNodeContents(element);
+        return [...range.getClientRects()].filter((r) => r.width > 0).map((r) => [r.left, r.top, r.right, r.bottom]);
+    };
+    const rows = [column.querySelector(".answer"), ...column.querySelectorAll(".bars li")];
+    const pairs = rows.map((row) => [...row.querySelectorAll(".digit, .confidence, .label, .p")]);
+    const c = column.getBoundingClientRect();
+    return { column: [c.left, c.right], pairs: pairs.map(([a, b]) => [a.textContent, boxes(a), boxes(b)]) };
+}"""
+
+
+def overlap(a: list[float], b: list[float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_long_class_names_stay_clear_of_their_percentages(browser, fashion_served, tmp_path):
+    """With a Fashion-MNIST model answering with its longest class names, no label's text touches its
+    percentage and none leaves its column, in every model's column."""
+    url, run, test = fashion_served
+    model = load_model(run)
+    longest = sorted(model.classes, key=len)[-2:]  # "Ankle boot", "T-shirt/top"
+    images = []
+    for name in longest:  # a test image the model calls `name`, surely enough that the page agrees
+        label = model.classes.index(name)
+        paths = []
+        for i in (test.labels == label).nonzero().flatten()[:50].tolist():
+            paths.append(tmp_path / f"{i}.png")
+            Image.fromarray(test.images[i].numpy()).save(paths[-1])
+        images.append(next(p.path for p in predict_images(paths, model) if p.label == label and p.confidence > 0.6))
+
+    context, page, errors = open_page(browser, url, viewport={"width": 1280, "height": 760})
+    for name, image in zip(longest, images):
+        page.set_input_files("#file", image)
+        page.wait_for_function("() => canvas.dataset.answered === String(version)", timeout=TIMEOUT)
+        assert page.locator(f'.model[data-model="{run.name}"] .digit').text_content() == name
+        for column in page.locator(".model").all():
+            found = column.evaluate(TEXT_BOXES)
+            left, right = found["column"]
+            for label, label_boxes, share_boxes in found["pairs"]:
+                assert label_boxes and all(left <= b[0] and b[2] <= right for b in label_boxes + share_boxes), label
+                assert not any(overlap(a, b) for a in label_boxes for b in share_boxes), label
     assert errors == []
     context.close()

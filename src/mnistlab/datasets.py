@@ -5,9 +5,17 @@ Plain data, no torch: config validation reads it, and adding a data set is one e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mnistlab.errors import MnistlabError
+
+DIGITS = tuple(str(d) for d in range(10))  # MNIST's classes, and the default of a model that names none
+
+
+def are_digits(classes: Sequence[str]) -> bool:
+    """Whether `classes` are the digits 0-9 (MNIST), so that a message or a chart may say "digit"."""
+    return tuple(classes) == DIGITS
 
 
 @dataclass(frozen=True)
@@ -28,7 +36,7 @@ class DatasetInfo:
     test_labels: DataFile
     mean: float  # of training pixels in [0, 1], for optional normalisation
     std: float
-    classes: tuple[str, ...] = tuple(str(d) for d in range(10))  # what each label means, in label order
+    classes: tuple[str, ...] = DIGITS  # what each label means, in label order
 
     @property
     def files(self) -> tuple[DataFile, ...]:

@@ -16,10 +16,10 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.textpath import text_to_path
 
+from mnistlab.datasets import DIGITS, are_digits
 from mnistlab.files import replacing
 
 _SPLITS = (("train", "-"), ("val", "--"), ("test", ":"))
-_DIGITS = tuple(str(d) for d in range(10))
 _CAPTION = 7  # points: gallery captions
 
 
@@ -191,7 +191,7 @@ def _finish(fig: Figure, acc_ax, loss_ax, title: str) -> None:
 
 
 def _figure_prediction(original, digit, probabilities, title: str, classes: Sequence[str] | None = None) -> Figure:
-    names = list(classes) if classes else list(_DIGITS)
+    names = list(classes) if classes else list(DIGITS)
     fig, (a, b, c) = _subplots(1, 3, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.3, 1, 1.6]})
     a.imshow(original)
     a.set_title("original")
@@ -203,7 +203,7 @@ def _figure_prediction(original, digit, probabilities, title: str, classes: Sequ
     best = max(shown, key=lambda d: probabilities[d])
     c.bar(shown, [probabilities[d] for d in shown], color=["tab:orange" if d == best else "tab:blue" for d in shown])
     _class_ticks(c, names)
-    c.set(ylim=(0, 1), xlabel="digit" if tuple(names) == _DIGITS else "class", ylabel="probability")
+    c.set(ylim=(0, 1), xlabel="digit" if are_digits(names) else "class", ylabel="probability")
     _title(fig, title)
     return fig
 
@@ -219,7 +219,7 @@ def _figure_confusion(matrix: Sequence[Sequence[int]], title: str, classes: Sequ
     for (i, j), v in np.ndenumerate(counts):
         if v:
             ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="black" if i != j else "grey")
-    names = list(classes) if classes else list(_DIGITS)
+    names = list(classes) if classes else list(DIGITS)
     _class_ticks(ax, names)
     ax.set_yticks(range(len(names)), names)
     ax.set(xlabel="predicted", ylabel="true")

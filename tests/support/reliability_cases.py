@@ -538,6 +538,25 @@ CASES: list[Case] = [
     ),
     # sweeps (issue 26)
     # using models: evaluate, ensemble, export (issue 26)
+    Case(
+        "ensemble of one run given twice",
+        ["ensemble", "{run}", "{run}/", "--out", "{tmp}/ens"],
+        2,
+        "the same model given twice",
+    ),
+    Case(
+        "ensemble of a run and a symlink to it",
+        ["ensemble", "{run}", "{tmp}/link", "--out", "{tmp}/ens"],
+        2,
+        "the same model given twice",
+        lambda ctx: (ctx.tmp / "link").symlink_to(ctx.run),
+    ),
+    Case(
+        "export --onnx to a name not ending in .onnx (written, with a warning)",
+        ["export", "{run}", "--onnx", "{tmp}/model.txt", "--data-dir", "{data}"],
+        0,
+        "model.txt: an ONNX model, though its name does not end in .onnx",
+    ),
     # training, runs and compare (issue 26)
     Case("--nproc above the CPU cores", [*_TRAIN, "--nproc", "9999"], 2, "is more than this machine's"),
     Case(

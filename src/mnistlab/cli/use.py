@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mnistlab.cli.common import Formatter, Subparsers, add_data_dir, add_device, add_model, model_of
-from mnistlab.errors import MnistlabError, warn
+from mnistlab.errors import MnistlabError, plural, warn
 
 
 def register(sub: Subparsers) -> None:
@@ -40,6 +40,7 @@ def _add_evaluate(sub: Subparsers) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from mnistlab.datasets import are_digits
     from mnistlab.files import to_json
     from mnistlab.infer.evaluate import evaluate, evaluate_images
 
@@ -47,18 +48,19 @@ def _evaluate(args: argparse.Namespace) -> None:
         found = evaluate_images(args.images, model_of(args), args.device, args.tta)
         for problem in found.skipped:
             warn(f"{problem} (not counted)")
-        result, what = found.evaluation, f"accuracy on {found.count} images in {args.images}"
+        result, what = found.evaluation, f"accuracy on {plural(found.count, 'image')} in {args.images}"
+        report = found.to_dict()
     else:
         result, what = evaluate(model_of(args), args.data_dir, args.device, args.tta), "test accuracy"
+        report = result.to_dict()
     if args.json:
-        print(to_json(result.to_dict() | ({"images": found.count, "skipped": found.skipped} if args.images else {})))
+        print(to_json(report))
         return
     names = result.classes
     print(f"{what} {100 * result.accuracy:.2f}%, loss {result.loss:.4f}")
-    rows = zip(result.per_class_accuracy, result.confusion_matrix)
-    shown = [f"{100 * a:.2f}%" if sum(row) else "-" for a, row in rows]  # "-": no image of that class
+    shown = ["-" if a is None else f"{100 * a:.2f}%" for a in result.per_class_accuracy]  # "-": no image of it
     print("per-class accuracy: " + "  ".join(f"{n}: {a}" for n, a in zip(names, shown)))
-    if names != [str(d) for d in range(10)]:
+    if not are_digits(names):
         print("classes: " + ", ".join(f"{d} {n}" for d, n in enumerate(names)))
     print("confusion matrix (rows: true class, columns: predicted):")
     print("      " + "".join(f"{d:>6}" for d in range(10)))
@@ -117,7 +119,9 @@ def _predict(args: argparse.Namespace) -> int:
         if args.show:
             pre = p.preprocessed
             target = Path(args.show) / f"{i:04d}-{Path(p.path).stem}.png"
-            plot_prediction(pre.original, pre.digit, p.probabilities, target, f"{p.path}: {p.class_name}")
+            plot_prediction(
+                pre.original, pre.digit, p.probabilities, target, f"{p.path}: {p.class_name}", model.classes
+            )
     return 1 if failures else 0
 
 
@@ -198,12 +202,14 @@ def _add_export(sub: Subparsers) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from mnistlab.datasets import are_digits
     from mnistlab.infer.export import export_onnx
 
     check = export_onnx(model_of(args), args.onnx, args.data_dir, force=args.force)
     print(
-        f"wrote {check.path}: onnxruntime matches PyTorch on {check.images} test images "
-        f"(max probability difference {check.max_abs_diff:.1e}, same digit for all)"
+        f"wrote {check.path}: onnxruntime matches PyTorch on {plural(check.images, 'test image')} "
+        f"(max probability difference {check.max_abs_diff:.1e}, "
+        f"same {'digit' if are_digits(check.classes) else 'class'} for all)"
     )
 
 

@@ -8,7 +8,7 @@ from mnistlab.data.splits import load_data
 from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError
 from mnistlab.files import FolderLock, check_output_dir, clear_dir, write_json
-from mnistlab.models.files import load_model, save_ensemble
+from mnistlab.models.files import load_model, model_paths, save_ensemble
 from mnistlab.models.metrics import evaluate_model
 
 
@@ -26,9 +26,24 @@ def make_ensemble(
     out = check_output_dir(out_dir, force)
     if len(members) < 2:
         raise MnistlabError("an ensemble needs at least two members")
+    _check_distinct(members)
     with FolderLock(out):
         check_output_dir(out, force)  # again, now that no one else can write there
         return _make_ensemble(members, out, data_dir, device)
+
+
+def _check_distinct(members: list[str | Path]) -> None:
+    """Refuse a model given twice, under any path (`d1` and `./d1/`, a symlink, `d1/model.safetensors`): it would
+    be one member counted twice."""
+    seen: dict[tuple[int, int], str | Path] = {}
+    for member in members:
+        stat = model_paths(member)[0].stat()  # the weights file: one model, whatever path names it
+        first = seen.get((stat.st_dev, stat.st_ino))
+        if first is not None:
+            raise MnistlabError(
+                f"{first} and {member} are the same model given twice; an ensemble needs at least two different members"
+            )
+        seen[(stat.st_dev, stat.st_ino)] = member
 
 
 def _make_ensemble(members: list[str | Path], out: Path, data_dir: str | Path | None, device: str) -> dict:

@@ -9,8 +9,9 @@ import torch
 
 from mnistlab.data.preprocess import preprocess
 from mnistlab.data.splits import Split, load_data
+from mnistlab.datasets import are_digits
 from mnistlab.devices import resolve_device
-from mnistlab.errors import MnistlabError
+from mnistlab.errors import MnistlabError, plural
 from mnistlab.files import write_json
 from mnistlab.infer.predict import IMAGE_SUFFIXES
 from mnistlab.models.files import LoadedModel, load_model
@@ -49,6 +50,15 @@ class FolderEvaluation:
     evaluation: Evaluation
     count: int  # images counted
     skipped: list[str]  # why each image that could not be used was left out
+
+    def to_dict(self) -> dict:
+        """The evaluation's report, with the images counted and skipped, and the classes (indices) that had no
+        image: their per-class accuracy is null and their confusion-matrix row all zero."""
+        return self.evaluation.to_dict() | {
+            "classes_without_images": self.evaluation.classes_without_images,
+            "images": self.count,
+            "skipped": self.skipped,
+        }
 
 
 def image_folder(folder: str | Path, classes: list[str]) -> list[tuple[Path, int]]:
@@ -104,16 +114,16 @@ def evaluate_images(
                 scores.append(model(torch.stack(batch).to(dev)).float().cpu())
             batch.clear()
     if not labels:
-        raise MnistlabError(f"{folder}: none of its {len(files)} images could be used (first: {skipped[0]})")
+        raise MnistlabError(f"{folder}: none of its {plural(len(files), 'image')} could be used (first: {skipped[0]})")
     evaluation = evaluate_scores(torch.cat(scores), torch.tensor(labels), loss_fn)
-    return FolderEvaluation(evaluation, len(labels), skipped)
+    return FolderEvaluation(replace(evaluation, classes=loaded.classes), len(labels), skipped)
 
 
 def inspect(
     model_path: str | Path | None, out_dir: str | Path, data_dir: str | Path | None = None, device: str = "auto"
 ) -> dict:
-    """Where a model goes wrong on the test set: confusion-matrix figure, the most-confused digit pairs, and a
-    gallery of misclassified digits with true label, prediction and confidence. Returns a summary."""
+    """Where a model goes wrong on the test set: confusion-matrix figure, the most-confused class pairs, and a
+    gallery of misclassified images with true class, prediction and confidence. Returns a summary."""
     from mnistlab.models.metrics import evaluate_scores, most_confused, predict_scores
     from mnistlab.plots import plot_confusion, plot_gallery
 
@@ -132,12 +142,9 @@ def inspect(
     title = f"{name}: {100 * result.accuracy:.2f}% correct"
     plot_confusion(result.confusion_matrix, out / "confusion.png", title, classes)
     shown = wrong[:100]
-    plot_gallery(
-        test.images.cpu()[shown].numpy(),
-        [f"{classes[test.labels[i]]} → {classes[predicted[i]]} ({100 * float(confidence[i]):.0f}%)" for i in shown],
-        out / "misclassified.png",
-        f"{len(wrong)} misclassified test digits (true → predicted, confidence), most confident first",
-    )
+    mistakes = [(int(test.labels[i]), int(predicted[i]), float(confidence[i])) for i in shown]
+    heading, captions = gallery_text(classes, len(wrong), mistakes)
+    plot_gallery(test.images.cpu()[shown].numpy(), captions, out / "misclassified.png", heading)
     summary = {
         "accuracy": result.accuracy,
         "classes": classes,
@@ -157,3 +164,11 @@ def inspect(
     }
     write_json(out / "inspection.json", summary)
     return summary
+
+
+def gallery_text(classes: list[str], count: int, mistakes: list[tuple[int, int, float]]) -> tuple[str, list[str]]:
+    """The title of inspect's gallery of `count` mistakes, and a caption for each shown (true class, predicted
+    class, confidence), in the words of the model's dataset."""
+    noun = "misclassified test digit" if are_digits(classes) else "misclassified test image"
+    title = f"{plural(count, noun)} (true → predicted, confidence), most confident first"
+    return title, [f"{classes[t]} → {classes[p]} ({100 * c:.0f}%)" for t, p, c in mistakes]  # plots wraps them

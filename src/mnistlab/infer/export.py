@@ -10,14 +10,15 @@ import contextlib
 import io
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mnistlab.data.splits import to_float
-from mnistlab.errors import MnistlabError
+from mnistlab.datasets import DIGITS
+from mnistlab.errors import MnistlabError, warn
 from mnistlab.files import make_dirs, replacing
 from mnistlab.infer.evaluate import evaluation_split
 from mnistlab.models.files import LoadedModel, load_model
@@ -59,6 +60,7 @@ class ExportCheck:
     images: int
     max_abs_diff: float
     argmax_agreement: float
+    classes: list[str] = field(default_factory=lambda: list(DIGITS))  # the model's class names
 
 
 def export_onnx(
@@ -98,4 +100,6 @@ def export_onnx(
                 f"ONNX check failed: max probability difference {diff:.2e}, argmax agreement {agreement:.4f}; "
                 "nothing was written"
             )
-    return ExportCheck(out, len(x), diff, agreement)
+    if out.suffix.lower() != ".onnx":  # written all the same (the name is the user's), once it is written
+        warn(f"{out}: an ONNX model, though its name does not end in .onnx (onnxruntime reads it whatever its name)")
+    return ExportCheck(out, len(x), diff, agreement, loaded.classes)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from mnistlab.config import ModelConfig, config_from_dict
-from mnistlab.datasets import DATASETS
+from mnistlab.datasets import DATASETS, DIGITS
 from mnistlab.errors import MnistlabError
 from mnistlab.files import LOCK, replacing, write_json
 from mnistlab.models.losses import LossFn, make_loss
@@ -64,7 +64,7 @@ class LoadedModel:
         if isinstance(names, list) and len(names) == 10 and all(isinstance(n, str) for n in names):
             return names
         info = DATASETS.get(self.dataset)
-        return list(info.classes) if info else [str(d) for d in range(10)]
+        return list(info.classes) if info else list(DIGITS)
 
 
 def _describe(model_config: ModelConfig, normalize: tuple[float, float] | None) -> dict[str, Any]:

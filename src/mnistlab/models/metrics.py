@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mnistlab.data.splits import Split, batches, to_float
+from mnistlab.datasets import DIGITS
 from mnistlab.devices import keep_freed_memory
 from mnistlab.models.networks import for_inference
 
@@ -22,10 +23,17 @@ BATCH = 128
 class Evaluation:
     accuracy: float
     loss: float
-    per_class_accuracy: list[float]
+    # None for a class with no images: no accuracy to give (a folder of your own images may lack some classes).
+    per_class_accuracy: list[float | None]
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
     # What each class index means (the model's dataset); shown in text output, not part of to_dict.
-    classes: list[str] = field(default_factory=lambda: [str(d) for d in range(10)])
+    classes: list[str] = field(default_factory=lambda: list(DIGITS))
+
+    @property
+    def classes_without_images(self) -> list[int]:
+        """The classes (indices) that had no image: their confusion-matrix rows are all zero, as nothing was
+        counted, and their per-class accuracy is None."""
+        return [c for c, row in enumerate(self.confusion_matrix) if not sum(row)]
 
     def to_dict(self) -> dict:
         return {
@@ -87,9 +95,11 @@ def evaluate_scores(
     scores, truth = scores.float().cpu(), labels.cpu()
     predicted = scores.argmax(1)
     confusion = torch.bincount(truth * 10 + predicted, minlength=100).reshape(10, 10)
-    per_class = confusion.diagonal() / confusion.sum(1).clamp(min=1)
+    counts = confusion.sum(1)
+    shares = (confusion.diagonal() / counts.clamp(min=1)).tolist()
+    per_class = [a if n else None for a, n in zip(shares, counts.tolist())]  # no images, no accuracy (not 0)
     accuracy = (predicted == truth).sum().item() / max(len(truth), 1)
-    return Evaluation(accuracy, loss_fn(scores, truth).item(), per_class.tolist(), confusion.tolist())
+    return Evaluation(accuracy, loss_fn(scores, truth).item(), per_class, confusion.tolist())
 
 
 def most_confused(confusion: list[list[int]], top: int = 10) -> list[tuple[int, int, int]]:

@@ -227,6 +227,7 @@ function accuracy(model) {
 function column(model) {
   const root = element("article", "model");
   root.dataset.model = model.name;
+  root.classList.toggle("words", model.classes.some((name) => name.length > 2)); // "Ankle boot", not "7": smaller
   root.append(element("h2", "", model.name), element("p", "arch", model.architecture), element("p", "acc", accuracy(model)));
   const answer = element("p", "answer");
   const digit = element("span", "digit", "–"), confidence = element("span", "confidence", "");
