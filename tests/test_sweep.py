@@ -4,6 +4,7 @@ pruning, interruptions, resumption, reports. Trials train a small MLP on a 2,500
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,13 +21,13 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from mnistlab.cli import main
-from mnistlab.config import load_config
+from mnistlab.config import load_config, shipped_configs
 from mnistlab.data.idx import read_images, read_labels
 from mnistlab.errors import MnistlabError
 from mnistlab.files import Interrupts
 from mnistlab.sweep.plan import SweepOptions, make_plans
 from mnistlab.sweep.space import Param, Space, apply, check_space, load_space_file, parse_spec
-from mnistlab.sweep.storage import open_storage
+from mnistlab.sweep.storage import open_storage, open_study
 
 from .support.cli import assert_user_error, mnistlab, run_main
 from .support.idx_files import write_images, write_labels
@@ -167,7 +168,13 @@ def test_bad_specs_are_one_line_errors(key, spec, needle, capsys, tmp_path):
         (["--space", "optimizer.momentum=0,0.9", "--space", "optimizer.nesterov=true"], "nesterov needs"),
         (["--space", "training.batch_size=int:0:64"], "batch_size must be at least 1"),
         (["--space", "optimizer.lr=log:1e-4:1", "--space", "data.val_size=0"], "validation split"),
-        (["--space", "optimizer.lr=0.1"], "nothing to search"),
+        (["--space", "optimizer.lr=0.1"], "nothing to search: --space optimizer.lr=0.1 is one value"),
+        (["--space", "optimizer.lr=log:1e-3:1", "--space", "optimizer.lr=0.1"], "--space optimizer.lr is given twice"),
+        (["--space", "training.epochs=1,2", "--epochs", "3"], "--epochs or --space training.epochs"),
+        (["--space", "optimizer.lr=log:1e-4:1", "--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--space", "optimizer.lr=log:1e-4:1", "--workers", "0"], "--workers must be at least 1"),
+        (["--space", "optimizer.lr=log:1e-4:1", "--timeout", "-5"], "--timeout must be above 0 seconds, got -5"),
+        (["--space", "optimizer.lr=log:1e-4:1", "--timeout", "nan"], "--timeout must be above 0"),
         (["--space", "optimizer.lr=log:1e-4:1", "--metric", "test_accuracy"], "the test set never chooses"),
         (["--space", "optimizer.lr=log:1e-4:1", "--trials", "0"], "--trials"),
         (["--space", "optimizer"], "KEY=SPEC"),
@@ -255,6 +262,9 @@ training.batch_size = [32, 64]
         ('[space]\n"optimizer.lr" = ["fast", "slow"]', "not a number"),
         ('[space]\n"optimizer.lr" = "log:1e-4:1"\n[sett]\nx = 1', "unknown key(s) sett"),
         ('[space\n"optimizer.lr" = "log:1e-4:1"', "not valid TOML"),
+        ('[space]\n"optimizer.lr" = "log:1e-4:1"\noptimizer.lr = "log:1e-3:1"', "optimizer.lr is given twice"),
+        ('[set]\n"optimizer.lr" = 0.1\n[space]\n"optimizer.lr" = "log:1e-4:1"', "given twice, in [set] and in [space]"),
+        ('[space]\n"optimizer.lr" = 0.1\n"optimizer.momentum" = [0.9]', "only fixes optimizer.lr, optimizer.momentum"),
     ],
 )
 def test_bad_space_files_are_one_line_errors(text, needle, tmp_path, capsys):
@@ -263,6 +273,88 @@ def test_bad_space_files_are_one_line_errors(text, needle, tmp_path, capsys):
     args = ["sweep", "--config", "seed-a", "--space-file", str(path), "--out", str(tmp_path / "sweep")]
     result = run_main(capsys, *args)
     assert_user_error(result, needle, str(path))
+    assert "--space" not in result.stderr  # the mistake is in the file: the message does not send them elsewhere
+
+
+def test_a_journal_in_a_missing_folder_is_refused_and_only_folders_inside_out_are_made(tmp_path, capsys):
+    """A mistyped --storage on a shared disk must not silently start a study of its own."""
+    missing = tmp_path / "no-such-dir" / "study.journal"
+    args = ["sweep", "--config", "seed-a", "--space", "optimizer.lr=log:1e-4:1", "--out", str(tmp_path / "sweep")]
+    assert_user_error(run_main(capsys, *args, "--storage", str(missing)), f"the folder {missing.parent} does not exist")
+    assert not missing.parent.exists() and not (tmp_path / "sweep").exists()
+    inside = tmp_path / "sweep" / "studies" / "study.journal"  # inside --out: made when the sweep starts
+    (plan,) = make_plans(SweepOptions(config="seed-a", space=args[4:5], storage=str(inside), out=tmp_path / "sweep"))
+    assert plan.storage == str(inside)
+
+
+def test_a_space_key_replaces_the_space_file_s_and_help_says_so(tmp_path, capsys):
+    path = tmp_path / "space.toml"
+    path.write_text('[space]\n"optimizer.lr" = "log:1e-4:1"\n"optimizer.momentum" = [0.0, 0.9]\n')
+    options = SweepOptions(config="seed-a", space_file=path, space=("optimizer.lr=log:1e-2:1",), out=tmp_path / "s")
+    (plan,) = make_plans(options)
+    assert (plan.space["optimizer.lr"].low, plan.space["optimizer.momentum"].choices) == (1e-2, (0.0, 0.9))
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    assert "a key also in --space-file or --preset is replaced by this one" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--trials", "3"], "--trials is for running a sweep"),
+        (["--workers", "2", "--space", "optimizer.lr=log:1e-4:1"], "--space, --workers are for running a sweep"),
+        (["--data-dir", "somewhere"], "--data-dir is for running a sweep"),
+    ],
+)
+def test_report_refuses_the_options_of_running_a_sweep(args, needle, tmp_path, capsys):
+    assert_user_error(run_main(capsys, "sweep", "--report", str(tmp_path), *args), needle)
+
+
+def readme_space_file() -> tuple[str, str]:
+    """README's space file (the TOML block that starts `# my-space.toml`) and the config its command gives it."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    text = readme.split("```toml\n# my-space.toml\n", 1)[1].split("```", 1)[0]
+    config = readme.split("--space-file my-space.toml", 1)[0].rsplit("--config ", 1)[1].split()[0]
+    return text, config
+
+
+MLP_CONFIGS = [name for name in shipped_configs() if load_config(name).model.kind == "mlp"]
+
+
+@pytest.mark.parametrize("config", MLP_CONFIGS)
+def test_readme_space_file_fits_every_shipped_mlp_config(config, tmp_path):
+    """Its hidden-layer choices carry the config's activations, as README says: by position, the last repeated."""
+    path = tmp_path / "my-space.toml"
+    path.write_text(readme_space_file()[0])
+    (plan,) = make_plans(SweepOptions(config=config, space_file=path, out=tmp_path / "sweep"))
+    activations = load_config(config).model.activations
+    for hidden in plan.space["model.hidden"].choices:
+        got = apply(plan.config, {"model.hidden": hidden}).model.activations
+        assert got == [activations[min(i, len(activations) - 1)] for i in range(len(hidden))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    base=st.lists(st.sampled_from(["relu", "tanh", "sigmoid"]), min_size=1, max_size=4),
+    hidden=st.lists(st.integers(1, 64), min_size=0, max_size=5),
+)
+def test_activations_follow_a_hidden_choice_unless_given(base, hidden):
+    config = load_config("seed-a").with_overrides({"model.hidden": [8] * len(base), "model.activations": base})
+    followed = apply(config, {"model.hidden": hidden}).model
+    assert followed.hidden == hidden and len(followed.activations) == len(hidden)
+    assert followed.activations[: len(base)] == base[: len(hidden)]  # each layer keeps its own where it has one
+    assert set(followed.activations[len(base) :]) <= {base[-1]}
+    assert apply(config, {"model": {"hidden": hidden}}).model == followed  # a table choice follows the same way
+    if len(hidden) != len(base):  # given, the activations are the user's: never changed
+        with pytest.raises(MnistlabError, match="same length"):
+            apply(config, {"model.hidden": hidden, "model.activations": base})
+
+
+def test_fixed_activations_are_not_followed_but_refused(tmp_path):
+    path = tmp_path / "space.toml"
+    path.write_text('[space]\n"model.hidden" = [[64], [64, 32]]\n[set]\n"model.activations" = ["tanh"]\n')
+    with pytest.raises(MnistlabError, match=r"model.activations is fixed at \[tanh\] but a model.hidden choice has 2"):
+        make_plans(SweepOptions(config="seed-a", space_file=path, out=tmp_path / "sweep"))
 
 
 def test_seed_lr_preset_sweeps_the_reports_networks_as_they_are():
@@ -334,7 +426,7 @@ def test_two_workers_share_a_journal_study_and_a_second_run_continues_it(small_m
     first = mnistlab(*args, "--trials", "10")
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == f"report: {out / 'report.md'}"
-    assert "2 worker(s) x 1 thread(s)" in first.stderr  # 2 cores here and in CI: one torch thread each
+    assert "2 workers x 1 thread," in first.stderr  # 2 cores here and in CI: one torch thread each
     study = load_study(out)
     states = by_state(study)
     assert len(states[TrialState.COMPLETE] + states[TrialState.PRUNED]) == 10
@@ -419,6 +511,9 @@ def test_ctrl_c_and_a_killed_worker_lose_only_their_running_trials(small_mnist, 
     study = load_study(out)
     interrupted = by_state(study)[TrialState.FAIL]
     assert interrupted and by_state(study)[TrialState.RUNNING] == []
+    # How to go on is the sweep's own command, not a `train --resume` whose run the study would never count.
+    assert "--resume" not in stderr and "rerun the same mnistlab sweep command to continue the study" in stderr
+    assert f"take the places of interrupted trial{'s' if len(interrupted) > 1 else ''} " in stderr
     for number in interrupted:
         marker = json.loads((out / "trials" / str(number) / "trial.json").read_text())
         assert (marker["state"], marker["reason"]) == ("failed", "interrupted")
@@ -428,7 +523,7 @@ def test_ctrl_c_and_a_killed_worker_lose_only_their_running_trials(small_mnist, 
     victim = running_trial(out)
     os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
     _, stderr = sweep.communicate(timeout=300)
-    assert "killed by signal 9" in stderr and f"trial(s) {victim.number} marked failed" in stderr
+    assert "killed by signal 9" in stderr and f"trial {victim.number} marked failed" in stderr
     study = load_study(out)
     states = by_state(study)
     assert victim.number in states[TrialState.FAIL]
@@ -444,6 +539,75 @@ def test_ctrl_c_and_a_killed_worker_lose_only_their_running_trials(small_mnist, 
         assert resumed.returncode == 0, resumed.stderr
         assert len(by_state(load_study(out))[TrialState.COMPLETE]) == 4
     check_trial_folders(out, load_study(out))
+
+
+@pytest.mark.slow  # about 20 s on 2 cores: four invocations of a few 1-epoch trials
+def test_a_trial_whose_epochs_all_finished_counts_though_interrupted_and_rerunning_continues(small_mnist, tmp_path):
+    """Ctrl-C once a trial has reported its last epoch (while its model is written or its result stored): the
+    trial is complete, its value told to the study; rerunning the same command continues the study."""
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "mnistlab", "sweep", "--config", str(tiny_config(tmp_path, epochs=1))]
+    command += ["--space", "optimizer.lr=log:1e-2:1", "--pruner", "none", "--out", str(out)]
+    command += ["--data-dir", str(small_mnist)]
+    sweep = subprocess.Popen([*command, "--trials", "20"], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finished = running_trial(out, min_epochs=1)  # its one epoch is saved and reported
+    os.killpg(sweep.pid, signal.SIGINT)
+    _, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" not in stderr
+    journal = optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))
+    study = optuna.load_study(study_name="sweep", storage=optuna.storages.JournalStorage(journal))
+    trial = study.trials[finished.number]
+    assert trial.state == TrialState.COMPLETE, stderr
+    assert (
+        trial.value
+        == json.loads((out / "trials" / str(trial.number) / "metrics.json").read_text())["final"]["val_accuracy"]
+    )
+    check_trial_folders(out, load_study(out))
+    complete = len(by_state(study)[TrialState.COMPLETE])
+
+    again = mnistlab(*command[3:], "--trials", str(complete + 1))
+    assert again.returncode == 0, again.stderr
+    states = by_state(load_study(out))
+    assert finished.number in states[TrialState.COMPLETE] and len(states[TrialState.COMPLETE]) == complete + 1
+
+    # Another space is another study; the error's hint (another --out) is one that works.
+    changed = [a.replace("1e-2", "1e-3") for a in command[3:]]
+    assert_user_error(mnistlab(*changed, "--trials", "1"), "exists with a different search space", "another --out")
+    other = mnistlab(*[a.replace(str(out), str(tmp_path / "other")) for a in changed], "--trials", "1")
+    assert other.returncode == 0, other.stderr
+
+
+@pytest.mark.slow  # about 8 s on 2 cores: one 1-epoch trial
+def test_a_changed_space_on_a_shared_journal_names_a_hint_that_works(small_mnist, tmp_path):
+    shared = tmp_path / "shared" / "team.journal"
+    shared.parent.mkdir()
+    config = str(tiny_config(tmp_path, epochs=1))
+    # Another machine made the study on the shared journal, its trials in its own --out.
+    options = SweepOptions(config=config, space=("optimizer.lr=log:1e-2:1",), storage=str(shared), study="team")
+    (plan,) = make_plans(dataclasses.replace(options, out=tmp_path / "a"))
+    open_study(plan, open_storage(plan.storage))
+
+    def sweep(study: str, out: str) -> subprocess.CompletedProcess[str]:
+        args = ["--config", config, "--space", "optimizer.lr=log:1e-3:1", "--storage", str(shared), "--study", study]
+        return mnistlab("sweep", *args, "--out", str(tmp_path / out), "--trials", "1", "--data-dir", str(small_mnist))
+
+    assert_user_error(sweep("team", "b"), "exists with a different search space", "another --study and another --out")
+    followed = sweep("team-2", "c")
+    assert followed.returncode == 0, followed.stderr
+    assert sorted(optuna.get_all_study_names(storage=open_storage(str(shared)))) == ["team", "team-2"]
+
+
+@pytest.mark.slow  # about 8 s on 2 cores: one 1-epoch trial
+def test_readme_space_file_runs_as_written(small_mnist, tmp_path):
+    text, config = readme_space_file()
+    (tmp_path / "my-space.toml").write_text(text)
+    args = ["sweep", "--config", config, "--space-file", "my-space.toml", "--trials", "1", "--epochs", "1"]
+    args += ["--space", "data.val_size=500"]  # of small_mnist's 2,500 training images
+    result = mnistlab(*args, "--out", "sweep", "--data-dir", str(small_mnist), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    states = by_state(load_study(tmp_path / "sweep"))
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == [0]  # Adam at lr 1 may diverge: pruned
 
 
 def test_unreachable_storage_is_a_one_line_error(mnist_path, tmp_path):

@@ -537,6 +537,50 @@ CASES: list[Case] = [
         "output cut short by the reader (`configs | head -1`)", ["configs"], 141, "", runner=_head_one, one_line=False
     ),
     # sweeps (issue 26)
+    Case(
+        "sweep --storage in a folder that does not exist",
+        [
+            "sweep",
+            "--config",
+            "seed-a",
+            "--space",
+            "optimizer.lr=log:1e-4:1",
+            "--out",
+            "{tmp}/sw",
+            "--storage",
+            "{tmp}/no-such-dir/study.journal",
+        ],
+        2,
+        "no-such-dir does not exist",
+    ),
+    Case(
+        "sweep --space with a key twice",
+        ["sweep", "--config", "seed-a", "--space", "optimizer.lr=log:1e-3:1", "--space", "optimizer.lr=0.1"],
+        2,
+        "--space optimizer.lr is given twice",
+    ),
+    Case(
+        "sweep --space-file with fixed values only",
+        ["sweep", "--config", "seed-a", "--space-file", "{tmp}/fixed.toml", "--out", "{tmp}/sw"],
+        2,
+        "fixed.toml only fixes optimizer.lr",
+        _write("fixed.toml", '[space]\n"optimizer.lr" = 0.1\n'),
+    ),
+    Case(
+        "sweep --threads 0",
+        ["sweep", "--config", "seed-a", "--space", "optimizer.lr=log:1e-4:1", "--out", "{tmp}/sw", "--threads", "0"],
+        2,
+        "--threads must be at least 1",
+    ),
+    Case(
+        "sweep --timeout -5",
+        ["sweep", "--config", "seed-a", "--space", "optimizer.lr=log:1e-4:1", "--out", "{tmp}/sw", "--timeout", "-5"],
+        2,
+        "--timeout must be above 0 seconds",
+    ),
+    Case(
+        "sweep --report with --trials", ["sweep", "--report", "{tmp}/sw", "--trials", "3"], 2, "--trials is for running"
+    ),
     # using models: evaluate, ensemble, export (issue 26)
     Case(
         "ensemble of one run given twice",

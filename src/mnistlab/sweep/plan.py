@@ -90,8 +90,9 @@ def make_plans(options: SweepOptions) -> list[Plan]:
     if not names:
         raise MnistlabError("give --config NAME|FILE (the base config every trial starts from), or --preset NAME")
     trials = options.trials if options.trials is not None else spec.trials or DEFAULT_TRIALS
-    if trials < 1:
-        raise MnistlabError("--trials must be at least 1")
+    _check_numbers(options, trials)
+    if not spec.space.params:
+        raise MnistlabError(_nothing_to_search(options, spec))
     bases = [load_config(name) for name in names]
     for base in bases:
         check_space(base, spec.space)
@@ -101,10 +102,7 @@ def make_plans(options: SweepOptions) -> list[Plan]:
     for base in bases:
         part = folder / base.name if len(bases) > 1 else folder
         name = f"{study}-{base.name}" if len(bases) > 1 else study
-        if options.storage and is_database(options.storage):
-            storage = options.storage
-        else:
-            storage = str(Path(options.storage or part / JOURNAL).resolve())
+        storage = options.storage if options.storage and is_database(options.storage) else _journal(options, part)
         fixed = apply(base, spec.space.fixed)
         params = dict(spec.space.params)
         plans.append(
@@ -113,8 +111,50 @@ def make_plans(options: SweepOptions) -> list[Plan]:
     return plans
 
 
+def _check_numbers(options: SweepOptions, trials: int) -> None:
+    for option, value in (("--trials", trials), ("--workers", options.workers), ("--threads", options.threads)):
+        if value is not None and value < 1:
+            raise MnistlabError(f"{option} must be at least 1, got {value}")
+    if options.timeout is not None and not options.timeout > 0:  # also NaN
+        raise MnistlabError(f"--timeout must be above 0 seconds, got {options.timeout:g}")
+
+
+def _journal(options: SweepOptions, folder: Path) -> str:
+    """The journal file's absolute path: OUT/study.journal, or `--storage FILE` in a folder that exists. Only
+    folders inside the sweep folder are made: a mistyped shared path must not start a study of its own."""
+    path = Path(options.storage or folder / JOURNAL).expanduser().resolve()
+    if not path.parent.is_dir() and not path.parent.is_relative_to(folder.resolve()):
+        raise MnistlabError(
+            f"--storage {options.storage}: the folder {path.parent} does not exist (only folders inside --out are "
+            "made); check the path, or create the folder first"
+        )
+    return str(path)
+
+
+def _nothing_to_search(options: SweepOptions, spec: SweepFile) -> str:
+    """Why a space searches nothing, worded for where its fixed values came from."""
+    given = {key.strip(): text for key, _, text in (item.partition("=") for item in options.space)}
+    on_command_line = [key for key in spec.space.fixed if key in given]
+    if on_command_line:
+        key = on_command_line[0]
+        return (
+            f"nothing to search: --space {key}={given[key]} is one value, which fixes {key} for every trial; give a "
+            "range (log:LOW:HIGH, int:LOW:HIGH, float:LOW:HIGH) or several choices (A,B,C)"
+        )
+    source = options.space_file or (f"preset {options.preset}" if options.preset else None)
+    if source is None:
+        return "nothing to search: give --space KEY=SPEC with a range or several choices, or --space-file FILE"
+    fixed = [key for key in spec.space.fixed if key != "training.epochs" or options.epochs is None]
+    what = f"only fixes {', '.join(fixed)} (a single value is not searched)" if fixed else "has no [space] entries"
+    return (
+        f'nothing to search: {source} {what}; give its [space] a range ("optimizer.lr" = "log:1e-4:1") or a '
+        'list of several choices ("model.hidden" = [[512], [512, 64]])'
+    )
+
+
 def _sweep_file(options: SweepOptions) -> SweepFile:
-    """The preset or space file, with `--space` and `--epochs` added."""
+    """The preset or space file, with `--space` and `--epochs` added: a key given by `--space` replaces the file's
+    (as `--set` replaces a config's); a key given twice on the command line is refused."""
     if options.preset and options.space_file:
         raise MnistlabError("give --preset or --space-file, not both")
     if options.preset:
@@ -124,11 +164,18 @@ def _sweep_file(options: SweepOptions) -> SweepFile:
         spec = load_space_file(known[options.preset])
     else:
         spec = load_space_file(options.space_file) if options.space_file else SweepFile(Space())
+    given: dict[str, str] = {}
     for item in options.space:
         key, sep, text = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise MnistlabError(f"--space {item!r}: write KEY=SPEC, e.g. optimizer.lr=log:1e-4:1")
-        spec.space.add(key.strip(), parse_spec(key.strip(), text))
+        if key in given:
+            raise MnistlabError(f"--space {key} is given twice ({key}={given[key]} and {key}={text}); give it once")
+        given[key] = text
+        spec.space.add(key, parse_spec(key, text))
     if options.epochs is not None:
+        if "training.epochs" in given:
+            raise MnistlabError("give --epochs or --space training.epochs, not both")
         spec.space.add("training.epochs", options.epochs)
     return spec

@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnistlab.config import Config
+from mnistlab.errors import plural
 from mnistlab.files import FolderLock, atomic_write_text
 from mnistlab.sweep.plan import SWEEP_FILE, Plan
 from mnistlab.sweep.space import Param, apply, choice_label, show_value
@@ -121,13 +122,14 @@ def _overview(study: optuna.Study, plan: Plan, trials: list[optuna.trial.FrozenT
         f"Storage `{safe_url(plan.storage)}`, study `{plan.study}`. Trials: "
         f"{counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
         f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running. Time: "
-        f"{wall / 60:.1f} min of wall clock over {len(sessions)} invocation(s), {trial_seconds / 60:.1f} min of "
-        "trial time in total.",
+        f"{wall / 60:.1f} min of wall clock over {plural(len(sessions), 'invocation')}, "
+        f"{trial_seconds / 60:.1f} min of trial time in total.",
         "",
     ]
     for host, s in {s["host"]: s for s in sessions}.items():
         cpu = study.user_attrs.get(f"cpu {host}", "")
-        lines.append(f"- `{host}`: {s['workers']} worker(s) x {s['threads']} thread(s){'; ' + cpu if cpu else ''}")
+        workers = f"{plural(s['workers'], 'worker')} x {plural(s['threads'], 'thread')}"
+        lines.append(f"- `{host}`: {workers}{'; ' + cpu if cpu else ''}")
     return lines
 
 
@@ -158,7 +160,7 @@ def _importance_lines(study: optuna.Study, plan: Plan) -> list[str]:
         return [why_not]
     complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     return [
-        f"Optuna's estimate (its default evaluator) from {complete} complete trials: the share "
+        f"Optuna's estimate (its default evaluator) from {plural(complete, 'complete trial')}: the share "
         f"of the variation in {plan.metric} each parameter explains. Few trials make it a rough guide.",
         "",
         "| parameter | importance |",

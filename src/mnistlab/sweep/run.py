@@ -31,7 +31,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnistlab.devices import cpu_count
-from mnistlab.errors import MnistlabError
+from mnistlab.errors import MnistlabError, plural
 from mnistlab.files import FolderLock, Interrupts, check_output_dir, write_json
 from mnistlab.progress import Progress
 from mnistlab.sweep.plan import SWEEP_FILE, Plan, SweepOptions, make_plans
@@ -85,8 +85,6 @@ def run_plan(plan: Plan, options: SweepOptions, deadline: float | None = None) -
     from mnistlab.data.download import resolve_files
     from mnistlab.devices import describe_cpu, resolve_device
 
-    if options.workers < 1:
-        raise MnistlabError("--workers must be at least 1")
     threads = options.threads or max(1, cpu_count() // options.workers)
     _check_folder(plan)
     resolve_device(options.device)
@@ -106,8 +104,8 @@ def run_plan(plan: Plan, options: SweepOptions, deadline: float | None = None) -
         raise interrupts.interrupt()
     if outcome.stopped == "workers stopped":
         raise MnistlabError(
-            f"study {plan.study}: {outcome.finished} of {plan.trials} trials finished when its workers stopped "
-            f"({'; '.join(outcome.notes) or 'see above'}); run the same command to continue"
+            f"study {plan.study}: {outcome.finished} of {plural(plan.trials, 'trial')} finished when its workers "
+            f"stopped ({'; '.join(outcome.notes) or 'see above'}); run the same command to continue"
         )
     return outcome
 
@@ -142,12 +140,12 @@ def _run_workers(
     remaining = remaining_trials(study, plan)
     progress = _TrialProgress(plan, study, before, options.quiet)
     if remaining == 0:
-        progress.line(f"study {plan.study}: {plan.trials} trials already finished; nothing to run")
+        progress.line(f"study {plan.study}: {plural(plan.trials, 'trial')} already finished; nothing to run")
         return Outcome(plan, Path(), progress.finished(), 0, 0.0)
     workers = min(options.workers, remaining)
     progress.line(
-        f"study {plan.study}: {remaining} of {plan.trials} trials to run, {workers} worker(s) x {threads} "
-        f"thread(s), storage {safe_url(plan.storage)}"
+        f"study {plan.study}: {remaining} of {plural(plan.trials, 'trial')} to run, {plural(workers, 'worker')} x "
+        f"{plural(threads, 'thread')}, storage {safe_url(plan.storage)}"
     )
     data_dir = None if options.data_dir is None else str(options.data_dir)
     procs, errors = _start_workers(Job(plan, threads, data_dir, options.device, deadline), workers)
@@ -167,10 +165,25 @@ def _run_workers(
         raise MnistlabError(messages[0])
     left = remaining_trials(study, plan)
     if stopped:
-        progress.line(f"interrupted: {progress.finished()} of {plan.trials} trials finished; run it again to continue")
+        lost = [t.number for t in study.get_trials(deepcopy=False) if t.number not in before and _lost(t)]
+        again = f": new trials take the places of interrupted {_trials_text(lost)}" if lost else ""
+        progress.line(
+            f"interrupted: {progress.finished()} of {plural(plan.trials, 'trial')} finished; rerun the same "
+            f"mnistlab sweep command to continue the study{again}"
+        )
     elif left:
         stopped = "timeout" if deadline is not None and time.time() >= deadline else "workers stopped"
     return Outcome(plan, Path(), progress.finished(), session["trials"], session["seconds"], stopped, notes)
+
+
+def _lost(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial that ended without a result (interrupted, or its worker stopped): the study runs another instead."""
+    return trial.state == TrialState.FAIL and not counts_as_finished(trial)
+
+
+def _trials_text(numbers: list[int]) -> str:
+    """Trial numbers in words: "trial 3", "trials 3, 4", or "" for none."""
+    return f"{'trial' if len(numbers) == 1 else 'trials'} {', '.join(map(str, numbers))}" if numbers else ""
 
 
 def _start_workers(job: Job, workers: int) -> tuple[list[Any], Any]:
@@ -211,7 +224,7 @@ def _watch_workers(
                         lost = fail_stale_local(study, plan)
                     progress.update()
                     how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else f"crashed (exit {p.exitcode})"
-                    notes.append(f"{p.name} {how}; trial(s) {', '.join(map(str, lost)) or 'none'} marked failed")
+                    notes.append(f"{p.name} {how}; {_trials_text(lost) or 'no trial'} marked failed")
                     progress.line(notes[-1])
     except KeyboardInterrupt:
         _stop_workers(procs)
@@ -309,7 +322,7 @@ def sweep(options: SweepOptions) -> Path:
 def _say_stopped(outcome: Outcome, quiet: bool) -> None:
     if outcome.stopped and not quiet:
         print(
-            f"study {outcome.plan.study} stopped ({outcome.stopped}) at {outcome.finished} of {outcome.plan.trials} "
-            "trials; run the same command to continue",
+            f"study {outcome.plan.study} stopped ({outcome.stopped}) at {outcome.finished} of "
+            f"{plural(outcome.plan.trials, 'trial')}; run the same command to continue",
             file=sys.stderr,
         )

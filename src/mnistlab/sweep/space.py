@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mnistlab.config import Config, check_value, read_value, type_name
+from mnistlab.config import Config, ModelConfig, check_value, read_value, type_name
 from mnistlab.errors import MnistlabError
 
 if TYPE_CHECKING:
@@ -212,10 +212,11 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested TOML tables (`optimizer.lr = ...` unquoted) as dotted keys; tables inside lists stay tables."""
     flat: dict[str, Any] = {}
     for key, value in table.items():
-        if isinstance(value, dict) and not prefix and key in _sections():
-            flat.update(_flatten(value, f"{key}."))
-        else:
-            flat[prefix + key] = value
+        nested = isinstance(value, dict) and not prefix and key in _sections()
+        for dotted, entry in (_flatten(value, f"{key}.") if nested else {prefix + key: value}).items():
+            if dotted in flat:  # `"optimizer.lr"` quoted and `optimizer.lr` dotted: TOML allows both
+                raise MnistlabError(f"{dotted} is given twice (quoted and dotted); give it once")
+            flat[dotted] = entry
     return flat
 
 
@@ -263,6 +264,8 @@ def load_space_file(path: str | Path) -> SweepFile:
         for key, value in _flatten(data.get("set", {})).items():
             space.add(key, check_value(value, _default_of(key), f"set {key}"))
         for key, value in _flatten(data.get("space", {})).items():
+            if key in space.fixed or key in space.params:
+                raise MnistlabError(f"{key} is given twice, in [set] and in [space]; give it once")
             space.add(key, _file_entry(key, value))
         _overlaps(space)
     except MnistlabError as exc:
@@ -283,11 +286,28 @@ def presets() -> dict[str, Path]:
 
 def apply(base: Config, values: Mapping[str, Any], name: str | None = None) -> Config:
     """`base` with dotted keys (and whole-section tables) replaced, validated like any config; its description
-    stays (the report and best.toml say what was searched)."""
-    overrides = {"description": base.description, **values}
+    stays (the report and best.toml say what was searched). Activations follow a new `model.hidden`
+    (`following_activations`)."""
+    overrides = {"description": base.description, **values, **following_activations(base, values)}
     if name is not None:
         overrides["name"] = name
     return base.with_overrides(overrides)
+
+
+def following_activations(base: Config, values: Mapping[str, Any]) -> dict[str, Any]:
+    """A `model.hidden` value of another length than the config's activations, given without
+    `model.activations`: the activations follow it, so a hidden-layer choice needs no activations of its own.
+    Each layer keeps the config's activation at its position and layers past the last take the last one
+    (["relu", "tanh"] for 3 layers: relu, tanh, tanh); with the activations given too, nothing follows."""
+    model = values.get("model")
+    model = model if isinstance(model, Mapping) else {}
+    hidden = values.get("model.hidden", model.get("hidden"))
+    if hidden is None or "model.activations" in values or "activations" in model:
+        return {}
+    have = base.model.activations or ModelConfig().activations
+    if len(hidden) == len(base.model.activations):
+        return {}
+    return {"model.activations": [have[min(i, len(have) - 1)] for i in range(len(hidden))]}
 
 
 def _overlaps(space: Space) -> None:
@@ -314,8 +334,15 @@ def check_space(base: Config, space: Space) -> None:
     else:
         first = {key: p.candidates()[0] for key, p in space.params.items()}
         points = [{**first, key: value} for option in options for key, value in option]
+    kept = space.fixed.get("model.activations")
     for point in points:
         config = apply(fixed, point)
+        if kept is not None and config.model.activations != kept:  # fixed on purpose: not to be followed
+            raise MnistlabError(
+                f"model.activations is fixed at {show_value(kept)} but a model.hidden choice has "
+                f"{len(config.model.hidden)} layers; search them together (model = [{{hidden = ..., activations = "
+                "...}, ...]) or leave model.activations out, so that it follows model.hidden"
+            )
         if config.data.val_size < 1:
             raise MnistlabError(
                 "a sweep chooses on the validation split: data.val_size must be above 0 (the test set never chooses)"

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from mnistlab.config import config_from_dict
 from mnistlab.errors import MnistlabError
 from mnistlab.files import make_dirs
-from mnistlab.sweep.plan import SWEEP_FILE, Plan, is_database
+from mnistlab.sweep.plan import JOURNAL, SWEEP_FILE, Plan, is_database
 from mnistlab.sweep.space import Param
 
 ATTR = "mnistlab"  # the study's user attribute holding its space, base config and metric
@@ -91,12 +91,17 @@ def open_study(plan: Plan, storage: optuna.storages.BaseStorage) -> optuna.Study
             raise MnistlabError(f"study {plan.study!r} already holds trials not made by mnistlab; use another --study")
         study.set_user_attr(ATTR, ours)
         return study
+    # A sweep folder holds one study's trials, so a new study needs a new folder; on the folder's own journal
+    # that is all (the study is named after its folder), on a shared storage it needs a name of its own too.
+    own = plan.journal and Path(plan.storage) == plan.out / JOURNAL
+    new = "another --out" if own else "another --study and another --out"
     for part, what in (("metric", "metric"), ("space", "search space"), ("config", "base config")):
         changed = _differences(stored[part], ours[part])
         if changed:
             raise MnistlabError(
                 f"study {plan.study!r} in {safe_url(plan.storage)} exists with a different {what} "
-                f"({', '.join(changed[:6]) or part} differ); give the same settings to continue it, or another --study"
+                f"({', '.join(changed[:6]) or part} differ); give the same settings to continue it, or {new} to "
+                "start a new study"
             )
     return study
 

@@ -3,12 +3,15 @@ under the ask lock, so that `--trials` is never overrun), trains it as an ordina
 with the folder locked, and stores how it ended, until `--trials` are taken, time is up, or it is interrupted.
 
 Ctrl-C and SIGTERM stop a worker only where that is safe (`files.Interrupts`): inside training, or between
-trials, never in the middle of a storage write. A trial interrupted while training is marked failed and runs
-again; one that is pruned while a signal waits stays pruned (a result), and the worker then stops.
+trials, never in the middle of a storage write. A trial interrupted while training is marked failed and the
+study runs another in its place when the sweep is rerun; one whose epochs were all saved is complete (its model
+written if the signal came first), and one that is pruned while a signal waits stays pruned (a result); the
+worker then stops.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -111,6 +114,10 @@ def worker(job: Job, errors: Any) -> None:
     """A worker process: runs trials until `--trials` are taken, time is up, or it is interrupted. Its torch
     threads are the machine's share for one worker. A user's error goes to `errors`, and the exit code is 2."""
     import torch
+
+    # Imported before any trial, not by its first run's end: a signal in the middle of an import leaves the module
+    # half-imported, and a trial interrupted once its epochs are done is still finished (its model and curves).
+    from mnistlab import plots  # noqa: F401
 
     with Interrupts() as interrupts:
         torch.set_num_threads(job.threads)
@@ -246,21 +253,43 @@ class _Trials:
                     device=self.job.device,
                     quiet=True,
                     on_epoch_end=on_epoch_end,
+                    resume_hint=False,  # an interrupted trial runs again when the sweep is rerun, not by resuming it
                 )
         except optuna.TrialPruned as exc:
             result = _result(reports, start, pruned_at=len(reports), reason=str(exc) or "pruned")
             self._store(trial, run_dir, "pruned", details, result)
             raise
         except KeyboardInterrupt:
-            self._store(trial, run_dir, "failed", details, _result(reports, start, reason="interrupted"))
-            raise
+            finished = self._finish(run_dir, config)
+            if finished is None:
+                self._store(trial, run_dir, "failed", details, _result(reports, start, reason="interrupted"))
+                raise
+            epochs_done, saved = finished  # the signal stays pending: the worker stops after storing the trial
         except MnistlabError as exc:
             self._store(trial, run_dir, "failed", details, _result(reports, start, error=str(exc)))
             raise
-        saved = run.best if config.training.early_stopping else run.final
-        result = _result(run.epochs, start, saved, saved_epoch=saved["epoch"])
+        else:
+            epochs_done, saved = run.epochs, run.saved
+        result = _result(epochs_done, start, saved, saved_epoch=saved["epoch"])
         self._store(trial, run_dir, "complete", details, result, value=saved[plan.metric])
         return saved[plan.metric]
+
+    def _finish(self, run_dir: Path, config: Config) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+        """After an interrupt (signals now held): a run whose epochs were all saved is complete, so its model is
+        written if the interrupt came first (a resume with no epoch left to train), and its epochs' metrics and
+        the saved epoch's are returned; None for a run with epochs still to train."""
+        from mnistlab.train.loop import resume
+
+        try:
+            metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None  # interrupted in its first epoch
+        epochs = metrics["epochs"]
+        if len(epochs) < config.training.epochs and metrics["stop_reason"] != "early_stopping":
+            return None
+        if not (run_dir / "model.safetensors").is_file():
+            resume(run_dir, data=self.data(config), device=self.job.device, quiet=True)
+        return epochs, next(r for r in epochs if r["epoch"] == metrics["saved_model_epoch"])
 
     def _store(
         self, trial: optuna.trial.Trial, run_dir: Path, state: str, details: dict, result: dict, **more: Any

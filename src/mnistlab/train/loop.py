@@ -53,12 +53,14 @@ def train(
     quiet: bool = False,
     tensorboard: bool = False,
     on_epoch_end: EpochCallback | None = None,
+    resume_hint: bool = True,
 ) -> Run:
     """Train `config`; with `out_dir`, write the run directory (and a checkpoint after every epoch) there.
 
     `data` lets callers that train several configs load the dataset once; `on_epoch_end` gets each epoch's
-    metrics (raising KeyboardInterrupt from it stops the run as Ctrl-C would). Started by torchrun, each process
-    trains its share of every batch (`mnistlab.distributed`) and rank 0 writes the run directory.
+    metrics (raising KeyboardInterrupt from it stops the run as Ctrl-C would). Interrupted, the run says how to
+    resume it, unless `resume_hint` is off (a sweep continues its trials its own way). Started by torchrun, each
+    process trains its share of every batch (`mnistlab.distributed`) and rank 0 writes the run directory.
     """
     if tensorboard and out_dir is None:
         raise MnistlabError("--tensorboard needs a run directory to write its logs into")
@@ -77,6 +79,7 @@ def train(
             cluster=cluster,
             quiet=quiet,
             on_epoch_end=on_epoch_end,
+            resume_hint=resume_hint,
         )
     finally:
         distributed.leave(cluster)
@@ -322,6 +325,7 @@ def _fit(
     cluster: distributed.Cluster,
     quiet: bool,
     on_epoch_end: EpochCallback | None,
+    resume_hint: bool = True,
 ) -> Run:
     log = Progress(quiet or not cluster.main)  # in a distributed run, rank 0 alone prints
     dev = device
@@ -375,7 +379,7 @@ def _fit(
                 break
         return _finish(state, steps, outputs, cluster, log)
     except KeyboardInterrupt:
-        if outputs is not None and outputs.saved:
+        if outputs is not None and outputs.saved and resume_hint:
             log.line(
                 f"interrupted; {plural(outputs.saved, 'epoch')} saved. "
                 f"Resume with: mnistlab train --resume {outputs.path}",
