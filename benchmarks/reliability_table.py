@@ -47,6 +47,16 @@ Resumable: `--resume` ends on the metrics of an uninterrupted run; rank 0 has pr
 | SIGHUP to `mnistlab train --nproc 2` | `mnistlab: terminated (SIGHUP)` once; resumable | 129 |
 | Ctrl-C (SIGINT) to `mnistlab train --nproc 2` | `mnistlab: interrupted` once, no traceback; resumable | 130 |
 | a rank killed (SIGKILL) or hung (SIGSTOP) | `rank 0 of 2: lost the other ranks ...`; resumable | 1 |
+
+A sweep (`tests/test_sweep.py`, 1-epoch trials on a slice of the real MNIST; [docs/sweeps.md](sweeps.md)):
+
+| fault | what happens | exit code |
+|---|---|---|
+| Ctrl-C (SIGINT) to `mnistlab sweep` | trials with all epochs done count; the rest fail: rerun to go on | 130 |
+| SIGTERM to `mnistlab sweep` (`kill PID`) | the same; `mnistlab: terminated (SIGTERM)` | 143 |
+| a worker killed (SIGKILL) | only its running trial is lost; the others go on | 0, or 2: "run the same command" |
+
+Rerunning the same sweep command runs new trials in the places of the failed ones.
 """
 
 

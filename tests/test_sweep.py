@@ -541,6 +541,23 @@ def test_ctrl_c_and_a_killed_worker_lose_only_their_running_trials(small_mnist, 
     check_trial_folders(out, load_study(out))
 
 
+@pytest.mark.slow  # about 10 s on 2 cores
+def test_sigterm_to_the_sweep_alone_ends_it_as_terminated(small_mnist, tmp_path):
+    """A service manager's `kill PID` reaches the main process only: it stops its workers, and ends with the
+    shell's code for SIGTERM and one line saying so (docs/reliability.md)."""
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "mnistlab", "sweep", "--config", str(tiny_config(tmp_path, epochs=60))]
+    command += ["--space", "optimizer.lr=log:1e-2:1", "--pruner", "none", "--trials", "2", "--workers", "1"]
+    command += ["--out", str(out), "--data-dir", str(small_mnist)]
+    sweep = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    running_trial(out)
+    sweep.send_signal(signal.SIGTERM)
+    _, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 143, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "mnistlab: terminated (SIGTERM)", stderr
+    assert by_state(load_study(out))[TrialState.RUNNING] == []
+
+
 @pytest.mark.slow  # about 20 s on 2 cores: four invocations of a few 1-epoch trials
 def test_a_trial_whose_epochs_all_finished_counts_though_interrupted_and_rerunning_continues(small_mnist, tmp_path):
     """Ctrl-C once a trial has reported its last epoch (while its model is written or its result stored): the
