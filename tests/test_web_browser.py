@@ -13,8 +13,6 @@ import contextlib
 import itertools
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from .support.digit_images import on_paper
 from .support.drawings import STROKES
 from .support.mnist import REPO
 from .support.runs import train_small
+from .support.servers import mnistlab_serve
 
 pytestmark = pytest.mark.slow  # a browser and a server: 15 s on 2 busy cores
 
@@ -71,15 +70,8 @@ def browser():
 @contextlib.contextmanager
 def serving(*args: str) -> Iterator[str]:
     """`mnistlab serve ARGS` on a free loopback port; yields its URL."""
-    command = [sys.executable, "-m", "mnistlab", "serve", *args, "--port", "0"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = server.stdout.readline()
-        assert " at http://127.0.0.1:" in line, line + server.stderr.read()
-        yield line.split(" at ")[1].split()[0]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with mnistlab_serve(*args) as served:
+        yield served.url
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,14 @@
-"""A real HTTP server on 127.0.0.1, for the download tests."""
+"""Real HTTP servers on 127.0.0.1: a folder for the download tests, and `mnistlab serve` itself."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,3 +30,26 @@ def serve_folder(folder: Path) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@dataclass
+class Served:
+    """A running `mnistlab serve`: its base URL (ending in /) and its process (for signals)."""
+
+    url: str
+    process: subprocess.Popen
+
+
+@contextlib.contextmanager
+def mnistlab_serve(*args: str, env: dict[str, str] | None = None) -> Iterator[Served]:
+    """`mnistlab serve ARGS` in a process of its own on a free loopback port, until the block ends (SIGTERM)."""
+    command = [sys.executable, "-m", "mnistlab", "serve", *args, "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = server.stdout.readline()
+        assert " at http://127.0.0.1:" in line, line + server.stderr.read()
+        yield Served(line.split(" at ")[1].split()[0], server)
+    finally:
+        if server.poll() is None:
+            server.terminate()
+        server.wait(timeout=30)

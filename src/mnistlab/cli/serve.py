@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from mnistlab.cli.common import Formatter, Subparsers, add_device
 from mnistlab.config import ENGINES
@@ -37,8 +38,47 @@ def _add_serve(sub: Subparsers) -> None:
         "one image on a CPU), torch, or auto: onnxruntime where it is installed and the device is the CPU",
     )
     add_device(p)
+    _add_edge(p)
+    _add_connections(p)
+    _add_operations(p)
+    _add_writes(p)
 
     p.set_defaults(handler=_serve)
+
+
+# Each group of the operator's flags, and the ServeSettings fields they fill (serve/settings.py).
+
+
+def _add_edge(p: argparse.ArgumentParser) -> None:
+    """The HTTP edge: bodies, headers, ports."""
+
+
+def _edge(args: argparse.Namespace) -> dict[str, Any]:
+    return {}
+
+
+def _add_connections(p: argparse.ArgumentParser) -> None:
+    """Connections: timeouts, caps, shutdown."""
+
+
+def _connections(args: argparse.Namespace) -> dict[str, Any]:
+    return {}
+
+
+def _add_operations(p: argparse.ArgumentParser) -> None:
+    """Operations: metrics and logs."""
+
+
+def _operations(args: argparse.Namespace) -> dict[str, Any]:
+    return {}
+
+
+def _add_writes(p: argparse.ArgumentParser) -> None:
+    """Writes: tokens, quotas, CORS."""
+
+
+def _writes(args: argparse.Namespace) -> dict[str, Any]:
+    return {}
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -50,7 +90,10 @@ def _serve(args: argparse.Namespace) -> None:
     if args.workers is not None and args.workers < 0:
         raise MnistlabError(f"--workers must be 0 or more, not {args.workers}")
     sock = listen(args.host, args.port)  # first, so a taken port is reported before the models load
-    app = create_app([None, *args.models], args.collect, args.device, args.workers, args.engine)
+    from mnistlab.serve.settings import ServeSettings
+
+    settings = ServeSettings(**_edge(args), **_connections(args), **_operations(args), **_writes(args))
+    app = create_app([None, *args.models], args.collect, args.device, args.workers, args.engine, settings)
     if not is_loopback(args.host):
         warn(f"listening on {args.host}: the page and API are reachable from the network, without any authentication")
     state = app.server_state

@@ -39,6 +39,7 @@ from mnistlab.serve.routers.pages import mount_files
 from mnistlab.serve.routers.pages import router as pages_router
 from mnistlab.serve.routers.predict import router as predict_router
 from mnistlab.serve.schemas import request_schemas
+from mnistlab.serve.settings import ServeSettings
 
 __all__ = ["MAX_BODY", "WebApp", "create_app", "is_loopback", "listen", "run", "url_of"]
 
@@ -77,13 +78,15 @@ def create_app(
     device: str = "auto",
     workers: int | None = 0,
     engine: str = "auto",
+    settings: ServeSettings | None = None,
 ) -> WebApp:
     """The web app serving `models` (run directories, model files, loaded models; None: the bundled one), in
     that order. With `collect_dir`, drawings labelled on the page are saved as DIR/<label>/<name>.png.
     Uploads are prepared in `workers` processes (None: one per core, at most 4; 0: in the server's own; the
     caller's script needs an `if __name__ == "__main__":` guard for workers). `engine`: "auto", "torch" or
-    "onnxruntime" (see engines.load_served). What it serves with is `app.server_state`."""
-    app = WebApp(ServerState.start(models, collect_dir, device, workers, engine))
+    "onnxruntime" (see engines.load_served); `settings`: the operator's limits, timeouts, logs and tokens. What it
+    serves with is `app.server_state`."""
+    app = WebApp(ServerState.start(models, collect_dir, device, workers, engine, settings or ServeSettings()))
     app.add_middleware(BodyLimit)
     app.add_exception_handler(RequestError, refused)
     app.include_router(predict_router)

@@ -17,6 +17,7 @@ from mnistlab.models.files import LoadedModel
 from mnistlab.serve.bodies import Upload, read_upload
 from mnistlab.serve.engines import MicroBatcher, Predictor, ServedModel, load_served
 from mnistlab.serve.images import RequestError, sample_drawing
+from mnistlab.serve.settings import ServeSettings
 from mnistlab.serve.workers import Preparers
 
 
@@ -29,6 +30,7 @@ class ServerState:
     batcher: MicroBatcher
     preparers: Preparers  # decode and preprocess uploads (in processes of their own, unless workers=0)
     collect: Path | None  # where /api/collect saves drawings; None: collecting is off
+    settings: ServeSettings
 
     @classmethod
     def start(
@@ -38,12 +40,14 @@ class ServerState:
         device: str = "auto",
         workers: int | None = 0,
         engine: str = "auto",
+        settings: ServeSettings | None = None,
     ) -> ServerState:
         """Load the models, start the preprocessing processes, and pay the first request's one-time costs."""
         served = load_served(models, resolve_device(device), engine)
         predictor = Predictor(served)
         collect = make_dirs(Path(collect_dir)) if collect_dir is not None else None
-        state = cls(served, predictor, MicroBatcher(predictor), Preparers(workers), collect)
+        settings = settings or ServeSettings()
+        state = cls(served, predictor, MicroBatcher(predictor), Preparers(workers), collect, settings)
         predictor.predict(sample_drawing())
         return state
 
