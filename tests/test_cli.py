@@ -50,13 +50,20 @@ def test_train_then_evaluate(mnist_path, tmp_path):
     evaluation = mnistlab("evaluate", str(out), "--json", "--data-dir", str(mnist_path))
     assert evaluation.returncode == 0, evaluation.stderr
     report = json.loads(evaluation.stdout)
-    assert set(report) == {"accuracy", "loss", "per_class_accuracy", "confusion_matrix"}
+    assert set(report) == {"accuracy", "loss", "per_class_accuracy", "confusion_matrix", "calibration"}
+    # Calibrated when training finished, on the validation split: the test split only measures it.
+    calibration = report["calibration"]
+    saved = json.loads((out / "model.json").read_text())["calibration"]
+    assert calibration["calibrated"] and calibration["temperature"] == saved["temperature"]
+    assert saved["fitted_on"] == "validation split (5000 images)"
+    assert (out / "reliability.png").is_file()
     assert report["accuracy"] == metrics["epochs"][-1]["test_accuracy"]
     assert len(report["per_class_accuracy"]) == 10
     assert [len(row) for row in report["confusion_matrix"]] == [10] * 10
 
     text = mnistlab("evaluate", str(out / "model.safetensors"), "--data-dir", str(mnist_path))
     assert text.returncode == 0 and "confusion matrix" in text.stdout
+    assert f"with its temperature {saved['temperature']:.3g} ECE" in text.stdout
 
     # An existing run directory is never overwritten without --force.
     again = mnistlab("train", *args)

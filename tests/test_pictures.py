@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -21,6 +22,7 @@ from mnistlab import plots
 from mnistlab.config import load_config, shipped_configs
 from mnistlab.data.corruptions import CORRUPTIONS
 from mnistlab.datasets import DATASETS
+from mnistlab.models.calibration import reliability
 from mnistlab.sweep.space import show_value
 
 RUN = "fashion-cnn-augmented-long-run-name-seed7"  # 41 characters, as a user's config file may be named
@@ -74,6 +76,9 @@ def _figures(dataset: str) -> dict:
         for e in (0.0, 0.05, 0.1, 0.2, 0.3)
     ]  # fmt: skip
     examples = ["clean", *CORRUPTIONS]
+    labels = rng.integers(0, 10, 2000)
+    sure = np.eye(10)[labels] * 0.9 + 0.01 + rng.random((2000, 10)) * 0.05
+    calibrations = {"as trained": sure / sure.sum(1, keepdims=True), "temperature 0.423": np.full((2000, 10), 0.1)}
     return {
         "curves": plots._figure_curves(_epochs(20, 0), summary),
         "overlay": plots._figure_overlay({f"{RUN}-{k}": _epochs(20, k) for k in range(8)}, "test"),
@@ -118,6 +123,10 @@ def _figures(dataset: str) -> dict:
             [f"{name.replace('_', ' ')}: {classes[pairs[k][1]]}" for k, name in enumerate(examples)],
             "the first test image under each corruption (caption: the model's prediction)",
             8,
+        ),
+        "reliability": plots._figure_reliability(
+            {name: reliability(torch.from_numpy(p), torch.from_numpy(labels)) for name, p in calibrations.items()},
+            f"{RUN}: test split",
         ),
     }
 
@@ -230,6 +239,7 @@ PICTURES = [
     "sweep params",
     "robustness corruptions",
     "robustness examples",
+    "reliability",
 ]
 
 

@@ -156,6 +156,13 @@ def _class_ticks(ax, names: Sequence[str]) -> None:
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", rotation_mode="anchor")
 
 
+def plot_reliability(tables: Mapping[str, Sequence[Mapping]], path: Path, title: str) -> Path:
+    """A reliability diagram: accuracy against confidence, one line per set of bins (`models.calibration.
+    reliability`), e.g. as trained and after temperature scaling; on the diagonal a model means what it says.
+    Below, how many images each bin holds (log scale)."""
+    return _save(_figure_reliability(tables, title), path)
+
+
 # ---------------------------------------------------------------------------------------------- figures
 
 
@@ -347,5 +354,21 @@ def _figure_robustness(
             )
         ax.grid(alpha=0.3, axis="y")
         _outside_legend(ax)
+    _title(fig, title)
+    return fig
+
+
+def _figure_reliability(tables: Mapping[str, Sequence[Mapping]], title: str) -> Figure:
+    fig, (ax, counts) = _subplots(2, 1, figsize=(6.4, 6.4), height_ratios=(3, 1), sharex=True)
+    ax.plot([0, 100], [0, 100], color="0.6", linewidth=1, label="calibrated")
+    for (name, table), marker in zip(tables.items(), "os^v"):
+        confidence = [100 * b["confidence"] for b in table]
+        ax.plot(confidence, [100 * b["accuracy"] for b in table], marker=marker, label=name)
+        counts.plot(confidence, [b["count"] for b in table], marker=marker, linewidth=0.8)
+    ax.set(ylabel="accuracy (%)", xlim=(0, 100), ylim=(0, 100))
+    counts.set(xlabel="confidence: the top class's probability (%)", ylabel="images", yscale="log")
+    for a in (ax, counts):
+        a.grid(alpha=0.3)
+    _outside_legend(ax)
     _title(fig, title)
     return fig

@@ -103,6 +103,18 @@ def _unfinish(run: Path) -> None:
         (run / name).unlink()
 
 
+def _nan_temperature(run: Path) -> None:
+    description = json.loads((run / "model.json").read_text())
+    description["calibration"]["temperature"] = float("nan")
+    (run / "model.json").write_text(json.dumps(description))  # Python writes NaN, as a careless tool would
+
+
+def _no_validation_split(run: Path) -> None:
+    description = json.loads((run / "model.json").read_text())
+    description["metadata"]["split"]["val_size"] = 0
+    (run / "model.json").write_text(json.dumps(description))
+
+
 def _edit_config(run: Path) -> None:
     text = (run / "config.toml").read_text().replace("hidden = [512]", "hidden = [256]")
     (run / "config.toml").write_text(text)
@@ -600,6 +612,21 @@ CASES: list[Case] = [
         ["export", "{run}", "--onnx", "{tmp}/model.txt", "--data-dir", "{data}"],
         0,
         "model.txt: an ONNX model, though its name does not end in .onnx",
+    ),
+    # calibration (issue 22)
+    Case(
+        "a model file whose calibration temperature is NaN",
+        ["evaluate", "{tmp}/nan-temperature"],
+        2,
+        "temperature must be a positive finite number",
+        _run_copy("nan-temperature", _nan_temperature),
+    ),
+    Case(
+        "calibrate a model trained without a validation split",
+        ["calibrate", "{tmp}/no-val", "--data-dir", "{data}"],
+        2,
+        "trained without a validation split",
+        _run_copy("no-val", _no_validation_split),
     ),
     # training, runs and compare (issue 26)
     Case("--nproc above the CPU cores", [*_TRAIN, "--nproc", "9999"], 2, "is more than this machine's"),

@@ -18,14 +18,20 @@ def register(sub: Subparsers) -> None:
     _add_inspect(sub)
     _add_export(sub)
     _add_ensemble(sub)
+    _add_calibrate(sub)
 
 
 def _add_evaluate(sub: Subparsers) -> None:
     p = sub.add_parser(
-        "evaluate", help="test accuracy, loss, per-class accuracy, confusion matrix", formatter_class=Formatter
+        "evaluate",
+        help="test accuracy, loss, per-class accuracy, confusion matrix, calibration",
+        formatter_class=Formatter,
     )
     add_model(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--plot", metavar="FILE", help="write the test split's reliability diagram (before and after calibration)"
+    )
     p.add_argument("--tta", action="store_true", help="average each image with its four 1-pixel shifts")
     p.add_argument(
         "--images",
@@ -44,6 +50,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from mnistlab.files import to_json
     from mnistlab.infer.evaluate import evaluate, evaluate_images
 
+    if args.images and args.plot:
+        raise MnistlabError("--plot draws the test split's reliability diagram; leave out --images")
     if args.images:
         found = evaluate_images(args.images, model_of(args), args.device, args.tta)
         for problem in found.skipped:
@@ -53,6 +61,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     else:
         result, what = evaluate(model_of(args), args.data_dir, args.device, args.tta), "test accuracy"
         report = result.to_dict()
+        if args.plot:
+            _plot_reliability(result.calibration, Path(args.plot), model_of(args) or "the bundled model")
     if args.json:
         print(to_json(report))
         return
@@ -66,6 +76,35 @@ def _evaluate(args: argparse.Namespace) -> None:
     print("      " + "".join(f"{d:>6}" for d in range(10)))
     for d, row in enumerate(result.confusion_matrix):
         print(f"{d:>6}" + "".join(f"{v:>6}" for v in row))
+    if result.calibration is not None:
+        print(_calibration_line(result.calibration, model_of(args)))
+
+
+def _calibration_line(report: dict, model: str | None) -> str:
+    """The test split's calibration in one line: as trained, and after the temperature fitted on validation."""
+    from mnistlab.models.calibration import ECE_BINS
+
+    before, after = report["before"], report["after"]
+
+    def shown(c: dict) -> str:
+        return f"ECE {100 * c['ece']:.2f}%, NLL {c['nll']:.4f}, Brier {c['brier']:.4f}"
+
+    if not report["calibrated"]:
+        how = f"mnistlab calibrate {model}" if model else "mnistlab calibrate MODEL"
+        return f"calibration ({ECE_BINS} bins): {shown(before)}; uncalibrated ({how} fits a temperature)"
+    scaled = f"temperature {report['temperature']:.3g}" if report["temperature"] else "members' temperatures"
+    return f"calibration ({ECE_BINS} bins): as trained {shown(before)}; with its {scaled} {shown(after)}"
+
+
+def _plot_reliability(report: dict, path: Path, model: str) -> None:
+    from mnistlab.plots import plot_reliability
+
+    if path.is_dir():
+        raise MnistlabError(f"--plot {path}: a folder; give a file name such as reliability.png")
+    tables = {"as trained": report["bins"]["before"]}
+    if report["calibrated"]:
+        tables["calibrated"] = report["bins"]["after"]
+    plot_reliability(tables, path, f"{model}: test split")
 
 
 def _add_predict(sub: Subparsers) -> None:
@@ -210,6 +249,34 @@ def _export(args: argparse.Namespace) -> None:
         f"wrote {check.path}: onnxruntime matches PyTorch on {plural(check.images, 'test image')} "
         f"(max probability difference {check.max_abs_diff:.1e}, "
         f"same {'digit' if are_digits(check.classes) else 'class'} for all)"
+    )
+
+
+def _add_calibrate(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="fit a model's temperature on its validation split (runs trained now are calibrated already)",
+        formatter_class=Formatter,
+    )
+    p.add_argument("model", metavar="MODEL", help="run directory or model file (an ensemble: each member)")
+    add_data_dir(p)
+    add_device(p)
+
+    p.set_defaults(handler=_calibrate)
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from mnistlab.infer.calibrate import calibrate
+
+    fitted = calibrate(args.model, args.data_dir, args.device)
+    if "members" in fitted:
+        shown = ", ".join(f"{t:.3g}" for t in fitted["members"])
+        print(f"calibrated {args.model}: members' temperatures {shown}, each fitted on its own validation split")
+        return
+    before, after = fitted["before"], fitted["after"]
+    print(
+        f"calibrated {args.model}: temperature {fitted['temperature']:.3g}, fitted on its {fitted['fitted_on']}: "
+        f"ECE {100 * before['ece']:.2f}% -> {100 * after['ece']:.2f}%, NLL {before['nll']:.4f} -> {after['nll']:.4f}"
     )
 
 

@@ -14,10 +14,11 @@ from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError, plural
 from mnistlab.files import write_json
 from mnistlab.infer.predict import IMAGE_SUFFIXES
+from mnistlab.models.calibration import calibration, reliability, temper
 from mnistlab.models.files import LoadedModel, load_model
 from mnistlab.models.losses import make_loss
-from mnistlab.models.metrics import Evaluation, evaluate_model, evaluate_scores
-from mnistlab.models.networks import ShiftAveraged
+from mnistlab.models.metrics import Evaluation, evaluate_scores, predict_scores
+from mnistlab.models.networks import ShiftAveraged, as_probabilities, members_as_trained
 
 
 def evaluate(
@@ -32,10 +33,33 @@ def evaluate(
     loaded = load_model(model_path, dev)
     split = evaluation_split(loaded, data_dir, dev)
     if tta:
-        result = evaluate_model(ShiftAveraged(loaded.model, loaded.probabilities), split, make_loss("nll", True))
+        network, probabilities = ShiftAveraged(loaded.model, loaded.probabilities), True
+        loss_fn = make_loss("nll", probabilities=True)
     else:
-        result = evaluate_model(loaded.model, split, loaded.loss_fn())
-    return replace(result, classes=loaded.classes)
+        network, probabilities, loss_fn = loaded.model, loaded.probabilities, loaded.loss_fn()
+    scores = predict_scores(network, split.images)
+    result = evaluate_scores(scores, split.labels, loss_fn)
+    probs = as_probabilities(scores, probabilities)  # an ensemble's: with its members' temperatures
+    calibrated = temper(probs, loaded.temperature) if loaded.temperature is not None else probs
+    raw = probs
+    if loaded.members_calibrated:  # "before" is the ensemble as its members were trained
+        with members_as_trained(loaded.model):
+            raw = as_probabilities(predict_scores(network, split.images), probabilities)
+    report = calibration_report(loaded, raw, calibrated, split.labels)
+    return replace(result, classes=loaded.classes, calibration=report)
+
+
+def calibration_report(loaded: LoadedModel, raw: torch.Tensor, calibrated: torch.Tensor, labels: torch.Tensor) -> dict:
+    """ECE, NLL and Brier score before (as trained) and after the model's temperature scaling, and the bins of
+    both reliability diagrams."""
+    labels = labels.cpu()
+    return {
+        "calibrated": loaded.calibrated,
+        "temperature": loaded.temperature,
+        "before": calibration(raw.cpu(), labels).to_dict(),
+        "after": calibration(calibrated.cpu(), labels).to_dict(),
+        "bins": {"before": reliability(raw.cpu(), labels), "after": reliability(calibrated.cpu(), labels)},
+    }
 
 
 def evaluation_split(loaded: LoadedModel, data_dir: str | Path | None, device: torch.device | str = "cpu") -> Split:

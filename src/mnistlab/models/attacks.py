@@ -22,9 +22,12 @@ from mnistlab.models.networks import Ensemble, Standardized
 
 def log_probabilities(model: nn.Module, x: torch.Tensor, probabilities: bool) -> torch.Tensor:
     """log p(class | x) for a model returning logits, or probabilities where `probabilities` (an ensemble's
-    average is taken in log space from its members)."""
+    average is taken in log space from its members, each at its own temperature)."""
     if isinstance(model, Ensemble):
-        members = [log_probabilities(m, x, p) for m, p in zip(model.members, model.probabilities)]
+        members = [
+            log_probabilities(m, x, p) if t is None else (log_probabilities(m, x, p) / t).log_softmax(1)
+            for m, p, t in zip(model.members, model.probabilities, model.temperatures)
+        ]  # each member scaled by its temperature first, as the ensemble averages them
         return torch.logsumexp(torch.stack(members), 0) - math.log(len(members))
     return log_probabilities_of(model(x), probabilities)
 

@@ -23,6 +23,7 @@ from mnistlab.config import ModelConfig, config_from_dict
 from mnistlab.datasets import DATASETS, DIGITS
 from mnistlab.errors import MnistlabError
 from mnistlab.files import LOCK, replacing, write_json
+from mnistlab.models.calibration import temper
 from mnistlab.models.losses import LossFn, make_loss
 from mnistlab.models.networks import Ensemble, Standardized, as_probabilities, build_model
 
@@ -40,6 +41,10 @@ class LoadedModel:
     configs: list[ModelConfig]
     metadata: dict[str, Any]
     path: Path
+    # Temperature scaling of the model's probabilities (models/calibration.py), fitted on a validation split;
+    # None: not calibrated (an ensemble may still have calibrated members: `calibrated`).
+    temperature: float | None = None
+    members_calibrated: bool = False
 
     def loss_fn(self) -> LossFn:
         """The loss the model was trained with (an ensemble: cross-entropy of its averaged probabilities)."""
@@ -49,7 +54,14 @@ class LoadedModel:
         return make_loss(meta.get("loss", "cross-entropy"), self.probabilities, meta.get("label_smoothing", 0.0))
 
     def probabilities_of(self, outputs: torch.Tensor) -> torch.Tensor:
-        return as_probabilities(outputs, self.probabilities)
+        """The calibrated probabilities of the network's outputs: what mnistlab prints, returns and shows."""
+        probs = as_probabilities(outputs, self.probabilities)
+        return temper(probs, self.temperature) if self.temperature is not None else probs
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the probabilities are calibrated: a temperature of its own, or every member's."""
+        return self.temperature is not None or self.members_calibrated
 
     @property
     def dataset(self) -> str:
@@ -99,9 +111,13 @@ def save_model(
     normalize: tuple[float, float] | None,
     metadata: dict[str, Any],
     stem: str = "model",
+    calibration: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `<stem>.safetensors` and `<stem>.json` into `folder`; returns the safetensors path."""
+    """Write `<stem>.safetensors` and `<stem>.json` into `folder`; returns the safetensors path. `calibration`:
+    the temperature fitted on validation data and how it was fitted."""
     description = {**_describe(model_config, normalize), "metadata": metadata}
+    if calibration is not None:
+        description["calibration"] = calibration
     return _save(model.state_dict(), folder, stem, description)
 
 
@@ -110,11 +126,15 @@ def save_ensemble(members: list[Path], folder: Path, metadata: dict[str, Any], s
     tensors: dict[str, torch.Tensor] = {}
     described = []
     for i, member in enumerate(members):
-        weights, _, meta = _read_description(member)
+        weights, _, meta = read_description(member)
         if "ensemble" in meta:
             raise MnistlabError(f"{member}: is an ensemble already; give its members instead")
         tensors.update({f"m{i}.{k}": v for k, v in load_file(str(weights)).items()})
-        described.append({"model": meta["model"], "normalize": meta.get("normalize"), "source": str(member)})
+        entry = {"model": meta["model"], "normalize": meta.get("normalize"), "source": str(member)}
+        temperature = _temperature(meta.get("calibration"), member)
+        if temperature is not None:  # calibrated on its own validation split, it stays so in the ensemble
+            entry["temperature"] = temperature
+        described.append(entry)
     return _save(tensors, folder, stem, {"ensemble": described, "metadata": metadata})
 
 
@@ -175,7 +195,7 @@ def check_safetensors(path: Path) -> None:
     raise MnistlabError(f"{path}: not a safetensors file (truncated or another format)")
 
 
-def _read_description(path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
+def read_description(path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
     """(weights path, description path, description) of a model, both files checked by parsing them."""
     weights, meta_path = model_paths(path)
     check_safetensors(weights)
@@ -218,7 +238,7 @@ def load_model(path: str | Path | None = None, device: torch.device | str = "cpu
     """
     if path is None:
         path = bundled_model_path()
-    weights, meta_path, meta = _read_description(path)
+    weights, meta_path, meta = read_description(path)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
@@ -238,15 +258,32 @@ def load_model(path: str | Path | None = None, device: torch.device | str = "cpu
             for i, member in enumerate(members)
         ]
         outputs_probs = [c.softmax_output for _, c in built]
-        model: nn.Module = Ensemble([m for m, _ in built], outputs_probs)
+        temperatures = [
+            _temperature({"temperature": m["temperature"]}, meta_path) if "temperature" in m else None for m in members
+        ]
+        model: nn.Module = Ensemble([m for m, _ in built], outputs_probs, temperatures)
         configs, probabilities = [c for _, c in built], True
+        members_calibrated = all(t is not None for t in temperatures)
     else:
         model, config = _build(meta, state, meta_path)
-        configs, probabilities = [config], config.softmax_output
+        configs, probabilities, members_calibrated = [config], config.softmax_output, False
     metadata = meta.get("metadata", {})
     if not isinstance(metadata, dict):
         raise MnistlabError(f"{meta_path}: 'metadata' must be an object")
-    return LoadedModel(model.to(device).eval(), probabilities, configs, metadata, weights)
+    temperature = _temperature(meta.get("calibration"), meta_path)
+    return LoadedModel(
+        model.to(device).eval(), probabilities, configs, metadata, weights, temperature, members_calibrated
+    )
+
+
+def _temperature(calibration: Any, source: Path | str) -> float | None:
+    """The temperature of a model description's `calibration` (None: none), checked: a positive finite number."""
+    if calibration is None:
+        return None
+    value = calibration.get("temperature") if isinstance(calibration, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise MnistlabError(f"{source}: the calibration temperature must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def bundled_model_path() -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ class Evaluation:
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
     # What each class index means (the model's dataset); shown in text output, not part of to_dict.
     classes: list[str] = field(default_factory=lambda: list(DIGITS))
+    # How well the confidences match the accuracy, before and after the model's temperature (models/calibration);
+    # set by `infer.evaluate.evaluate` on a test split.
+    calibration: dict[str, Any] | None = None
 
     @property
     def classes_without_images(self) -> list[int]:
@@ -36,12 +40,15 @@ class Evaluation:
         return [c for c, row in enumerate(self.confusion_matrix) if not sum(row)]
 
     def to_dict(self) -> dict:
-        return {
+        report = {
             "accuracy": self.accuracy,
             "loss": self.loss,
             "per_class_accuracy": self.per_class_accuracy,
             "confusion_matrix": self.confusion_matrix,
         }
+        if self.calibration is not None:
+            report["calibration"] = self.calibration
+        return report
 
 
 @torch.inference_mode()

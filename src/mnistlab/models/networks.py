@@ -6,7 +6,9 @@ keeps the report's Softmax output layer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,6 +17,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from mnistlab.errors import MnistlabError
 from mnistlab.layers import ACTIVATIONS, LayerError, parse_layers
+from mnistlab.models.calibration import temper
 
 if TYPE_CHECKING:
     from mnistlab.config import ModelConfig
@@ -100,16 +103,35 @@ def as_probabilities(outputs: torch.Tensor, probabilities: bool) -> torch.Tensor
 
 
 class Ensemble(nn.Module):
-    """Averages its members' probabilities (members output logits, or probabilities where `probabilities`)."""
+    """Averages its members' probabilities (members output logits, or probabilities where `probabilities`),
+    each scaled first by its own temperature where it has one (calibrated on its own validation split)."""
 
-    def __init__(self, members: list[nn.Module], probabilities: list[bool]):
+    def __init__(self, members: list[nn.Module], probabilities: list[bool], temperatures: list[float | None]):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.probabilities = probabilities
+        self.temperatures = temperatures
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [as_probabilities(m(x), p) for m, p in zip(self.members, self.probabilities)]
+        outs = [
+            temper(as_probabilities(m(x), p), t or 1.0)
+            for m, p, t in zip(self.members, self.probabilities, self.temperatures)
+        ]
         return torch.stack(outs).mean(0)
+
+
+@contextlib.contextmanager
+def members_as_trained(model: nn.Module) -> Iterator[None]:
+    """Within the block, an ensemble's members answer without their temperatures (as trained); any other model
+    is unchanged."""
+    if not isinstance(model, Ensemble):
+        yield
+        return
+    kept, model.temperatures = model.temperatures, [None] * len(model.temperatures)
+    try:
+        yield
+    finally:
+        model.temperatures = kept
 
 
 class ShiftAveraged(nn.Module):

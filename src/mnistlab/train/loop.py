@@ -65,8 +65,8 @@ def train(
     if tensorboard and out_dir is None:
         raise MnistlabError("--tensorboard needs a run directory to write its logs into")
     cluster, dev = distributed.join(devices.resolve_device(device))
+    outputs = None
     try:
-        outputs = None
         if out_dir is not None:
             outputs = _on_main(cluster, lambda: RunDirectory(out_dir, force=force, tensorboard=tensorboard))
         return _fit(
@@ -81,6 +81,10 @@ def train(
             on_epoch_end=on_epoch_end,
             resume_hint=resume_hint,
         )
+    except BaseException:
+        if outputs is not None:  # stopped before _fit took the folder over (it closes it itself): unlock it
+            outputs.close()
+        raise
     finally:
         distributed.leave(cluster)
 
@@ -377,7 +381,7 @@ def _fit(
                     f"(best {tracker.best_value:.4f} at epoch {tracker.best_epoch})"
                 )
                 break
-        return _finish(state, steps, outputs, cluster, log)
+        return _finish(state, steps, data, outputs, cluster, log)
     except KeyboardInterrupt:
         if outputs is not None and outputs.saved and resume_hint:
             log.line(
@@ -393,14 +397,19 @@ def _fit(
 
 
 def _finish(
-    state: RunState, steps: Steps, outputs: RunDirectory | None, cluster: distributed.Cluster, log: Progress
+    state: RunState,
+    steps: Steps,
+    data: MnistData,
+    outputs: RunDirectory | None,
+    cluster: distributed.Cluster,
+    log: Progress,
 ) -> Run:
     """The finished run, its model and files written by rank 0, once every rank is done."""
     run = state.finish()
     if outputs is not None:
         run.run_dir = outputs.path
-        outputs.finish(run, steps.normalize, state.device)
-        log.line(f"wrote {outputs.path}/ (model.safetensors, model.json, metrics.json, curves.png, config.toml)")
+        written = outputs.finish(run, steps.normalize, data)
+        log.line(f"wrote {outputs.path}/ ({', '.join(written)})")
     # Every rank leaves together, after rank 0 has written the run: a rank that ends its process group while a
     # peer still holds connections to it can abort in gloo's teardown ("terminate called without an active
     # exception", exit -6, once in a CI run), and torchrun then stops the others mid-write.

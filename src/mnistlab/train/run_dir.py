@@ -7,10 +7,14 @@ from typing import Any
 
 import torch
 
+from mnistlab.data.splits import MnistData, Split
 from mnistlab.datasets import DATASETS
 from mnistlab.errors import MnistlabError
 from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, clear_dir, signals_held, write_json
+from mnistlab.models.calibration import fit_on_split, reliability, temper
 from mnistlab.models.files import save_model
+from mnistlab.models.metrics import predict_scores
+from mnistlab.models.networks import as_probabilities
 from mnistlab.train.checkpoint import CHECKPOINT
 from mnistlab.train.state import Run, RunState
 
@@ -30,13 +34,15 @@ class RunDirectory:
             _check_tensorboard()
         if not resuming:
             check_output_dir(self.path, force)  # before any work
-        self._lock = FolderLock(self.path).acquire()
-        if not resuming:
-            try:
+        self._lock = FolderLock(self.path)
+        try:
+            with signals_held():  # taken whole or not at all: a Ctrl-C meanwhile is raised just after, and below
+                self._lock.acquire()  # the lock is released again, removing the folder it made
+            if not resuming:
                 check_output_dir(self.path, force)  # again: another run may have finished meanwhile
-            except MnistlabError:
-                self._lock.release()
-                raise
+        except BaseException:
+            self._lock.release()
+            raise
         self._tensorboard = tensorboard
         self._writer = None
         self.saved = 0  # epochs saved by this process
@@ -60,11 +66,19 @@ class RunDirectory:
                 if key != "epoch":
                     self._writer.add_scalar(key.replace("_", "/", 1), value, record["epoch"])
 
-    def finish(self, run: Run, normalize: tuple[float, float] | None, device: torch.device) -> None:
-        """The finished run's model files, metrics, config (with the epochs it was trained to) and curves."""
-        from mnistlab.plots import plot_curves
+    def finish(self, run: Run, normalize: tuple[float, float] | None, data: MnistData) -> list[str]:
+        """The finished run's model files (calibrated on the validation split, where there is one), metrics,
+        config (with the epochs it was trained to), curves and reliability diagram; returns the files' names."""
+        from mnistlab.plots import plot_curves, plot_reliability
 
         config = run.config
+
+        def probabilities(split: Split) -> torch.Tensor:
+            scores = predict_scores(run.model, split.images, normalize)
+            return as_probabilities(scores.float(), config.model.softmax_output).cpu()
+
+        # The temperature is chosen on the validation split; the test split only shows how well it holds.
+        calibration = fit_on_split(probabilities(data.val), data.val.labels.cpu()) if data.val is not None else None
         atomic_write_text(self.path / "config.toml", config.to_toml())
         saved = run.saved
         save_model(
@@ -80,9 +94,23 @@ class RunDirectory:
                 "label_smoothing": config.training.label_smoothing,
                 "epoch": saved["epoch"],
                 "test_accuracy": saved["test_accuracy"],
+                "split": {"seed": config.training.seed, "val_size": config.data.val_size},
             },
+            calibration=calibration,
         )
         plot_curves(run.epochs, self.path / "curves.png", f"{config.name}: {config.summary()}")
+        written = ["model.safetensors", "model.json", "metrics.json", "curves.png", "config.toml"]
+        if calibration is not None:
+            test, labels = probabilities(data.test), data.test.labels.cpu()
+            tables = {
+                "as trained": reliability(test, labels),
+                f"temperature {calibration['temperature']:.3g}": reliability(
+                    temper(test, calibration["temperature"]), labels
+                ),
+            }
+            plot_reliability(tables, self.path / "reliability.png", f"{config.name}: test split")
+            written.append("reliability.png")
+        return written
 
     def close(self) -> None:
         """Release the lock (which removes the folder again if this run made it and never saved into it)."""

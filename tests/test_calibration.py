@@ -1,0 +1,190 @@
+"""Calibrated confidence (issue 22, part 1): temperature scaling fitted on the validation split only, applied to
+every probability mnistlab gives, measured by ECE, NLL and Brier score on the test split."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mnistlab.config import load_config
+from mnistlab.infer.calibrate import calibrate
+from mnistlab.infer.ensemble import make_ensemble
+from mnistlab.infer.evaluate import evaluate
+from mnistlab.models.calibration import calibration, fit_on_split, fit_temperature, reliability, temper
+from mnistlab.models.files import load_model
+from mnistlab.models.metrics import predict_scores
+from mnistlab.models.networks import as_probabilities
+from mnistlab.train.loop import train
+
+from .support.cli import assert_user_error, mnistlab
+from .support.mnist import subset
+from .support.runs import train_small
+
+
+@pytest.fixture(scope="module")
+def small(mnist_data):
+    return subset(mnist_data, 8000, 2000)
+
+
+@pytest.fixture(scope="module")
+def run(small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calibration") / "run"
+    train(load_config("seed-b-fixed").with_overrides({"training.epochs": 1}), out_dir=out, data=small, quiet=True)
+    return out
+
+
+def _logits(run, split) -> torch.Tensor:
+    return predict_scores(load_model(run).model, split.images)
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+
+
+@pytest.mark.parametrize("sharpness", [5.0, 0.2], ids=["over-confident", "under-confident"])
+def test_the_temperature_fitted_on_validation_lowers_the_test_error(run, small, sharpness):
+    """A model made over-confident (logits x5) or under-confident (x0.2): the temperature fitted on its validation
+    split undoes it, and the ECE on the test split, which chose nothing, falls."""
+    val = (_logits(run, small.val) * sharpness).softmax(1)
+    test = (_logits(run, small.test) * sharpness).softmax(1)
+    temperature = fit_temperature(val, small.val.labels)
+    assert (temperature > 2) if sharpness > 1 else (temperature < 0.5)
+    before, after = calibration(test, small.test.labels), calibration(temper(test, temperature), small.test.labels)
+    assert after.ece < before.ece / 2 and after.nll < before.nll
+    assert torch.equal(temper(test, temperature).argmax(1), test.argmax(1))  # not one answer changes
+
+
+def test_a_finished_run_is_calibrated_on_its_validation_split_only(run, small):
+    """The stored temperature is the one fitted on the validation split, not on the test split (it would differ)."""
+    stored = json.loads((run / "model.json").read_text())["calibration"]
+    val = as_probabilities(_logits(run, small.val), False)
+    assert stored["temperature"] == pytest.approx(fit_on_split(val, small.val.labels)["temperature"], rel=1e-9)
+    test = as_probabilities(_logits(run, small.test), False)
+    assert abs(fit_temperature(test, small.test.labels) - stored["temperature"]) > 1e-3
+    assert stored["fitted_on"] == f"validation split ({len(small.val)} images)"
+    assert (run / "reliability.png").is_file()
+    # Every probability the model gives is the calibrated one.
+    loaded = load_model(run)
+    x = small.test.images[:50].float() / 255
+    expected = temper(loaded.model(x).softmax(1), stored["temperature"])
+    torch.testing.assert_close(loaded.probabilities_of(loaded.model(x)), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(2, 40),
+    st.floats(0.05, 20),
+    st.integers(0, 2**31 - 1),
+)
+def test_the_fitted_temperature_minimises_the_nll(n, sharpness, seed):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 10, generator=generator, dtype=torch.float64) * sharpness
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    probs = logits.softmax(1)
+    t = fit_temperature(probs, labels)
+    assert 1e-3 <= t <= 1e3 and math.isfinite(t)
+
+    def nll(temperature: float) -> float:
+        return calibration(temper(probs, temperature), labels).nll
+
+    if 1.001e-3 < t < 0.999e3:  # inside the searched range: a minimum, within the bisection's precision
+        assert nll(t) <= min(nll(t * 1.05), nll(t / 1.05)) + 1e-9
+    assert torch.equal(temper(probs, t).argmax(1), probs.argmax(1))
+
+
+def test_the_measures_of_calibration_on_known_cases():
+    labels = torch.tensor([0, 1, 2, 3])
+    sure_and_right = torch.eye(10)[labels]
+    assert calibration(sure_and_right, labels).to_dict() == pytest.approx({"ece": 0, "nll": 0, "brier": 0}, abs=1e-9)
+    half = torch.full((4, 10), 0.5 / 9).scatter(1, torch.tensor([[0], [1], [5], [6]]), 0.5)  # 50% sure, right half
+    measured = calibration(half, labels)
+    assert measured.ece == pytest.approx(0.0, abs=1e-9)  # 50% sure and right half the time
+    assert measured.nll == pytest.approx(-math.log(0.5 / 9) / 2 - math.log(0.5) / 2)
+    table = reliability(half, labels)
+    assert [(b["count"], b["accuracy"]) for b in table] == [(4, 0.5)]
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def test_a_model_file_without_a_temperature_still_loads_and_evaluate_says_so(run, mnist_path, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    description = json.loads((old / "model.json").read_text())
+    del description["calibration"]
+    (old / "model.json").write_text(json.dumps(description))
+    assert not load_model(old).calibrated
+    text = mnistlab("evaluate", str(old), "--data-dir", str(mnist_path))
+    assert text.returncode == 0, text.stderr
+    assert f"uncalibrated (mnistlab calibrate {old} fits a temperature)" in text.stdout
+
+    fixed = mnistlab("calibrate", str(old), "--data-dir", str(mnist_path))
+    assert fixed.returncode == 0, fixed.stderr
+    assert "fitted on its validation split (5000 images)" in fixed.stdout
+    assert load_model(old).calibrated
+
+
+def test_calibrate_refuses_what_it_cannot_calibrate(run, mnist_data, mnist_path, tmp_path):
+    no_val = tmp_path / "no-val"
+    config = load_config("seed-b-fixed").with_overrides({"training.epochs": 1, "data.val_size": 0})
+    train(config, out_dir=no_val, data=replace(subset(mnist_data, 2000, 500), val=None), quiet=True)
+    assert not load_model(no_val).calibrated  # nothing held out: left uncalibrated
+    assert_user_error(mnistlab("calibrate", str(no_val), "--data-dir", str(mnist_path)), "without a validation split")
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("model.safetensors", "model.json"):
+        shutil.copy(run / name, bare / name)
+    description = json.loads((bare / "model.json").read_text())
+    del description["metadata"]["split"]
+    (bare / "model.json").write_text(json.dumps(description))
+    assert_user_error(mnistlab("calibrate", str(bare / "model.safetensors")), "which validation split")
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "0", "-1", '"warm"'])
+def test_a_temperature_that_is_not_a_positive_number_is_refused_on_load(run, tmp_path, value):
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    text = (broken / "model.json").read_text()
+    stored = json.loads(text)["calibration"]["temperature"]
+    (broken / "model.json").write_text(text.replace(f'"temperature": {stored!r}', f'"temperature": {value}', 1))
+    assert_user_error(mnistlab("evaluate", str(broken)), "temperature must be a positive finite")
+
+
+# ---------------------------------------------------------------------------------------------- ensembles
+
+
+def test_an_ensemble_of_calibrated_runs_keeps_each_member_s_temperature(run, mnist_data, mnist_path, tmp_path):
+    other = train_small(tmp_path / "other", mnist_data, 3000)
+    make_ensemble([run, other], tmp_path / "ensemble", mnist_path, device="cpu")
+    members = json.loads((tmp_path / "ensemble" / "model.json").read_text())["ensemble"]
+    stored = [json.loads((r / "model.json").read_text())["calibration"]["temperature"] for r in (run, other)]
+    assert [m["temperature"] for m in members] == stored
+    assert load_model(tmp_path / "ensemble").calibrated
+
+
+@pytest.mark.slow  # two passes of the bundled model over the test set
+def test_the_bundled_model_is_calibrated_to_within_one_percent(mnist_path):
+    result = evaluate(None, mnist_path, "cpu")
+    report = result.calibration
+    assert report["calibrated"] and report["before"]["ece"] > 0.05  # label smoothing left it under-confident
+    assert report["after"]["ece"] <= 0.01
+
+
+def test_calibrate_fits_each_member_of_an_ensemble_on_its_own_split(run, mnist_data, mnist_path, tmp_path):
+    other = train_small(tmp_path / "other", mnist_data, 3000)
+    make_ensemble([run, other], tmp_path / "ensemble", mnist_path, device="cpu")
+    path = tmp_path / "ensemble" / "model.json"
+    description = json.loads(path.read_text())
+    for member in description["ensemble"]:
+        del member["temperature"]
+    path.write_text(json.dumps(description))
+    assert not load_model(tmp_path / "ensemble").calibrated
+    done = calibrate(tmp_path / "ensemble", mnist_path, "cpu")
+    assert len(done["members"]) == 2 and load_model(tmp_path / "ensemble").calibrated
