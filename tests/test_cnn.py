@@ -139,6 +139,7 @@ def test_ensemble_averages_member_probabilities(mnist_data, mnist_path, tmp_path
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got.sum(1), torch.ones(500))
     assert json.loads((tmp_path / "ens" / "metrics.json").read_text())["accuracy"] == summary["accuracy"]
+    assert ensemble.metadata["test_accuracy"] == summary["accuracy"]  # its own, as a single model's file has
     assert summary["accuracy"] >= min(summary["members"].values())
 
     # An ensemble is a model like any other for the CLI.

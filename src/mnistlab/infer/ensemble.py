@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mnistlab.data.splits import load_data
@@ -59,6 +60,9 @@ def _make_ensemble(members: list[str | Path], out: Path, data_dir: str | Path | 
     save_ensemble([Path(m) for m in members], out, {"dataset": dataset, "members": accuracies})
     ensemble = load_model(out, dev)
     result = evaluate_model(ensemble.model, data.test, ensemble.loss_fn())
+    description = json.loads((out / "model.json").read_text(encoding="utf-8"))
+    description["metadata"]["test_accuracy"] = result.accuracy  # the ensemble's own, as a single model's file has
+    write_json(out / "model.json", description)
     summary = {"accuracy": result.accuracy, "loss": result.loss, "members": accuracies}
     write_json(out / "metrics.json", summary)
     return summary
