@@ -7,6 +7,7 @@ Run: .venv/bin/python benchmarks/reliability_table.py [--data-dir DIR]   (about 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +16,8 @@ from common import machine
 
 from tests.support.mnist import mnist_dir
 from tests.support.reliability_cases import CASES, Context, fresh_run
+from tests.support.server_cases import SERVER_CASES, send
+from tests.support.servers import mnistlab_serve
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 
@@ -60,6 +63,45 @@ Rerunning the same sweep command runs new trials in the places of the failed one
 """
 
 
+SERVER_INTRO = """## The server: bad requests and faults
+
+Every row below is a case of [tests/support/server_cases.py](../tests/support/server_cases.py), sent over a plain
+socket to a real `mnistlab serve` on loopback (`tests/test_serve_edge.py::test_every_server_case` checks the same),
+with the answer as it came. Faults that take more than one request are tested in `tests/test_serve_connections.py`
+([docs/serving.md](serving.md)):
+
+| fault | what happens | status |
+|---|---|---|
+| 200 clients trickling a head, or silent | others served (0.4 s seen); closed after 10 s | 408 if begun |
+| over `--max-connections` (512) | the idlest connection closed; none idle: refused | 503, Retry-After |
+| over `--max-queue` (128) predictions | the others are served | 503, Retry-After |
+| SIGTERM or Ctrl-C under load | every request begun is answered; exit 0 | 200 |
+| a preprocessing process killed under load | pool rebuilt, its images retried once | 200 (then 500) |
+"""
+
+
+def server_table() -> str:
+    """Every server case sent to a real `mnistlab serve` (one per set of flags), as a Markdown table."""
+    rows = []
+    with contextlib.ExitStack() as stack:
+        running: dict[tuple[str, ...], tuple[str, int]] = {}
+        for i, case in enumerate(SERVER_CASES):
+            if case.args not in running:
+                served = stack.enter_context(mnistlab_serve(*case.args, "--workers", "0"))
+                host, port = served.url.split("/")[2].split(":")
+                running[case.args] = host, int(port)
+            host, port = running[case.args]
+            answer = send(host, port, case.request(f"{host}:{port}"))
+            message = answer.body.decode("utf-8", "replace") if case.plain else answer.detail()
+            status = "ok" if answer.status == case.status else f"**expected {case.status}**"
+            flags = f" (`{' '.join(case.args)}`)" if case.args else ""
+            rows.append(
+                f"| {i + 1} | {case.name}{flags} | {answer.status} {status} | `{message.strip().replace('|', '/')}` |"
+            )
+            print(rows[-1], flush=True)
+    return "| # | bad request | status | message |\n|---|---|---|---|\n" + "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=mnist_dir())
@@ -88,6 +130,7 @@ def main() -> None:
     table = "| # | bad input or fault | command | exit | message |\n|---|---|---|---|---|\n" + "\n".join(rows)
     DOC.write_text(
         f"{INTRO}\nMachine: {machine()}\nCommand: `.venv/bin/python benchmarks/reliability_table.py`\n\n{table}\n"
+        f"\n{SERVER_INTRO}\n{server_table()}\n"
     )
     print(f"wrote {DOC}")
 

@@ -55,6 +55,14 @@ def fashion_run(fashion_data, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium (tests/support/browser.py)."""
+    from .support.browser import launch_browser
+
+    yield from launch_browser()
+
+
 @pytest.fixture
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No test sees the caller's MNISTLAB_DATA or writes to the user's cache; returns the test's XDG cache."""

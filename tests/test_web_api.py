@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from PIL import Image
 
 pytest.importorskip("fastapi", reason="the web extra is not installed (pip install 'mnistlab[web]')")
 import httpx
-import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +31,7 @@ from mnistlab.data.preprocess import preprocess
 from mnistlab.infer.evaluate import evaluate_images
 from mnistlab.infer.predict import classify
 from mnistlab.models.files import load_model
-from mnistlab.serve import MAX_BODY, create_app, is_loopback, listen
+from mnistlab.serve import MAX_BODY, create_app, is_loopback
 from mnistlab.serve.engines import load_served
 from mnistlab.serve.schemas import REF, HealthResponse, ModelsResponse, PredictResponse, Refusal
 
@@ -41,27 +39,7 @@ from .support.cli import assert_user_error, mnistlab
 from .support.digit_images import blank_png
 from .support.drawings import STROKES, drawing, drawn_png, png_bytes
 from .support.runs import train_small
-
-
-class Server:
-    """A real uvicorn server for an app, in a thread of this process, on a free loopback port."""
-
-    def __init__(self, app):
-        self.app = app
-        self.sock = listen("127.0.0.1", 0)
-        self.host, self.port = self.sock.getsockname()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+from .support.servers import AppServer, child_pids, command_line, process_gone
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +61,7 @@ def collect_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(models, collect_dir):
     # Uploads prepared in two processes of their own, as `mnistlab serve` does on a 2-core machine.
-    running = Server(create_app(models, collect_dir=collect_dir, device="cpu", workers=2))
+    running = AppServer(create_app(models, collect_dir=collect_dir, device="cpu", workers=2))
     yield running
     running.stop()
 
@@ -113,6 +91,8 @@ def test_health_models_page_and_openapi(client, small_run):
     assert (bundled["name"], small["name"]) == ("bundled", "seed-b-small")
     assert bundled["architecture"].startswith("3 x CNN conv32 conv32 pool")
     assert bundled["test_accuracy"] == 0.9971 and bundled["members_test_accuracy"] == [0.9965, 0.9968, 0.9965]
+    assert bundled["calibrated"] and bundled["temperature"] is None  # each member has its own
+    assert small["calibrated"] and small["temperature"] == load_model(small_run).temperature
     assert small["architecture"] == "MLP 784-512-10 relu"
     assert small["test_accuracy"] == json.loads((small_run / "model.json").read_text())["metadata"]["test_accuracy"]
     assert bundled["classes"] == [str(d) for d in range(10)]
@@ -221,7 +201,7 @@ def test_a_killed_preprocessing_process_costs_no_request(server, client):
     assert len(killed) == 2
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
-    while not all(map(_gone, killed)):
+    while not all(map(process_gone, killed)):
         time.sleep(0.01)
     answer = post_image(client, drawn_png("7"))
     assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == 7
@@ -250,7 +230,7 @@ def test_collect_saves_server_named_pngs_that_evaluate_images_reads(client, coll
 
 
 def test_collect_is_off_without_a_folder(models):
-    running = Server(create_app(models[:1], device="cpu"))
+    running = AppServer(create_app(models[:1], device="cpu"))
     try:
         response = httpx.post(f"{running.url}/api/collect", files={"image": ("d.png", drawn_png("7"))})
         assert response.status_code == 404 and "--collect" in response.json()["detail"]
@@ -262,7 +242,7 @@ def test_collect_is_off_without_a_folder(models):
 # ---------------------------------------------------------------------------------------------- bad requests
 
 
-def raw_http(server: Server, head: bytes, chunks: list[bytes] = (), wait: float = 10) -> tuple[int, dict]:
+def raw_http(server: AppServer, head: bytes, chunks: list[bytes] = (), wait: float = 10) -> tuple[int, dict]:
     """Send a request by hand (headers, then body pieces, stopping when the server hangs up) and read the
     response: for requests httpx will not make, such as a body that does not match its Content-Length."""
     with socket.create_connection((server.host, server.port), timeout=wait) as sock:
@@ -287,7 +267,7 @@ def _length(response: bytes) -> int:
     return int(found.group(1)) if found else 0
 
 
-def multipart_head(server: Server, length: int | None) -> bytes:
+def multipart_head(server: AppServer, length: int | None) -> bytes:
     framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
     return (
         f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
@@ -421,32 +401,15 @@ def test_serve_leaves_no_preprocessing_process_behind_when_killed_or_stopped():
         )
         try:
             assert "serving 1 model(s) with torch at http://127.0.0.1:" in server.stdout.readline()
-            workers = [p for p in _children(server.pid) if "multiprocessing.spawn" in _command(p)]
+            workers = [p for p in child_pids(server.pid) if "multiprocessing.spawn" in command_line(p)]
             assert len(workers) == 2
         finally:
             server.send_signal(how)
             server.wait(30)
         deadline = time.monotonic() + 10
-        while not all(map(_gone, workers)):
+        while not all(map(process_gone, workers)):
             assert time.monotonic() < deadline, f"preprocessing processes outlived the server ({how.name})"
             time.sleep(0.05)
-
-
-def _gone(pid: int) -> bool:
-    """Whether a process has exited (a zombie awaiting its parent's wait counts as exited)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (FileNotFoundError, ProcessLookupError):  # the second: reaped while its file was being read
-        return True
-
-
-def _children(pid: int) -> list[int]:
-    tasks = Path(f"/proc/{pid}/task")
-    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
-
-
-def _command(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
 def test_preprocessing_processes_need_neither_torch_nor_the_web_stack():

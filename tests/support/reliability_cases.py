@@ -628,6 +628,18 @@ CASES: list[Case] = [
         "trained without a validation split",
         _run_copy("no-val", _no_validation_split),
     ),
+    # serving on a network (issue 25)
+    Case("serve --port 99999", ["serve", "--port", "99999"], 2, "--port 99999: a port is a number from 0 to 65535"),
+    Case(
+        "serve --collect beyond loopback without a token",
+        ["serve", "--host", "0.0.0.0", "--collect", "{tmp}/drawings"],
+        2,
+        "needs --token or MNISTLAB_TOKEN",
+    ),
+    Case("serve --token with a space", ["serve", "--token", "two words"], 2, "--token must be letters"),
+    Case("serve --writes-per-minute -1", ["serve", "--writes-per-minute", "-1"], 2, "must be 0 or more"),
+    Case("serve --cors '*'", ["serve", "--cors", "*"], 2, "give an origin"),
+    Case("serve --header-timeout 0", ["serve", "--header-timeout", "0"], 2, "must be a positive, finite number"),
     # training, runs and compare (issue 26)
     Case("--nproc above the CPU cores", [*_TRAIN, "--nproc", "9999"], 2, "is more than this machine's"),
     Case(

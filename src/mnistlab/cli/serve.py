@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from typing import Any
 
 from mnistlab.cli.common import Formatter, Subparsers, add_device
 from mnistlab.config import ENGINES
 from mnistlab.errors import MnistlabError, warn
+
+TOKEN_ENV = "MNISTLAB_TOKEN"  # where --token comes from when not given: the environment is not in `ps`
 
 
 def register(sub: Subparsers) -> None:
@@ -59,26 +63,125 @@ def _edge(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_connections(p: argparse.ArgumentParser) -> None:
     """Connections: timeouts, caps, shutdown."""
+    from mnistlab.serve.settings import ServeSettings
+
+    default = ServeSettings()
+    for flag, help_text in _CONNECTION_FLAGS.items():
+        field = flag[2:].replace("-", "_")
+        kind = int if field.startswith("max_") else float
+        p.add_argument(
+            flag, type=kind, default=getattr(default, field), metavar="N" if kind is int else "S", help=help_text
+        )
+
+
+_CONNECTION_FLAGS = {
+    "--header-timeout": "seconds a request's head may take to arrive (from the connection's opening), then the "
+    "connection is closed (slow or silent clients)",
+    "--body-timeout": "seconds a request's body may take to arrive after its head, then 408 and close",
+    "--keep-alive-timeout": "seconds an idle kept-alive connection stays open",
+    "--max-connections": "open connections; past it the longest idle one is closed, or, all busy, 503",
+    "--max-queue": "predictions in the server at once (received, being prepared or run); past it 503",
+    "--shutdown-timeout": "seconds requests in progress may take to finish after SIGTERM or Ctrl-C",
+}
 
 
 def _connections(args: argparse.Namespace) -> dict[str, Any]:
-    return {}
+    values = {flag[2:].replace("-", "_"): flag for flag in _CONNECTION_FLAGS}
+    for field, flag in values.items():
+        value = getattr(args, field)
+        if not value > 0 or value == float("inf"):  # `not >`: NaN fails too
+            raise MnistlabError(f"{flag} must be a positive, finite number, not {value}")
+    return {field: getattr(args, field) for field in values}
 
 
 def _add_operations(p: argparse.ArgumentParser) -> None:
     """Operations: metrics and logs."""
+    p.add_argument(
+        "--log-format",
+        choices=("human", "json"),
+        default="human",
+        help="json: one JSON line per request on stderr (time, route, status, latency, models, bytes; never the "
+        "image); human: no access log. GET /metrics serves Prometheus metrics either way",
+    )
 
 
 def _operations(args: argparse.Namespace) -> dict[str, Any]:
-    return {}
+    return {"log_format": args.log_format}
 
 
 def _add_writes(p: argparse.ArgumentParser) -> None:
     """Writes: tokens, quotas, CORS."""
+    from mnistlab.serve.settings import ServeSettings
+
+    default = ServeSettings()
+    p.add_argument(
+        "--token",
+        help=f"writes (--collect) need 'Authorization: Bearer TOKEN'; required with --collect beyond loopback "
+        f"(default: the {TOKEN_ENV} environment variable, which ps does not show)",
+    )
+    p.add_argument(
+        "--writes-per-minute",
+        type=int,
+        default=default.writes_per_minute,
+        metavar="N",
+        help="writes a client address may make a minute, in bursts of as many, then 429 (0: no limit)",
+    )
+    p.add_argument(
+        "--collect-max-files",
+        type=int,
+        default=default.collect_max_files,
+        metavar="N",
+        help="drawings the --collect folder may hold, counting those already there, then 507",
+    )
+    p.add_argument(
+        "--collect-max-mb",
+        type=float,
+        default=default.collect_max_mb,
+        metavar="MB",
+        help="megabytes the --collect folder's drawings may take, then 507",
+    )
+    p.add_argument(
+        "--cors",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let pages from ORIGIN (such as https://lab.example.org) call the API from a browser; repeatable "
+        "(default: CORS off, same-origin only)",
+    )
 
 
 def _writes(args: argparse.Namespace) -> dict[str, Any]:
-    return {}
+    from mnistlab.serve import is_loopback
+    from mnistlab.serve.auth import check_token_text
+
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    if token is not None:
+        check_token_text(token)
+    elif args.collect is not None and not is_loopback(args.host):
+        raise MnistlabError(
+            f"--collect on {args.host} (beyond loopback) needs --token or {TOKEN_ENV}, so that only who holds it "
+            "can write; make one with: python -c 'import secrets; print(secrets.token_urlsafe())'"
+        )
+    for flag, value in (
+        ("--writes-per-minute", args.writes_per_minute),
+        ("--collect-max-files", args.collect_max_files),
+        ("--collect-max-mb", args.collect_max_mb),
+    ):
+        if not value >= 0:  # `not >=`: NaN fails too
+            raise MnistlabError(f"{flag} must be 0 or more, not {value}")
+    origins = tuple(origin.rstrip("/") for origin in args.cors)
+    for origin in origins:
+        if not re.fullmatch(r"https?://[^/\s?#*]+", origin):
+            raise MnistlabError(
+                f"--cors {origin!r}: give an origin as scheme://host[:port], such as https://lab.example.org"
+            )
+    return {
+        "token": token,
+        "writes_per_minute": args.writes_per_minute,
+        "collect_max_files": args.collect_max_files,
+        "collect_max_mb": args.collect_max_mb,
+        "cors": origins,
+    }
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -89,13 +192,14 @@ def _serve(args: argparse.Namespace) -> None:
 
     if args.workers is not None and args.workers < 0:
         raise MnistlabError(f"--workers must be 0 or more, not {args.workers}")
-    sock = listen(args.host, args.port)  # first, so a taken port is reported before the models load
     from mnistlab.serve.settings import ServeSettings
 
     settings = ServeSettings(**_edge(args), **_connections(args), **_operations(args), **_writes(args))
+    sock = listen(args.host, args.port)  # before the models load, so a taken port is reported at once
     app = create_app([None, *args.models], args.collect, args.device, args.workers, args.engine, settings)
     if not is_loopback(args.host):
-        warn(f"listening on {args.host}: the page and API are reachable from the network, without any authentication")
+        guard = "writes need the token" if settings.token else "without authentication (nothing is written)"
+        warn(f"listening on {args.host}: the page and API are reachable from the network; {guard}")
     state = app.server_state
     engines = sorted({m.engine for m in state.models})
     print(

@@ -5,6 +5,7 @@
     POST /api/collect   the same with a `label`: saved as DIR/<label>/<server-chosen name>.png (with --collect)
     GET  /api/models    name, architecture, test accuracy and class names of each model
     GET  /api/health    {"status": "ok", ...}
+    GET  /metrics       Prometheus metrics: requests, latency, predictions per model, queue depth, restarts
     GET  /docs          the OpenAPI page (Swagger UI, served from the package: no CDN, works offline)
 
 The routes live in `routers/` (one module per concern), take what they share from `deps` (a `ServerState` made
@@ -24,21 +25,24 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import FastAPI
 
 from mnistlab import __version__
 from mnistlab.errors import MnistlabError
 from mnistlab.models.files import LoadedModel
+from mnistlab.serve.auth import Cors
 from mnistlab.serve.bodies import MAX_BODY, BodyLimit, refused
 from mnistlab.serve.deps import ServerState
 from mnistlab.serve.images import RequestError
+from mnistlab.serve.metrics import RequestMetrics
 from mnistlab.serve.routers.collect import router as collect_router
+from mnistlab.serve.routers.metrics import router as metrics_router
 from mnistlab.serve.routers.models import router as models_router
 from mnistlab.serve.routers.pages import mount_files
 from mnistlab.serve.routers.pages import router as pages_router
 from mnistlab.serve.routers.predict import router as predict_router
 from mnistlab.serve.schemas import request_schemas
+from mnistlab.serve.server import QueueCap, run  # run: here for `mnistlab.serve.run`
 from mnistlab.serve.settings import ServeSettings
 
 __all__ = ["MAX_BODY", "WebApp", "create_app", "is_loopback", "listen", "run", "url_of"]
@@ -87,12 +91,17 @@ def create_app(
     "onnxruntime" (see engines.load_served); `settings`: the operator's limits, timeouts, logs and tokens. What it
     serves with is `app.server_state`."""
     app = WebApp(ServerState.start(models, collect_dir, device, workers, engine, settings or ServeSettings()))
+    app.add_middleware(QueueCap)  # first added: the innermost, after the body limit (serve/server.py)
     app.add_middleware(BodyLimit)
+    if app.server_state.settings.cors:  # off unless the operator names origins (--cors)
+        app.add_middleware(Cors, origins=app.server_state.settings.cors)
+    app.add_middleware(RequestMetrics)  # last added: the outermost, so it counts the others' answers too
     app.add_exception_handler(RequestError, refused)
     app.include_router(predict_router)
     app.include_router(models_router)
     app.include_router(collect_router)
     app.include_router(pages_router)
+    app.include_router(metrics_router)
     mount_files(app)
     return app
 
@@ -102,6 +111,8 @@ def create_app(
 
 def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     """A listening socket on host:port (port 0: a free one), or a one-line error saying why not."""
+    if not 0 <= port <= 65535:  # the OS would take the number modulo 65536 (99999: 34463), or blame the host
+        raise MnistlabError(f"--port {port}: a port is a number from 0 to 65535 (0: any free port)")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as exc:
@@ -130,12 +141,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def run(app: FastAPI, sock: socket.socket, threads: int | None = None) -> None:
-    """Serve `app` on `sock` with uvicorn until Ctrl-C; no access log (it would cost more than a prediction)."""
-    import uvicorn
-
-    if threads:
-        torch.set_num_threads(threads)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])

@@ -86,6 +86,9 @@ async def read_upload(request: Request) -> Upload:
         if media == "multipart/form-data":
             parser = _InMemoryMultiPart(request.headers, request.stream(), max_files=4, max_fields=16)
             form = await parser.parse()
+            repeated = next((name for name in form if len(form.getlist(name)) > 1), None)
+            if repeated is not None:  # which one would count is a guess: refuse rather than take the last
+                raise RequestError(400, f'more than one field "{repeated[:40]}" in the form: send one of each')
             image = form.get("image")
             if image is None:
                 names = ", ".join(repr(k[:40]) for k in list(form)[:5]) or "none"
@@ -105,7 +108,7 @@ async def read_upload(request: Request) -> Upload:
 
 def _from_json(body: bytes) -> Upload:
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise RequestError(400, f"the body is not valid JSON: {HOW}") from None
     if not isinstance(payload, dict) or "image" not in payload:
@@ -113,8 +116,19 @@ def _from_json(body: bytes) -> Upload:
     image = payload["image"]
     if not isinstance(image, str):
         raise RequestError(400, f'"image" must be a data URL string, not {type(image).__name__}')
-    fields = {k: str(v) for k, v in payload.items() if k != "image" and isinstance(v, (str, int))}
+    # Every other field as its JSON text (a string as itself): `"label": 3.5` is refused as "3.5", not dropped.
+    fields = {k: v if isinstance(v, str) else json.dumps(v) for k, v in payload.items() if k != "image"}
     return Upload(data_url_bytes(image), fields)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object, refusing a key given twice (json.loads would keep the last silently)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise RequestError(400, f'the key "{key[:40]}" is given more than once in the JSON body')
+        seen.add(key)
+    return dict(pairs)
 
 
 def data_url_bytes(url: str) -> bytes:

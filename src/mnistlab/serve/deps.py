@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from mnistlab.devices import resolve_device
 from mnistlab.files import make_dirs
 from mnistlab.models.files import LoadedModel
+from mnistlab.serve.auth import Writes
 from mnistlab.serve.bodies import Upload, read_upload
 from mnistlab.serve.engines import MicroBatcher, Predictor, ServedModel, load_served
 from mnistlab.serve.images import RequestError, sample_drawing
@@ -31,6 +32,7 @@ class ServerState:
     preparers: Preparers  # decode and preprocess uploads (in processes of their own, unless workers=0)
     collect: Path | None  # where /api/collect saves drawings; None: collecting is off
     settings: ServeSettings
+    writes: Writes  # the token, rate limit and collect quota of write endpoints
 
     @classmethod
     def start(
@@ -47,7 +49,8 @@ class ServerState:
         predictor = Predictor(served)
         collect = make_dirs(Path(collect_dir)) if collect_dir is not None else None
         settings = settings or ServeSettings()
-        state = cls(served, predictor, MicroBatcher(predictor), Preparers(workers), collect, settings)
+        writes = Writes(settings, collect)
+        state = cls(served, predictor, MicroBatcher(predictor), Preparers(workers), collect, settings, writes)
         predictor.predict(sample_drawing())
         return state
 
@@ -73,3 +76,12 @@ def collect_folder(state: State) -> Path:
 
 
 CollectFolder = Annotated[Path, Depends(collect_folder)]
+
+
+async def writer(request: Request, state: State) -> None:
+    """Admits a write (rate, then token: `auth.Writes.admit`); a write route lists it: `dependencies=[Writer]`.
+    Async, so that it runs on the event loop, one at a time, never in a thread."""
+    state.writes.admit(request)
+
+
+Writer = Depends(writer)

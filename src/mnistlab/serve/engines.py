@@ -18,6 +18,7 @@ from mnistlab.errors import MnistlabError, warn
 from mnistlab.models.files import LoadedModel, bundled_model_path, load_model
 from mnistlab.models.networks import count_parameters, for_inference
 from mnistlab.serve.images import png_base64, prepare_digit, sample_drawing
+from mnistlab.serve.metrics import answered
 
 # ---------------------------------------------------------------------------------------------- models
 
@@ -44,8 +45,9 @@ class ServedModel:
             "dataset": self.loaded.dataset,
             "classes": self.loaded.classes,
             "test_accuracy": accuracy if isinstance(accuracy, (int, float)) else None,
-            # An ensemble's model.json records its members' test accuracies, not its own.
             "members_test_accuracy": [v for v in members.values() if isinstance(v, (int, float))],
+            "calibrated": self.loaded.calibrated,
+            "temperature": self.loaded.temperature,
         }
 
 
@@ -194,6 +196,7 @@ class Predictor:
                     "probabilities": [round(p, 6) for p in probs.tolist()],
                 }
             )
+        answered(served.name for served in self.models)  # counted per model in GET /metrics
         return {"predictions": predictions, "preprocessed": png_base64(digit)}
 
     def predict(self, data: bytes) -> dict:
@@ -214,6 +217,9 @@ class MicroBatcher:
         self._queue: list[tuple[torch.Tensor, asyncio.Future]] = []
         self._task: asyncio.Task | None = None  # the running drain; kept so it is not garbage-collected
         self.images = self.passes = 0  # how many images went through in how many forward passes
+        # Predictions in the server (their body received, not yet answered: being prepared, or waiting here),
+        # counted and capped by `server.QueueCap`: the queue depth an operator watches.
+        self.pending = 0
 
     async def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Each model's probabilities (10,) for one preprocessed image (28, 28)."""

@@ -99,8 +99,12 @@ class ModelInfo(Answer):
     parameters: int
     dataset: str
     classes: list[str] = Field(description="the class names, by class number")
-    test_accuracy: float | None = Field(description="as its model file records it (none for an ensemble)")
+    test_accuracy: float | None = Field(description="as its model file records it (none in an older ensemble's)")
     members_test_accuracy: list[float] = Field(description="an ensemble's members' test accuracies")
+    calibrated: bool = Field(
+        description="whether its probabilities are temperature-scaled on held-out data (an ensemble: each member)"
+    )
+    temperature: float | None = Field(description="its temperature (none for an ensemble or an uncalibrated model)")
 
 
 class ModelsResponse(Answer):

@@ -6,14 +6,21 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import signal
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait
 
 import numpy as np
 
 from mnistlab.devices import cpu_count
+from mnistlab.files import STOPPING
 from mnistlab.processes import end_with_parent
 from mnistlab.serve.images import RequestError, prepare_digit, sample_drawing
+
+# How long a stop waits for preprocessing processes to finish the image at hand before killing them.
+STOP_S = 3.0
 
 
 def default_workers() -> int:
@@ -25,14 +32,16 @@ class Preparers:
     """Decodes and preprocesses uploads in `workers` processes of their own, so that images are prepared on
     every core at once: in threads of the server's process they queue for the GIL (numpy and Pillow release it
     only in their larger calls), and two preprocessing threads under load held the server to 107 drawings/s.
-    A worker that dies (a decoder crashing on a hostile file) costs the pool, not the server: the pool is
-    replaced and the request tried once more there. `workers=0` prepares in a thread of the server's process.
+    A worker that dies (a decoder crashing on a hostile file, the kernel's OOM killer) costs the pool, not the
+    server: the pool is replaced (counted in `restarts`) and each request it held tried once more there; one
+    whose image kills a second pool too gets a 500. `workers=0` prepares in a thread of the server's process.
     """
 
     def __init__(self, workers: int | None = None):
         self.workers = default_workers() if workers is None else workers
         self._threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self._pool: Executor = self._threads
+        self.restarts = 0  # pools replaced after a worker died (GET /metrics)
         if self.workers:
             self._pool = self._new_pool()
             # Start every worker now, each preparing one drawing (imports, Pillow's plugins, numpy's first calls:
@@ -46,7 +55,7 @@ class Preparers:
         return ProcessPoolExecutor(
             self.workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=end_with_parent,  # a server killed outright cannot shut its pool down
+            initializer=_start_worker,
             initargs=(os.getpid(),),
         )
 
@@ -61,7 +70,8 @@ class Preparers:
                 if self._pool is pool:  # the first request to see it replaces it; the others just retry
                     pool.shutdown(wait=False)
                     self._pool = self._new_pool()
-        raise RequestError(422, "the image could not be decoded: the decoder crashed on it")
+                    self.restarts += 1
+        raise RequestError(500, "the preprocessing process died twice while preparing this image (it was restarted)")
 
     async def run(self, fn, *args):
         """`fn(*args)` in the server's own preparing thread (work that needs more than the digit back)."""
@@ -71,7 +81,26 @@ class Preparers:
         """The preprocessing processes' ids (none with workers=0)."""
         return list(getattr(self._pool, "_processes", None) or {})
 
-    def close(self) -> None:
-        """Stop the workers and wait for them to exit (they finish the image at hand, a few ms)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, timeout: float = STOP_S) -> None:
+        """Stop the workers: each finishes the image at hand (a few ms); one still busy after `timeout` seconds
+        (a decoder stuck on a file) is killed, so that the server's stop is bounded. They ignore SIGTERM."""
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._threads.shutdown(wait=False, cancel_futures=True)
+        # Waiting on their sentinels, never reaping them (the pool's own thread does): no reaped id gets killed.
+        running = {process.sentinel: process for process in processes}
+        deadline = time.monotonic() + timeout
+        while running and (left := deadline - time.monotonic()) > 0:
+            for sentinel in wait(list(running), left):
+                del running[sentinel]
+        for process in running.values():
+            process.kill()
+
+
+def _start_worker(parent: int) -> None:
+    """A preprocessing process's start: it ends with the server (a server killed outright cannot shut its pool
+    down), and leaves Ctrl-C and SIGTERM to the server, which stops it once the requests in progress are
+    answered: a terminal's Ctrl-C, or a service manager's SIGTERM, reaches every process of the group at once."""
+    for sig in STOPPING:
+        signal.signal(sig, signal.SIG_IGN)
+    end_with_parent(parent)

@@ -257,21 +257,46 @@ function column(model) {
   };
 }
 
+// A write (POST): with the token the server asked for, which the page asks the person for once and keeps for
+// the session (sessionStorage: gone when the tab closes); a wrong one is forgotten and asked for again.
+const TOKEN = "mnistlab-token";
+
+async function write(url, body) {
+  for (let asked = false; ; asked = true) {
+    const token = sessionStorage.getItem(TOKEN);
+    const headers = token ? { Authorization: `Bearer ${token}` } : {};
+    const response = await fetch(url, { method: "POST", body, headers });
+    if (response.status !== 401 || asked) return response;
+    sessionStorage.removeItem(TOKEN);
+    const given = prompt("This server needs its token to save drawings (ask whoever runs it):");
+    if (!given || !/^[!-~]+$/.test(given.trim())) return response;  // no token, or none a header can carry
+    sessionStorage.setItem(TOKEN, given.trim());
+  }
+}
+
 async function collect(label) {
   if (!history.length && !file) { status("Draw a digit first.", true); return; }
   const form = new FormData();
   form.append("image", await image(), "drawing.png");
   form.append("label", label);
-  const response = await fetch("/api/collect", { method: "POST", body: form });
-  const body = await response.json();
-  if (!response.ok) { status(body.detail, true); return; }
-  clear();
-  status(`Saved as ${body.saved} (${body.count} in that folder). Draw the next one.`);
+  try {
+    const response = await write("/api/collect", form);
+    const body = await response.json();
+    if (!response.ok) { status(body.detail || `error ${response.status}`, true); return; }
+    clear();
+    status(`Saved as ${body.saved} (${body.count} in that folder). Draw the next one.`);
+  } catch (error) {
+    status(`not saved: ${error.message}`, true);
+  }
 }
 
 async function start() {
   const info = await (await fetch("/api/models")).json();
   columns = info.models.map(column);
+  const uncalibrated = info.models.filter((m) => !m.calibrated).map((m) => m.name);
+  $("meaning").textContent =
+    "Percentages are calibrated on held-out images the models never trained on: of the answers given with 90%, about 9 in 10 are right." +
+    (uncalibrated.length ? ` Not calibrated (older model files): ${uncalibrated.join(", ")}.` : "");
   if (info.collect) {
     info.models[0].classes.forEach((name, i) => {
       const button = element("button", "", name);
