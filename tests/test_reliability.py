@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -367,8 +368,12 @@ def test_a_full_disk_is_a_clear_error_and_keeps_nothing_half_written(small_files
 
 
 @pytest.mark.slow  # 19 s on 2 busy cores
-def test_a_read_only_folder_is_a_clear_error(small_filesystem: Path, mnist_path: Path, base_run: Path) -> None:
+def test_a_read_only_folder_is_a_clear_error(
+    small_filesystem: Path, mnist_path: Path, base_run: Path, tmp_path: Path
+) -> None:
     (small_filesystem / "existing").mkdir()
+    twin = tmp_path / "twin"  # a second member (the same run twice is refused before anything is written)
+    shutil.copytree(base_run, twin)
     subprocess.run(["mount", "-o", "remount,ro", str(small_filesystem)], check=True)
     commands = [
         ["train", "--config", "seed-a", "--data-dir", str(mnist_path), "--out", str(small_filesystem / "run")],
@@ -386,7 +391,7 @@ def test_a_read_only_folder_is_a_clear_error(small_filesystem: Path, mnist_path:
         [
             "ensemble",
             str(base_run),
-            str(base_run),
+            str(twin),
             "--out",
             str(small_filesystem / "ens"),
             "--data-dir",
