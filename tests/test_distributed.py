@@ -78,6 +78,7 @@ def _steps(rank: int, config: Config, data: MnistData, world: int, port: int, ou
         if cluster.main:
             save_file({k: v.contiguous() for k, v in state.evaluated.state_dict().items()}, out)
             out.with_suffix(".json").write_text(json.dumps(metrics))
+        cluster.barrier()  # leave together, as training does (distributed.leave)
     finally:
         distributed.leave(cluster)
 

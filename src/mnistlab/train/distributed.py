@@ -274,7 +274,9 @@ _started: set = set()  # the process group `join` started, which `leave` ends
 
 
 def leave(cluster: Cluster) -> None:
-    """End the process group `join` started (after a finished or failed training)."""
+    """End the process group `join` started (after a finished or failed training). After a finished one, every
+    rank must have passed a `barrier` first: a rank that ends its gloo group while a peer still holds
+    connections to it can abort in the teardown (SIGABRT, "terminate called without an active exception")."""
     if cluster.active and dist.is_initialized() and dist.group.WORLD in _started:
         _started.discard(dist.group.WORLD)
         dist.destroy_process_group()
