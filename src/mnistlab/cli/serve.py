@@ -202,10 +202,7 @@ def _serve(args: argparse.Namespace) -> None:
         warn(f"listening on {args.host}: the page and API are reachable from the network; {guard}")
     state = app.server_state
     engines = sorted({m.engine for m in state.models})
-    print(
-        f"serving {len(args.models) + 1} model(s) with {' and '.join(engines)} at {url_of(sock)} (Ctrl-C to stop)",
-        flush=True,
-    )
+    ready = f"serving {len(args.models) + 1} model(s) with {' and '.join(engines)} at {url_of(sock)} (Ctrl-C to stop)"
     # Requests are served side by side (uploads prepared in `workers` processes): one thread per forward pass
     # does more per core than a team of threads that wait for each other.
-    run(app, sock, threads=1 if state.preparers.workers else None)
+    run(app, sock, threads=1 if state.preparers.workers else None, ready=ready)

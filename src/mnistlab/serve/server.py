@@ -53,9 +53,11 @@ SPARE_FDS = 64
 PREDICTION_PATHS = frozenset({"/api/predict", "/api/collect"})
 
 
-def run(app: WebApp, sock: socket.socket, threads: int | None = None) -> None:
+def run(app: WebApp, sock: socket.socket, threads: int | None = None, ready: str | None = None) -> None:
     """Serve `app` on `sock` with uvicorn until SIGTERM or Ctrl-C, with the timeouts, caps and graceful stop of
-    `app.server_state.settings`; no access log (it would cost more than a prediction)."""
+    `app.server_state.settings`; no access log (it would cost more than a prediction). `ready` is printed once
+    the server accepts and a stop signal is handled gracefully (before that, Ctrl-C would be a KeyboardInterrupt
+    in whatever code it lands in)."""
     if threads:
         torch.set_num_threads(threads)
     settings = _fit_open_files(app.server_state.settings)
@@ -67,7 +69,9 @@ def run(app: WebApp, sock: socket.socket, threads: int | None = None) -> None:
         timeout_keep_alive=settings.keep_alive_timeout,
         timeout_graceful_shutdown=settings.shutdown_timeout,
     )
-    Server(config).run(sockets=[sock])
+    server = Server(config)
+    server.ready = ready
+    server.run(sockets=[sock])
 
 
 def _fit_open_files(settings: ServeSettings) -> ServeSettings:
@@ -273,6 +277,7 @@ class Server(uvicorn.Server):
     the signal again after its stop, which would make `mnistlab serve` exit 143 or 130 rather than 0)."""
 
     stopped_by: int | None = None
+    ready: str | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -285,6 +290,11 @@ class Server(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.ready and not self.should_exit:
+            print(self.ready, flush=True)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.stopped_by = self.stopped_by or sig
