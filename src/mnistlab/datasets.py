@@ -37,6 +37,7 @@ class DatasetInfo:
     mean: float  # of training pixels in [0, 1], for optional normalisation
     std: float
     classes: tuple[str, ...] = DIGITS  # what each label means, in label order
+    item: str = "digit"  # what one image shows, for "not a digit?" on an image unlike the training data
 
     @property
     def files(self) -> tuple[DataFile, ...]:
@@ -104,6 +105,7 @@ DATASETS: dict[str, DatasetInfo] = {
         classes=tuple(
             ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
         ),
+        item="garment",
     ),
     "kmnist": DatasetInfo(
         name="kmnist",
@@ -125,6 +127,7 @@ DATASETS: dict[str, DatasetInfo] = {
         std=0.3483,
         # Kuzushiji (cursive) hiragana, one per class, in KMNIST's label order.
         classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+        item="character",
     ),
 }
 

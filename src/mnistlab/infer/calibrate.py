@@ -1,5 +1,6 @@
-"""`mnistlab calibrate`: a temperature for a model file that has none (or a new one), fitted on the validation split
-it was trained beside: never the test set. A run trained now is calibrated when it finishes; this is for older
+"""`mnistlab calibrate`: a temperature and an outlier detector for a model file that has none (or new ones), fitted
+on the splits it was trained on: the density on its training split, the temperature and the outlier threshold on
+its validation split, never the test set. A run trained now is calibrated when it finishes; this is for older
 model files, and for ensembles, whose members are each calibrated on their own validation split (each member's
 split is part of the others' training data, so no split is held out from all of them)."""
 
@@ -9,47 +10,67 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from mnistlab.config import load_config
-from mnistlab.data.splits import Split, load_data
+from mnistlab.data.splits import MnistData, load_data, to_float
 from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError
 from mnistlab.files import FileLock, write_json
 from mnistlab.models.calibration import fit_on_split
-from mnistlab.models.files import load_model, read_description
+from mnistlab.models.files import ENSEMBLE_OUTLIERS, FORMAT, load_model, read_description, write_safetensors
 from mnistlab.models.metrics import predict_scores
 from mnistlab.models.networks import as_probabilities
+from mnistlab.models.outliers import FeatureDensity, fit_detector
 
 
 def calibrate(model_path: str | Path, data_dir: str | Path | None = None, device: str = "auto") -> dict[str, Any]:
-    """Fit the temperature of the model at `model_path` (each member's, for an ensemble) on its validation split
-    and write it into its model.json; returns the calibration written (an ensemble: one per member)."""
+    """Fit the temperature and the outlier detector of the model at `model_path` (each member's, for an
+    ensemble: the density on its training split, temperature and threshold on its validation split) and write
+    them into its model files; returns what was fitted (an ensemble: the members' temperatures and thresholds)."""
     weights, meta_path, meta = read_description(model_path)
     dev = resolve_device(device)
     loaded = load_model(model_path, dev)
     with FileLock(meta_path.with_name(meta_path.name + ".lock")):
+        state = {k: v for k, v in load_file(str(weights)).items() if "outliers." not in k}
         if "ensemble" in meta:
-            fitted = []
+            temperatures, thresholds = [], []
             for i, (entry, member, config) in enumerate(zip(meta["ensemble"], loaded.model.members, loaded.configs)):
                 source = Path(str(entry.get("source", "")))
-                split = _validation(entry.get("split"), source, f"member {i}", loaded.dataset, data_dir)
-                probs = as_probabilities(predict_scores(member, split.images.to(dev)), config.softmax_output)
-                entry["temperature"] = fit_on_split(probs.cpu(), split.labels.cpu())["temperature"]
-                fitted.append(entry["temperature"])
+                data = _splits(entry.get("split"), source, f"member {i}", loaded.dataset, data_dir)
+                probs = as_probabilities(predict_scores(member, data.val.images.to(dev)), config.softmax_output)
+                entry["temperature"] = fit_on_split(probs.cpu(), data.val.labels.cpu())["temperature"]
+                density, block = _fit_outliers(member, data, dev)
+                state.update(density.tensors(f"m{i}."))
+                entry["outliers"] = {"threshold": block["threshold"]}
+                temperatures.append(entry["temperature"])
+                thresholds.append(block["threshold"])
             meta.pop("calibration", None)  # members calibrated one by one: the average needs no temperature of its own
-            write_json(meta_path, meta)
-            return {"members": fitted}
-        record = meta.get("metadata", {}).get("split")
-        split = _validation(record, weights.parent, str(model_path), loaded.dataset, data_dir)
-        probs = as_probabilities(predict_scores(loaded.model, split.images.to(dev)), loaded.probabilities)
-        meta["calibration"] = fit_on_split(probs.cpu(), split.labels.cpu())
+            meta["outliers"] = dict(ENSEMBLE_OUTLIERS)
+            fitted: dict[str, Any] = {"members": temperatures, "thresholds": thresholds}
+        else:
+            record = meta.get("metadata", {}).get("split")
+            data = _splits(record, weights.parent, str(model_path), loaded.dataset, data_dir)
+            probs = as_probabilities(predict_scores(loaded.model, data.val.images.to(dev)), loaded.probabilities)
+            meta["calibration"] = fit_on_split(probs.cpu(), data.val.labels.cpu())
+            density, meta["outliers"] = _fit_outliers(loaded.model, data, dev)
+            state.update(density.tensors())
+            fitted = {**meta["calibration"], "outliers": meta["outliers"]}
+        # The weights first: density tensors without a description of them are ignored on loading, so a stop
+        # between the two writes leaves a model that loads as before.
+        write_safetensors(weights, state, {"format": FORMAT})
         write_json(meta_path, meta)
-        return meta["calibration"]
+        return fitted
 
 
-def _validation(split: Any, run_dir: Path, name: str, dataset: str, data_dir: str | Path | None) -> Split:
-    """The validation split a model was trained beside: from its file's record (`metadata.split`: seed and size),
-    else from the config.toml of its run directory."""
+def _fit_outliers(network: torch.nn.Module, data: MnistData, device: torch.device) -> tuple[FeatureDensity, dict]:
+    train = (to_float(data.train.images.to(device)), data.train.labels)
+    return fit_detector(network, train, to_float(data.val.images.to(device)))
+
+
+def _splits(split: Any, run_dir: Path, name: str, dataset: str, data_dir: str | Path | None) -> MnistData:
+    """The training and validation splits a model was trained on: from its file's record (`metadata.split`:
+    seed and size), else from the config.toml of its run directory."""
     if not isinstance(split, dict):
         if not (run_dir / "config.toml").is_file():
             raise MnistlabError(
@@ -66,5 +87,4 @@ def _validation(split: Any, run_dir: Path, name: str, dataset: str, data_dir: st
             f"{name}: trained without a validation split (data.val_size = 0): nothing was held out to calibrate on, "
             "and the test set never chooses"
         )
-    data = load_data(dataset, data_dir, size, seed, torch.device("cpu"))
-    return data.val
+    return load_data(dataset, data_dir, size, seed, torch.device("cpu"))

@@ -26,9 +26,16 @@ from mnistlab.files import LOCK, replacing, write_json
 from mnistlab.models.calibration import temper
 from mnistlab.models.losses import LossFn, make_loss
 from mnistlab.models.networks import Ensemble, Standardized, as_probabilities, build_model
+from mnistlab.models.outliers import METHOD, FeatureDensity, OutlierDetector, head_index
 
 FORMAT = "mnistlab-model"
 FORMAT_VERSION = 1
+# The `outliers` block of an ensemble whose members each have a detector (models/outliers.py, OutlierDetector).
+ENSEMBLE_OUTLIERS = {
+    "method": METHOD,
+    "threshold": 1.0,
+    "combined": "the mean of the members' scores, each divided by its own threshold",
+}
 
 
 @dataclass
@@ -45,6 +52,8 @@ class LoadedModel:
     # None: not calibrated (an ensemble may still have calibrated members: `calibrated`).
     temperature: float | None = None
     members_calibrated: bool = False
+    # The outlier score ("not a digit": models/outliers.py) and its threshold; None: the file has none.
+    outliers: OutlierDetector | None = None
 
     def loss_fn(self) -> LossFn:
         """The loss the model was trained with (an ensemble: cross-entropy of its averaged probabilities)."""
@@ -58,6 +67,16 @@ class LoadedModel:
         probs = as_probabilities(outputs, self.probabilities)
         return temper(probs, self.temperature) if self.temperature is not None else probs
 
+    def answering(self) -> Answering:
+        """A module answering float images (B, 28, 28) in [0, 1] with the calibrated probabilities (B, 10) and
+        the outlier scores (B,) in one forward pass (scores of 0 where the model has no outlier detector)."""
+        return Answering(self)
+
+    @property
+    def outlier_threshold(self) -> float | None:
+        """The score above which an image is flagged as unlike the training data; None: no detector."""
+        return self.outliers.threshold if self.outliers is not None else None
+
     @property
     def calibrated(self) -> bool:
         """Whether the probabilities are calibrated: a temperature of its own, or every member's."""
@@ -69,6 +88,12 @@ class LoadedModel:
         return self.metadata.get("dataset", "mnist")
 
     @property
+    def item(self) -> str:
+        """What one of its images shows ("digit", "garment"): the flagged say "not a digit?"."""
+        info = DATASETS.get(self.dataset)
+        return info.item if info else "digit"
+
+    @property
     def classes(self) -> list[str]:
         """What each output means ("0".."9" for digits, "Trouser" ... for Fashion-MNIST): from the model file,
         else from the registry entry of its dataset."""
@@ -77,6 +102,24 @@ class LoadedModel:
             return names
         info = DATASETS.get(self.dataset)
         return list(info.classes) if info else list(DIGITS)
+
+
+class Answering(nn.Module):
+    """What every face shows for a batch: a model's calibrated probabilities and its outlier scores."""
+
+    def __init__(self, loaded: LoadedModel):
+        super().__init__()
+        self.model, self.detector = loaded.model, loaded.outliers
+        self.softmax_output, self.temperature = loaded.probabilities, loaded.temperature
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, outputs = self.model.features_and_outputs(images)
+        probs = as_probabilities(outputs, self.softmax_output)
+        if self.temperature is not None:
+            probs = temper(probs, self.temperature)
+        if self.detector is None:
+            return probs, torch.zeros(len(images), device=images.device)
+        return probs, self.detector(features if isinstance(features, list) else [features])
 
 
 def _describe(model_config: ModelConfig, normalize: tuple[float, float] | None) -> dict[str, Any]:
@@ -112,13 +155,19 @@ def save_model(
     metadata: dict[str, Any],
     stem: str = "model",
     calibration: dict[str, Any] | None = None,
+    outliers: tuple[FeatureDensity, dict[str, Any]] | None = None,
 ) -> Path:
     """Write `<stem>.safetensors` and `<stem>.json` into `folder`; returns the safetensors path. `calibration`:
-    the temperature fitted on validation data and how it was fitted."""
+    the temperature fitted on validation data and how it was fitted; `outliers`: the feature density and its
+    `outliers` block (models/outliers.fit_detector)."""
     description = {**_describe(model_config, normalize), "metadata": metadata}
+    tensors = dict(model.state_dict())
     if calibration is not None:
         description["calibration"] = calibration
-    return _save(model.state_dict(), folder, stem, description)
+    if outliers is not None:
+        tensors.update(outliers[0].tensors())
+        description["outliers"] = outliers[1]
+    return _save(tensors, folder, stem, description)
 
 
 def save_ensemble(members: list[Path], folder: Path, metadata: dict[str, Any], stem: str = "model") -> Path:
@@ -134,8 +183,17 @@ def save_ensemble(members: list[Path], folder: Path, metadata: dict[str, Any], s
         temperature = _temperature(meta.get("calibration"), member)
         if temperature is not None:  # calibrated on its own validation split, it stays so in the ensemble
             entry["temperature"] = temperature
+        if "outliers" in meta:  # its density came along with its tensors ("m{i}.outliers.*")
+            entry["outliers"] = {"threshold": _threshold(meta["outliers"], member)}
         described.append(entry)
-    return _save(tensors, folder, stem, {"ensemble": described, "metadata": metadata})
+    description: dict[str, Any] = {"ensemble": described, "metadata": metadata}
+    if all("outliers" in entry for entry in described):
+        description["outliers"] = dict(ENSEMBLE_OUTLIERS)
+    else:  # a member without a density: the ensemble has no score, and keeps no member's tensors for one
+        tensors = {k: v for k, v in tensors.items() if ".outliers." not in k}
+        for entry in described:
+            entry.pop("outliers", None)
+    return _save(tensors, folder, stem, description)
 
 
 def model_paths(path: str | Path) -> tuple[Path, Path]:
@@ -243,7 +301,9 @@ def load_model(path: str | Path | None = None, device: torch.device | str = "cpu
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise MnistlabError(f"{weights}: not a valid safetensors file ({exc})") from None
-    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    broken = [
+        k for k, v in state.items() if "outliers." not in k and v.is_floating_point() and not torch.isfinite(v).all()
+    ]
     if broken:
         raise MnistlabError(
             f"{weights}: weights are not finite (NaN or infinity in {broken[0]}): the model diverged in training; "
@@ -253,10 +313,11 @@ def load_model(path: str | Path | None = None, device: torch.device | str = "cpu
         members = meta["ensemble"]
         if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
             raise MnistlabError(f"{meta_path}: 'ensemble' must be a list of member descriptions")
-        built = [
-            _build(member, {k[len(f"m{i}.") :]: v for k, v in state.items() if k.startswith(f"m{i}.")}, meta_path)
-            for i, member in enumerate(members)
+        states = [
+            _without_outliers({k[len(f"m{i}.") :]: v for k, v in state.items() if k.startswith(f"m{i}.")})
+            for i in range(len(members))
         ]
+        built = [_build(member, kept, meta_path) for member, (kept, _) in zip(members, states)]
         outputs_probs = [c.softmax_output for _, c in built]
         temperatures = [
             _temperature({"temperature": m["temperature"]}, meta_path) if "temperature" in m else None for m in members
@@ -264,16 +325,79 @@ def load_model(path: str | Path | None = None, device: torch.device | str = "cpu
         model: nn.Module = Ensemble([m for m, _ in built], outputs_probs, temperatures)
         configs, probabilities = [c for _, c in built], True
         members_calibrated = all(t is not None for t in temperatures)
+        outliers = _detector(
+            meta.get("outliers"),
+            [(m, s, e.get("outliers")) for (m, _), (_, s), e in zip(built, states, members)],
+            meta_path,
+        )
     else:
-        model, config = _build(meta, state, meta_path)
+        kept, found = _without_outliers(state)
+        model, config = _build(meta, kept, meta_path)
         configs, probabilities, members_calibrated = [config], config.softmax_output, False
+        outliers = _detector(meta.get("outliers"), [(model, found, None)], meta_path)
     metadata = meta.get("metadata", {})
     if not isinstance(metadata, dict):
         raise MnistlabError(f"{meta_path}: 'metadata' must be an object")
     temperature = _temperature(meta.get("calibration"), meta_path)
     return LoadedModel(
-        model.to(device).eval(), probabilities, configs, metadata, weights, temperature, members_calibrated
+        model.to(device).eval(),
+        probabilities,
+        configs,
+        metadata,
+        weights,
+        temperature,
+        members_calibrated,
+        outliers.to(device) if outliers is not None else None,
     )
+
+
+def _without_outliers(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A network's weights, and the tensors of its outlier density ("outliers.*"), apart."""
+    kept = {k: v for k, v in state.items() if not k.startswith("outliers.")}
+    return kept, {k[len("outliers.") :]: v for k, v in state.items() if k.startswith("outliers.")}
+
+
+def _detector(
+    block: Any, members: list[tuple[nn.Module, dict[str, torch.Tensor], Any]], source: Path
+) -> OutlierDetector | None:
+    """The outlier detector a model file describes (its `outliers` block, and each network's density tensors
+    with, in an ensemble, the member's own `outliers` block), checked; None where it has none."""
+    found = [bool(tensors) for _, tensors, _ in members]
+    if block is None:
+        if any(found):
+            raise MnistlabError(
+                f"{source}: the weights hold an outlier density but the description no 'outliers' block"
+            )
+        return None
+    threshold = _threshold(block, source)
+    if not all(found):
+        raise MnistlabError(f"{source}: 'outliers' is described but the weights hold no outlier density for it")
+    densities, scales = [], []
+    for network, tensors, member_block in members:
+        centres, whitening = tensors.get("centres"), tensors.get("whitening")
+        features = network.network[head_index(network.network)].in_features
+        if (
+            centres is None
+            or whitening is None
+            or set(tensors) != {"centres", "whitening"}
+            or centres.dim() != 2
+            or centres.shape[1] != features
+            or tuple(whitening.shape) != (features, features)
+        ):
+            raise MnistlabError(f"{source}: the outlier density does not fit the network ({features} features)")
+        if not (torch.isfinite(centres).all() and torch.isfinite(whitening).all()):
+            raise MnistlabError(f"{source}: the outlier density is not finite (NaN or infinity)")
+        densities.append(FeatureDensity(centres, whitening))
+        scales.append(_threshold(member_block, source) if len(members) > 1 else 1.0)
+    return OutlierDetector(densities, scales, threshold)
+
+
+def _threshold(block: Any, source: Path | str) -> float:
+    """The threshold of an `outliers` block, checked: a positive finite number."""
+    value = block.get("threshold") if isinstance(block, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise MnistlabError(f"{source}: the outlier threshold must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def _temperature(calibration: Any, source: Path | str) -> float | None:

@@ -18,6 +18,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from mnistlab.errors import MnistlabError
 from mnistlab.layers import ACTIVATIONS, LayerError, parse_layers
 from mnistlab.models.calibration import temper
+from mnistlab.models.outliers import head_index
 
 if TYPE_CHECKING:
     from mnistlab.config import ModelConfig
@@ -93,7 +94,16 @@ class Standardized(nn.Module):
         self.mean, self.std = normalize if normalize else (0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network((x - self.mean) / self.std if (self.mean, self.std) != (0.0, 1.0) else x)
+        return self.network(self._standardized(x))
+
+    def _standardized(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std if (self.mean, self.std) != (0.0, 1.0) else x
+
+    def features_and_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features the last linear layer reads (B, D) and the network's outputs, in one pass."""
+        head = head_index(self.network)
+        features = self.network[:head](self._standardized(x))
+        return features, self.network[head:](features)
 
 
 def as_probabilities(outputs: torch.Tensor, probabilities: bool) -> torch.Tensor:
@@ -113,11 +123,18 @@ class Ensemble(nn.Module):
         self.temperatures = temperatures
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._average([m(x) for m in self.members])
+
+    def _average(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         outs = [
-            temper(as_probabilities(m(x), p), t or 1.0)
-            for m, p, t in zip(self.members, self.probabilities, self.temperatures)
+            temper(as_probabilities(o, p), t or 1.0) for o, p, t in zip(outputs, self.probabilities, self.temperatures)
         ]
         return torch.stack(outs).mean(0)
+
+    def features_and_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each member's penultimate features, and the averaged probabilities, in one pass."""
+        answers = [m.features_and_outputs(x) for m in self.members]
+        return [f for f, _ in answers], self._average([o for _, o in answers])
 
 
 @contextlib.contextmanager

@@ -94,8 +94,14 @@ class Cluster:
             for buffer in model.buffers():
                 self._run(dist.broadcast, buffer, src=0)
 
-    def barrier(self) -> None:
-        if self.active:
+    def barrier(self, timeout_s: float | None = None) -> None:
+        """Wait for every rank; `timeout_s` (gloo only: NCCL's barrier keeps the group's) for a wait longer than
+        TIMEOUT_S that is no sign of a hung peer, such as rank 0 writing the finished run."""
+        if not self.active:
+            return
+        if timeout_s is not None and self.backend == "gloo":
+            self._run(dist.monitored_barrier, timeout=datetime.timedelta(seconds=timeout_s))
+        else:
             self._run(dist.barrier)
 
     def from_main(self, value: Any) -> Any:

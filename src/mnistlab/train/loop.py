@@ -39,6 +39,8 @@ from mnistlab.train.checkpoint import CHECKPOINT, Checkpoint
 from mnistlab.train.run_dir import RunDirectory, epoch_line
 from mnistlab.train.state import Run, RunState
 
+FINISH_TIMEOUT_S = 600.0  # how long the other ranks wait for rank 0 to write the finished run
+
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
@@ -412,8 +414,9 @@ def _finish(
         log.line(f"wrote {outputs.path}/ ({', '.join(written)})")
     # Every rank leaves together, after rank 0 has written the run: a rank that ends its process group while a
     # peer still holds connections to it can abort in gloo's teardown ("terminate called without an active
-    # exception", exit -6, once in a CI run), and torchrun then stops the others mid-write.
-    cluster.barrier()
+    # exception", exit -6, once in a CI run), and torchrun then stops the others mid-write. Writing takes longer
+    # than the usual timeout on a small CPU (cnn-best's features over the training split: about a minute).
+    cluster.barrier(timeout_s=FINISH_TIMEOUT_S)
     return run
 
 

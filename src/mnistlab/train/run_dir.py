@@ -7,14 +7,15 @@ from typing import Any
 
 import torch
 
-from mnistlab.data.splits import MnistData, Split
+from mnistlab.data.splits import MnistData, Split, to_float
 from mnistlab.datasets import DATASETS
 from mnistlab.errors import MnistlabError
 from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, clear_dir, signals_held, write_json
 from mnistlab.models.calibration import fit_on_split, reliability, temper
 from mnistlab.models.files import save_model
 from mnistlab.models.metrics import predict_scores
-from mnistlab.models.networks import as_probabilities
+from mnistlab.models.networks import Standardized, as_probabilities, for_inference
+from mnistlab.models.outliers import fit_detector
 from mnistlab.train.checkpoint import CHECKPOINT
 from mnistlab.train.state import Run, RunState
 
@@ -77,8 +78,15 @@ class RunDirectory:
             scores = predict_scores(run.model, split.images, normalize)
             return as_probabilities(scores.float(), config.model.softmax_output).cpu()
 
-        # The temperature is chosen on the validation split; the test split only shows how well it holds.
-        calibration = fit_on_split(probabilities(data.val), data.val.labels.cpu()) if data.val is not None else None
+        # The temperature and the outlier threshold are chosen on the validation split (the outlier density is
+        # fitted on the training split); the test split only shows how well they hold.
+        calibration = outliers = None
+        if data.val is not None:
+            calibration = fit_on_split(probabilities(data.val), data.val.labels.cpu())
+            network = Standardized(for_inference(run.model), normalize)
+            outliers = fit_detector(
+                network, (to_float(data.train.images), data.train.labels), to_float(data.val.images)
+            )
         atomic_write_text(self.path / "config.toml", config.to_toml())
         saved = run.saved
         save_model(
@@ -97,6 +105,7 @@ class RunDirectory:
                 "split": {"seed": config.training.seed, "val_size": config.data.val_size},
             },
             calibration=calibration,
+            outliers=outliers,
         )
         plot_curves(run.epochs, self.path / "curves.png", f"{config.name}: {config.summary()}")
         written = ["model.safetensors", "model.json", "metrics.json", "curves.png", "config.toml"]
