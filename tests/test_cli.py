@@ -50,7 +50,7 @@ def test_train_then_evaluate(mnist_path, tmp_path):
     evaluation = mnistlab("evaluate", str(out), "--json", "--data-dir", str(mnist_path))
     assert evaluation.returncode == 0, evaluation.stderr
     report = json.loads(evaluation.stdout)
-    assert set(report) == {"accuracy", "loss", "per_class_accuracy", "confusion_matrix", "calibration"}
+    assert set(report) == {"accuracy", "loss", "per_class_accuracy", "confusion_matrix", "calibration", "outliers"}
     # Calibrated when training finished, on the validation split: the test split only measures it.
     calibration = report["calibration"]
     saved = json.loads((out / "model.json").read_text())["calibration"]

@@ -80,7 +80,7 @@ def test_accuracy_on_each_kind_of_image(image_folders, test_digits):
         accuracy = np.mean([p["label"] == labels[i] for i, p in enumerate(preds)])
         assert accuracy >= FLOORS[kind], f"{kind}: {accuracy:.3f}"
     first = found[0]
-    assert set(first) == {"path", "label", "class", "confidence", "probabilities"}
+    assert set(first) == {"path", "label", "class", "confidence", "probabilities", "outlier", "outlier_score"}
     assert first["class"] == str(first["label"])  # the bundled model's classes are the digits
     assert len(first["probabilities"]) == 10 and abs(sum(first["probabilities"]) - 1) < 1e-4
     assert first["confidence"] == max(first["probabilities"])

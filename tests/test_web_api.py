@@ -122,7 +122,8 @@ def test_openapi_has_the_schemas_of_the_requests_and_of_the_real_answers(client)
     assert body["multipart/form-data"]["schema"] == {"$ref": REF.format(model="PredictUpload")}
     assert components["PredictRequest"]["required"] == components["PredictUpload"]["required"] == ["image"]
     assert components["PredictUpload"]["properties"]["image"]["format"] == "binary"
-    assert set(components["Prediction"]["properties"]) == {"model", "label", "class", "confidence", "probabilities"}
+    fields = {"model", "label", "class", "confidence", "probabilities", "outlier", "outlier_score"}
+    assert set(components["Prediction"]["properties"]) == fields
     answers = [
         ("/api/predict", "post", post_image(client, drawn_png("7")), PredictResponse),
         ("/api/models", "get", client.get("/api/models"), ModelsResponse),
@@ -151,8 +152,9 @@ def test_predict_answers_as_the_predict_path_does(client, models, digit):
     seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["preprocessed"]))))
     assert seen.shape == (28, 28) and np.array_equal(seen, np.round(pre.digit * 255).astype(np.uint8))
     for model, prediction in zip(models, answer["predictions"]):
-        expected = classify(model, [pre.tensor])[0]
+        expected, scores = (answers[0] for answers in classify(model, [pre.tensor]))
         assert prediction["probabilities"] == pytest.approx(expected.tolist(), abs=1e-5)
+        assert prediction["outlier_score"] == pytest.approx(float(scores), rel=1e-3)
         assert prediction["label"] == int(expected.argmax()) and prediction["class"] == str(prediction["label"])
         assert prediction["confidence"] == max(prediction["probabilities"])
     assert [p["model"] for p in answer["predictions"]] == ["bundled", "seed-b-small"]
@@ -188,7 +190,7 @@ def test_onnxruntime_serves_the_probabilities_pytorch_computes(models, mnist_dat
     by_onnx, by_torch = load_served(models, "cpu", "onnxruntime"), load_served(models, "cpu", "torch")
     for onnx, reference in zip(by_onnx, by_torch):
         assert (onnx.engine, reference.engine) == ("onnxruntime", "torch")
-        got, want = onnx.probabilities(images), reference.probabilities(images)
+        (got, _), (want, _) = onnx.answers(images), reference.answers(images)  # scores: test_serve_outliers.py
         assert got.shape == (500, 10) and torch.allclose(got, want, atol=1e-5)
         assert torch.equal(got.argmax(1), want.argmax(1))
 

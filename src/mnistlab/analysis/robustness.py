@@ -22,9 +22,11 @@ from mnistlab.devices import describe_cpu, resolve_device
 from mnistlab.errors import MnistlabError
 from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, clear_dir, write_json
 from mnistlab.infer.evaluate import evaluation_split
+from mnistlab.infer.predict import no_detector
 from mnistlab.models.attacks import fgsm, pgd
 from mnistlab.models.files import LoadedModel, load_model
-from mnistlab.models.metrics import predict_scores
+from mnistlab.models.metrics import predict_answers
+from mnistlab.models.outliers import flagged
 from mnistlab.plots import plot_gallery, plot_robustness
 from mnistlab.progress import Progress
 
@@ -106,10 +108,23 @@ def command_line(model_path: str | Path | None, settings: RobustnessSettings) ->
 
 def _predictions(
     loaded: LoadedModel, images: torch.Tensor, labels: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted labels, correct flags) on the CPU for uint8 images, computed on `device`."""
-    predicted = predict_scores(loaded.model, images.to(device)).argmax(1).cpu()
-    return predicted, predicted == labels
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(predicted labels, which are correct, which the outlier score flags: None without a detector) on the CPU
+    for uint8 images, from one pass on `device`."""
+    probabilities, scores = predict_answers(loaded.answering(), images.to(device))
+    predicted = probabilities.argmax(1)
+    threshold = loaded.outlier_threshold
+    return predicted, predicted == labels, None if threshold is None else flagged(scores, threshold)
+
+
+def _flagged_shares(correct: torch.Tensor, flags: torch.Tensor | None) -> dict[str, float | None]:
+    """The share of images flagged as unlike the training data, and of the misclassified ones (the mistakes the
+    flag warns of); None without a detector, or without a mistake."""
+    if flags is None:
+        return {"flagged": None, "errors_flagged": None}
+    wrong = ~correct
+    caught = float(flags[wrong].double().mean()) if wrong.any() else None
+    return {"flagged": float(flags.double().mean()), "errors_flagged": caught}
 
 
 @torch.no_grad()
@@ -164,7 +179,7 @@ def _measure(
     n = settings.images or len(test)
     images, labels = test.images[:n].cpu(), test.labels[:n].cpu()
     start = time.perf_counter()
-    predicted, correct = _predictions(loaded, images, labels, dev)
+    predicted, correct, flags = _predictions(loaded, images, labels, dev)
     clean = correct.float().mean().item()
     progress.line(f"{name} on {loaded.dataset}: clean accuracy {100 * clean:.2f}% ({n:,} test images)")
     result: dict[str, Any] = {
@@ -175,24 +190,27 @@ def _measure(
         "device": describe_cpu() if dev.type == "cpu" else _describe_accelerator(dev),
         "torch": torch.__version__,
         "clean_accuracy": clean,
+        "outlier_threshold": loaded.outlier_threshold,
+        "clean_flagged": _flagged_shares(correct, flags),
         "corruptions": {},
-        "examples": [{"corruption": "clean", "predicted": classes[int(predicted[0])]}],
+        "examples": [_example("clean", classes[int(predicted[0])], flags)],
     }
     example_images = [images[0].numpy()]
     per_class = {"clean": _per_class(correct, labels), "corrupted": []}
     for i, corruption in enumerate(settings.corruptions, 1):
         t = time.perf_counter()
         corrupted = corrupt(images, corruption, settings.seed)
-        predicted, correct = _predictions(loaded, corrupted, labels, dev)
+        predicted, correct, flags = _predictions(loaded, corrupted, labels, dev)
         accuracy = correct.float().mean().item()
         result["corruptions"][corruption] = {
             "accuracy": accuracy,
             "error": 1 - accuracy,
             "relative_error": _relative(1 - accuracy, 1 - clean),
+            **_flagged_shares(correct, flags),
         }
         per_class["corrupted"].append(_per_class(correct, labels))
         example_images.append(corrupted[0].numpy())
-        result["examples"].append({"corruption": corruption, "predicted": classes[int(predicted[0])]})
+        result["examples"].append(_example(corruption, classes[int(predicted[0])], flags))
         progress.line(
             f"[{i}/{len(settings.corruptions)}] {corruption}: {100 * accuracy:.2f}% ({time.perf_counter() - t:.1f} s)"
         )
@@ -200,6 +218,8 @@ def _measure(
         accuracies = [c["accuracy"] for c in result["corruptions"].values()]
         result["mean_corruption_accuracy"] = sum(accuracies) / len(accuracies)
         result["mean_relative_error"] = _relative(1 - result["mean_corruption_accuracy"], 1 - clean)
+        shares = [c["flagged"] for c in result["corruptions"].values()]
+        result["mean_flagged"] = None if None in shares else sum(shares) / len(shares)
         mean_by_class = torch.tensor(per_class["corrupted"]).mean(0).tolist()
         result["per_class"] = [
             {"class": c, "clean": a, "corrupted_mean": m} for c, a, m in zip(classes, per_class["clean"], mean_by_class)
@@ -210,6 +230,11 @@ def _measure(
         result["adversarial"] = _attack(loaded, test, settings, dev, progress)
         result["seconds"]["attacks"] = time.perf_counter() - start
     return result, example_images
+
+
+def _example(corruption: str, predicted: str, flags: torch.Tensor | None) -> dict[str, Any]:
+    """The model's answer for the first image under a corruption: its class, and whether it is flagged."""
+    return {"corruption": corruption, "predicted": predicted, "outlier": None if flags is None else bool(flags[0])}
 
 
 def _describe_accelerator(dev: torch.device) -> str:
@@ -227,7 +252,7 @@ def _attack(
     n = settings.adversarial_images
     x, y = to_float(test.images[:n]).to(dev), test.labels[:n].to(dev)
     bs = settings.batch_size
-    _, correct = _predictions(loaded, test.images[:n].cpu(), y.cpu(), dev)
+    _, correct, _ = _predictions(loaded, test.images[:n].cpu(), y.cpu(), dev)
     rows: list[dict[str, Any]] = []
     if "fgsm" in settings.attacks:
         for eps in settings.eps:
@@ -270,6 +295,18 @@ def _attack(
 # ---------------------------------------------------------------------------------------------- report
 
 
+_FLAGGED_NOTE = (
+    "Flagged: the share of the corrupted images whose outlier score is above the model's threshold, where its "
+    'answer carries "not a digit?" (for an MNIST model); errors flagged: the share of its mistakes so marked.'
+)
+
+
+def _clean_flagged(result: dict[str, Any]) -> str:
+    """ ", 0.52% flagged as outliers" after the clean accuracy; nothing without a detector."""
+    share = result["clean_flagged"]["flagged"]
+    return "" if share is None else f", {_pct(share)} flagged as outliers"
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
@@ -294,14 +331,19 @@ def format_summary(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
         f"{result['model']} on {result['dataset']}: clean accuracy {_pct(result['clean_accuracy'])} "
-        f"({s['images']:,} test images)"
+        f"({s['images']:,} test images){_clean_flagged(result)}"
     ]
+    if result["outlier_threshold"] is None:
+        lines.append(f"outliers: {no_detector(result['model'], 'nothing is flagged (n/a below)')}")
     if result["corruptions"]:
-        lines.append(f"{'corruption':<16}{'accuracy':>10}{'error':>9}{'x clean error':>15}")
+        columns = f"{'accuracy':>10}{'error':>9}{'x clean error':>15}{'flagged':>9}{'errors flagged':>16}"
+        lines.append(f"{'corruption':<16}{columns}")
         for name, c in result["corruptions"].items():
-            lines.append(f"{name:<16}{_pct(c['accuracy']):>10}{_pct(c['error']):>9}{_times(c['relative_error']):>15}")
+            measured = f"{_pct(c['accuracy']):>10}{_pct(c['error']):>9}{_times(c['relative_error']):>15}"
+            lines.append(f"{name:<16}{measured}{_pct(c['flagged']):>9}{_pct(c['errors_flagged']):>16}")
         mean = result["mean_corruption_accuracy"]
-        lines.append(f"{'mean':<16}{_pct(mean):>10}{_pct(1 - mean):>9}{_times(result['mean_relative_error']):>15}")
+        measured = f"{_pct(mean):>10}{_pct(1 - mean):>9}{_times(result['mean_relative_error']):>15}"
+        lines.append(f"{'mean':<16}{measured}{_pct(result['mean_flagged']):>9}")
         weakest = min(result["per_class"], key=lambda c: c["corrupted_mean"])
         lines.append(f"weakest class under corruption: {weakest['class']} ({_pct(weakest['corrupted_mean'])} mean)")
     if "adversarial" in result:
@@ -321,12 +363,15 @@ def _write(result: dict[str, Any], example_images: list[np.ndarray], out: Path) 
     title = f"{result['model']} ({result['dataset']})"
     examples = result["examples"]
     if result["corruptions"]:
-        captions = [f"{e['corruption'].replace('_', ' ')}: {e['predicted']}" for e in examples]
+        captions = [
+            f"{e['corruption'].replace('_', ' ')}: {e['predicted']}" + (" (flagged)" if e["outlier"] else "")
+            for e in examples
+        ]
         plot_gallery(
             example_images,
             captions,
             out / "examples.png",
-            "the first test image under each corruption (caption: the model's prediction)",
+            "the first test image under each corruption (caption: the model's prediction; flagged: an outlier)",
             columns=8,
         )
     plot_robustness(
@@ -345,16 +390,27 @@ def _write(result: dict[str, Any], example_images: list[np.ndarray], out: Path) 
         f"published severities, generated from the first {s['images']:,} test images with seed {s['seed']} "
         "(see docs/robustness.md for how each generator compares with the original).",
         "",
-        f"Clean accuracy: **{_pct(result['clean_accuracy'])}**.",
+        f"Clean accuracy: **{_pct(result['clean_accuracy'])}**{_clean_flagged(result)}.",
         "",
     ]
     if result["corruptions"]:
-        lines += ["## Corruptions", "", "| corruption | accuracy | error | error / clean error |", "|---|---|---|---|"]
-        for name, c in result["corruptions"].items():
-            lines.append(f"| {name} | {_pct(c['accuracy'])} | {_pct(c['error'])} | {_times(c['relative_error'])} |")
-        mean = result["mean_corruption_accuracy"]
         lines += [
-            f"| **mean** | **{_pct(mean)}** | {_pct(1 - mean)} | {_times(result['mean_relative_error'])} |",
+            "## Corruptions",
+            "",
+            _FLAGGED_NOTE
+            if result["outlier_threshold"] is not None
+            else f"Flagged: n/a, as {no_detector(result['model'], 'nothing is flagged')}.",
+            "",
+            "| corruption | accuracy | error | error / clean error | flagged | errors flagged |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, c in result["corruptions"].items():
+            measured = f"{_pct(c['accuracy'])} | {_pct(c['error'])} | {_times(c['relative_error'])}"
+            lines.append(f"| {name} | {measured} | {_pct(c['flagged'])} | {_pct(c['errors_flagged'])} |")
+        mean = result["mean_corruption_accuracy"]
+        measured = f"**{_pct(mean)}** | {_pct(1 - mean)} | {_times(result['mean_relative_error'])}"
+        lines += [
+            f"| **mean** | {measured} | {_pct(result['mean_flagged'])} | |",
             "",
             "![accuracy per corruption](corruptions.png)",
             "",

@@ -6,9 +6,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mnistlab.cli.common import Formatter, Subparsers, add_data_dir, add_device, add_model, model_of
 from mnistlab.errors import MnistlabError, plural, warn
+
+if TYPE_CHECKING:  # the CLI imports torch only when a command runs
+    from mnistlab.infer.predict import Prediction
+    from mnistlab.models.files import LoadedModel
 
 
 def register(sub: Subparsers) -> None:
@@ -39,6 +44,15 @@ def _add_evaluate(sub: Subparsers) -> None:
         help="evaluate on your own images instead of the test split: DIR/<class>/*.png, folders named by class "
         "(0-9, or the model's class names), as torchvision's ImageFolder lays them out",
     )
+    p.add_argument(
+        "--outliers",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="a folder of images unlike the model's training data (letters, shoes, noise; searched recursively, "
+        "prepared as predict prepares them): the share flagged, and the AUROC of the outlier score between the "
+        "test split and them; repeatable",
+    )
     add_data_dir(p)
     add_device(p)
 
@@ -52,6 +66,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     if args.images and args.plot:
         raise MnistlabError("--plot draws the test split's reliability diagram; leave out --images")
+    if args.images and args.outliers:
+        raise MnistlabError("--outliers measures against the test split; leave out --images")
     if args.images:
         found = evaluate_images(args.images, model_of(args), args.device, args.tta)
         for problem in found.skipped:
@@ -59,8 +75,11 @@ def _evaluate(args: argparse.Namespace) -> None:
         result, what = found.evaluation, f"accuracy on {plural(found.count, 'image')} in {args.images}"
         report = found.to_dict()
     else:
-        result, what = evaluate(model_of(args), args.data_dir, args.device, args.tta), "test accuracy"
-        report = result.to_dict()
+        result = evaluate(model_of(args), args.data_dir, args.device, args.tta, args.outliers)
+        what, report = "test accuracy", result.to_dict()
+        for folder in result.outliers["folders"]:
+            for problem in folder["skipped"]:
+                warn(f"{problem} (not counted)")
         if args.plot:
             _plot_reliability(result.calibration, Path(args.plot), model_of(args) or "the bundled model")
     if args.json:
@@ -78,10 +97,31 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(f"{d:>6}" + "".join(f"{v:>6}" for v in row))
     if result.calibration is not None:
         print(_calibration_line(result.calibration, model_of(args)))
+    if result.outliers is not None:
+        print("\n".join(_outlier_lines(result.outliers, model_of(args))))
+
+
+def _outlier_lines(report: dict, model: str | None) -> list[str]:
+    """The share of the test split the outlier score flags, and of each --outliers folder with its AUROC."""
+    from mnistlab.infer.predict import no_detector
+
+    if report["threshold"] is None:
+        return [f"outliers: {no_detector(model, 'nothing is flagged')}"]
+    lines = [
+        f"outliers: {100 * report['test_flagged']:.2f}% of the {report['test_images']:,} test images flagged "
+        f"(outlier score above {report['threshold']:.4g})"
+    ]
+    for f in report["folders"]:
+        refused = f" ({f['refused']} of them refused by preprocessing: no digit found)" if f["refused"] else ""
+        auroc = "-" if f["auroc"] is None else f"{f['auroc']:.4f}"
+        flagged = f"{100 * f['flagged']:.2f}% of {plural(f['images'], 'image')} flagged{refused}"
+        lines.append(f"outliers in {f['folder']}: {flagged}; AUROC {auroc} against the test images")
+    return lines
 
 
 def _calibration_line(report: dict, model: str | None) -> str:
     """The test split's calibration in one line: as trained, and after the temperature fitted on validation."""
+    from mnistlab.infer.predict import calibrate_command
     from mnistlab.models.calibration import ECE_BINS
 
     before, after = report["before"], report["after"]
@@ -90,7 +130,7 @@ def _calibration_line(report: dict, model: str | None) -> str:
         return f"ECE {100 * c['ece']:.2f}%, NLL {c['nll']:.4f}, Brier {c['brier']:.4f}"
 
     if not report["calibrated"]:
-        how = f"mnistlab calibrate {model}" if model else "mnistlab calibrate MODEL"
+        how = calibrate_command(model)
         return f"calibration ({ECE_BINS} bins): {shown(before)}; uncalibrated ({how} fits a temperature)"
     scaled = f"temperature {report['temperature']:.3g}" if report["temperature"] else "members' temperatures"
     return f"calibration ({ECE_BINS} bins): as trained {shown(before)}; with its {scaled} {shown(after)}"
@@ -128,15 +168,13 @@ def _add_predict(sub: Subparsers) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from mnistlab.devices import resolve_device
     from mnistlab.files import make_dirs, to_json
     from mnistlab.infer.predict import predict_images
-    from mnistlab.models.files import load_model
     from mnistlab.plots import plot_prediction
 
     if not 1 <= args.top_k <= 10:
         raise MnistlabError(f"--top-k must be between 1 and 10, got {args.top_k}")
-    model = load_model(model_of(args), resolve_device(args.device))
+    model = _load_answering(args)
     if args.show:
         make_dirs(Path(args.show))  # before any work: a folder that cannot be made fails now
     invert = {"auto": None, "dark-on-light": True, "light-on-dark": False}[args.polarity]
@@ -153,15 +191,31 @@ def _predict(args: argparse.Namespace) -> int:
         else:
             ranked = sorted(range(10), key=lambda d: -p.probabilities[d])[: args.top_k]
             others = "  ".join(f"{model.classes[d]}: {100 * p.probabilities[d]:.1f}%" for d in ranked[1:])
-            line = f"{p.path}: {p.class_name} ({100 * p.confidence:.1f}%)" + (f"  [{others}]" if others else "")
-            print(line, flush=True)
+            line = f"{p.path}: {p.class_name} ({100 * p.confidence:.1f}%){_flag(p, model)}"
+            print(line + (f"  [{others}]" if others else ""), flush=True)
         if args.show:
             pre = p.preprocessed
             target = Path(args.show) / f"{i:04d}-{Path(p.path).stem}.png"
-            plot_prediction(
-                pre.original, pre.digit, p.probabilities, target, f"{p.path}: {p.class_name}", model.classes
-            )
+            title = f"{p.path}: {p.class_name}{_flag(p, model)}"
+            plot_prediction(pre.original, pre.digit, p.probabilities, target, title, model.classes)
     return 1 if failures else 0
+
+
+def _load_answering(args: argparse.Namespace) -> LoadedModel:
+    """The model of `predict` and `classify`; one line on stderr when it cannot flag anything."""
+    from mnistlab.devices import resolve_device
+    from mnistlab.infer.predict import no_detector
+    from mnistlab.models.files import load_model
+
+    model = load_model(model_of(args), resolve_device(args.device))
+    if model.outliers is None:
+        warn(no_detector(model_of(args), f"no image is marked 'not a {model.item}?'"))
+    return model
+
+
+def _flag(p: Prediction, model: LoadedModel) -> str:
+    """What follows a prediction's class where the outlier score flags the image: ", not a digit?"."""
+    return f", not a {model.item}?" if p.outlier else ""
 
 
 def _add_classify(sub: Subparsers) -> None:
@@ -175,11 +229,9 @@ def _add_classify(sub: Subparsers) -> None:
 
 
 def _classify(args: argparse.Namespace) -> None:
-    from mnistlab.devices import resolve_device
     from mnistlab.infer.predict import predict_images
-    from mnistlab.models.files import load_model
 
-    model = load_model(model_of(args), resolve_device(args.device))
+    model = _load_answering(args)
     while True:
         print("Please enter a filepath:", flush=True)
         try:
@@ -199,7 +251,7 @@ def _classify(args: argparse.Namespace) -> None:
         if p.error is not None:
             print(f"mnistlab: error: {p.error}", file=sys.stderr, flush=True)
         else:
-            print(f"Classifier: {p.class_name}", flush=True)
+            print(f"Classifier: {p.class_name}{_flag(p, model)}", flush=True)
 
 
 def _add_inspect(sub: Subparsers) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,24 +16,34 @@ from mnistlab.datasets import are_digits
 from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError, plural
 from mnistlab.files import write_json
-from mnistlab.infer.predict import IMAGE_SUFFIXES
+from mnistlab.infer.predict import images_in, no_detector, no_images, predict_images
 from mnistlab.models.calibration import calibration, reliability, temper
 from mnistlab.models.files import LoadedModel, load_model
 from mnistlab.models.losses import make_loss
-from mnistlab.models.metrics import Evaluation, evaluate_scores, predict_scores
+from mnistlab.models.metrics import Evaluation, evaluate_scores, predict_answers, predict_scores
 from mnistlab.models.networks import ShiftAveraged, as_probabilities, members_as_trained
+from mnistlab.models.outliers import auroc, flagged
 
 
 def evaluate(
-    model_path: str | Path | None = None, data_dir: str | Path | None = None, device: str = "auto", tta: bool = False
+    model_path: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    tta: bool = False,
+    outliers: Sequence[str | Path] = (),
 ) -> Evaluation:
     """Evaluate a saved model (default: the bundled one) on the test split of the dataset it was trained on.
 
     With `tta`, each image's probabilities are averaged with those of its four one-pixel shifts
-    (`ShiftAveraged`); the loss is then the cross-entropy of the averaged probabilities.
+    (`ShiftAveraged`); the loss is then the cross-entropy of the averaged probabilities. The share of the test
+    split the outlier score flags is in `outliers`, with that of each folder of images in `outliers` (images
+    unlike the training data: `outlier_report`).
     """
     dev = resolve_device(device)
     loaded = load_model(model_path, dev)
+    if outliers and loaded.outliers is None:
+        raise MnistlabError(no_detector(model_path, "--outliers has no score to measure"))
+    folders = {Path(folder): outlier_images(folder) for folder in outliers}  # checked before any work
     split = evaluation_split(loaded, data_dir, dev)
     if tta:
         network, probabilities = ShiftAveraged(loaded.model, loaded.probabilities), True
@@ -46,7 +59,61 @@ def evaluate(
         with members_as_trained(loaded.model):
             raw = as_probabilities(predict_scores(network, split.images), probabilities)
     report = calibration_report(loaded, raw, calibrated, split.labels)
-    return replace(result, classes=loaded.classes, calibration=report)
+    found = outlier_report(loaded, split.images, folders)
+    return replace(result, classes=loaded.classes, calibration=report, outliers=found)
+
+
+def outlier_images(folder: str | Path) -> list[Path]:
+    """The image files of a folder given as images unlike the training data (walked as `predict` walks it)."""
+    root = Path(folder)
+    if not root.is_dir():
+        what = "not a folder" if root.exists() else "no such folder"
+        raise MnistlabError(f"{root}: {what}; give a folder of images that are not what the model was trained on")
+    files = images_in(root)
+    if not files:
+        raise MnistlabError(no_images(root))
+    return files
+
+
+def outlier_report(loaded: LoadedModel, test_images: torch.Tensor, folders: dict[Path, list[Path]]) -> dict[str, Any]:
+    """The model's outlier threshold, the share of its test split (uint8 images) flagged, and for each folder
+    (its image files, preprocessed as `predict` does) the share flagged and the AUROC of the outlier score
+    between the test split's images and the folder's. An image preprocessing refuses (no digit found) counts
+    as flagged, and apart (`refused`); a file that is no image is left out (`skipped`). Without a detector the
+    threshold and the share are None."""
+    threshold = loaded.outlier_threshold
+    report: dict[str, Any] = {
+        "threshold": threshold,
+        "test_images": len(test_images),
+        "test_flagged": None,
+        "folders": [],
+    }
+    if threshold is None:
+        return report
+    _, test_scores = predict_answers(loaded.answering(), test_images)
+    report["test_flagged"] = float(flagged(test_scores, threshold).double().mean())
+    for folder, files in folders.items():
+        predictions = list(predict_images(files, loaded))
+        scored = [p for p in predictions if p.error is None]
+        refused = sum(p.no_digit for p in predictions)
+        skipped = [p.error for p in predictions if p.error is not None and not p.no_digit]
+        if not scored and not refused:
+            files_read = f"none of its {plural(len(files), 'image file')} could be read"
+            raise MnistlabError(f"{folder}: {files_read} (first: {skipped[0]})")
+        # The scores as predict gives them (6 significant digits; None, not finite, ranks above every number).
+        scores = torch.tensor([math.nan if p.outlier_score is None else p.outlier_score for p in scored])
+        count = len(scored) + refused
+        report["folders"].append(
+            {
+                "folder": str(folder),
+                "images": count,
+                "refused": refused,
+                "flagged": (sum(bool(p.outlier) for p in scored) + refused) / count,
+                "auroc": auroc(test_scores, scores),
+                "skipped": skipped,
+            }
+        )
+    return report
 
 
 def calibration_report(loaded: LoadedModel, raw: torch.Tensor, calibrated: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -99,8 +166,7 @@ def image_folder(folder: str | Path, classes: list[str]) -> list[tuple[Path, int
                 f"{sub}: not a class of this model; name each folder by a class number 0-{len(classes) - 1} "
                 f"or name ({', '.join(classes)})"
             )
-        images = sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        found += [(p, index[sub.name.lower()]) for p in images]
+        found += [(p, index[sub.name.lower()]) for p in images_in(sub)]
     if not found:
         raise MnistlabError(f"{root}: no images in class folders ({root}/<class>/*.png, ...)")
     return found

@@ -117,8 +117,8 @@ class Answering(nn.Module):
         probs = as_probabilities(outputs, self.softmax_output)
         if self.temperature is not None:
             probs = temper(probs, self.temperature)
-        if self.detector is None:
-            return probs, torch.zeros(len(images), device=images.device)
+        if self.detector is None:  # shape[0], not len(): torch.export would fix len() at its example's batch size
+            return probs, torch.zeros(images.shape[0], device=images.device)
         return probs, self.detector(features if isinstance(features, list) else [features])
 
 

@@ -32,6 +32,9 @@ class Evaluation:
     # How well the confidences match the accuracy, before and after the model's temperature (models/calibration);
     # set by `infer.evaluate.evaluate` on a test split.
     calibration: dict[str, Any] | None = None
+    # The share of the images the model's outlier score flags ("not a digit?"), and of any folders of outliers
+    # given: `infer.evaluate.outlier_report`; set by `infer.evaluate.evaluate` on a test split.
+    outliers: dict[str, Any] | None = None
 
     @property
     def classes_without_images(self) -> list[int]:
@@ -48,6 +51,8 @@ class Evaluation:
         }
         if self.calibration is not None:
             report["calibration"] = self.calibration
+        if self.outliers is not None:
+            report["outliers"] = self.outliers
         return report
 
 
@@ -63,6 +68,20 @@ def predict_scores(
     fast = for_inference(model)
     outputs = [fast(to_float(images[i : i + batch_size], normalize)) for i in range(0, len(images), batch_size)]
     return torch.cat(outputs) if outputs else torch.empty(0, 10)
+
+
+@torch.inference_mode()
+def predict_answers(
+    answering: nn.Module, images: torch.Tensor, batch_size: int = BATCH
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `LoadedModel.answering()` module's calibrated probabilities (N, 10) and outlier scores (N,) for uint8
+    images (N, 28, 28), batch by batch, on the CPU."""
+    keep_freed_memory()
+    fast = for_inference(answering)
+    answers = [fast(to_float(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    if not answers:
+        return torch.empty(0, 10), torch.empty(0)
+    return torch.cat([p for p, _ in answers]).float().cpu(), torch.cat([s for _, s in answers]).float().cpu()
 
 
 @torch.inference_mode()

@@ -82,6 +82,38 @@ def flagging_threshold(scores: torch.Tensor, share: float = FLAGGED) -> float:
     return float(ordered[len(ordered) - allowed - 1]) if len(ordered) else math.inf
 
 
+def flagged(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which outlier scores are flagged: those above the threshold, and any that is no number (NaN), which
+    nothing vouches for."""
+    return ~(scores <= threshold)
+
+
+def verdict(score: float, threshold: float | None) -> tuple[bool | None, float | None]:
+    """What a face shows for one image's outlier score: whether it is flagged, and the score to 6 significant
+    digits (None where it is not finite); both None where the model has no detector (`threshold` None)."""
+    if threshold is None:
+        return None, None
+    shown = float(f"{score:.6g}") if math.isfinite(score) else None
+    return bool(flagged(torch.tensor(score, dtype=torch.float64), threshold)), shown
+
+
+def auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float | None:
+    """The area under the ROC curve of a score that should be higher for `positives` than for `negatives`: the
+    share of (negative, positive) pairs the score orders rightly, ties counting half (the Mann-Whitney U over
+    the pairs, from mid-ranks). 1: perfectly apart, 0.5: chance. A NaN score ranks above every number (it is
+    flagged); None where either side is empty."""
+    if not len(negatives) or not len(positives):
+        return None
+    scores = torch.cat([negatives.double().flatten(), positives.double().flatten()])
+    scores = scores.masked_fill(scores.isnan(), math.inf)
+    _, group, counts = torch.unique(scores, return_inverse=True, return_counts=True)  # sorted: ties share a group
+    below = counts.cumsum(0) - counts  # how many scores lie below each group
+    ranks = (below + (counts + 1) / 2)[group]  # 1-based mid-ranks
+    n, m = len(negatives), len(positives)
+    pairs_won = float(ranks[n:].sum()) - m * (m + 1) / 2
+    return pairs_won / (n * m)
+
+
 class OutlierDetector(nn.Module):
     """The outlier score of a model (one density) or an ensemble (one per member): each member's score over its
     `scale` (1 for a single model, the member's threshold in an ensemble), averaged; flagged above `threshold`."""
@@ -119,5 +151,5 @@ def fit_detector(
         "method": METHOD,
         "threshold": threshold,
         "fitted_on": f"training split ({len(train[1])} images); threshold on the validation split ({len(val)} images)",
-        "validation_flagged": float((scores > threshold).double().mean()),
+        "validation_flagged": float(flagged(scores, threshold).double().mean()),
     }

@@ -1,11 +1,13 @@
 """What the web app runs its models with: each loaded once and prepared for inference (onnxruntime or
-PyTorch), and a micro-batcher that answers concurrent requests with one forward pass. Nothing here knows about
-HTTP; `bodies.refused` turns `RequestError` into a status."""
+PyTorch), giving calibrated probabilities and outlier scores ("not a digit") from one forward pass, and a
+micro-batcher that answers concurrent requests with one pass. Nothing here knows about HTTP; `bodies.refused`
+turns `RequestError` into a status."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,23 +17,35 @@ import torch
 
 from mnistlab.config import ENGINES, ModelConfig
 from mnistlab.errors import MnistlabError, warn
-from mnistlab.models.files import LoadedModel, bundled_model_path, load_model
+from mnistlab.models.files import LoadedModel, bundled_model_path, load_model, read_description
 from mnistlab.models.networks import count_parameters, for_inference
+from mnistlab.models.outliers import verdict
 from mnistlab.serve.images import png_base64, prepare_digit, sample_drawing
 from mnistlab.serve.metrics import answered
 
 # ---------------------------------------------------------------------------------------------- models
 
+# A batch's answers from one model, on the CPU: calibrated probabilities (B, classes) and outlier scores (B,)
+# (0 where the model has no outlier detector).
+Answers = tuple[torch.Tensor, torch.Tensor]
+
 
 @dataclass
 class ServedModel:
-    """A model as the page shows it: its name, a one-line description, and how its probabilities are computed
-    (`engine`: "torch", or "onnxruntime" for an ONNX copy checked against PyTorch)."""
+    """A model as the page shows it: its name, a one-line description, how its answers are computed
+    (`engine`: "torch", or "onnxruntime" for an ONNX copy checked against PyTorch), and the expected calibration
+    error its model file records (None: none recorded)."""
 
     name: str
     loaded: LoadedModel
-    probabilities: Callable[[torch.Tensor], torch.Tensor]  # (B, 28, 28) in [0, 1] -> (B, classes), on the CPU
+    answers: Callable[[torch.Tensor], Answers]  # images (B, 28, 28) in [0, 1] -> their Answers
     engine: str
+    calibration_ece: float | None = None
+
+    @property
+    def threshold(self) -> float | None:
+        """The outlier score above which an image is flagged; None: the model has no outlier detector."""
+        return self.loaded.outlier_threshold
 
     def describe(self) -> dict:
         meta = self.loaded.metadata
@@ -46,9 +60,23 @@ class ServedModel:
             "classes": self.loaded.classes,
             "test_accuracy": accuracy if isinstance(accuracy, (int, float)) else None,
             "members_test_accuracy": [v for v in members.values() if isinstance(v, (int, float))],
+            "item": self.loaded.item,
             "calibrated": self.loaded.calibrated,
             "temperature": self.loaded.temperature,
+            "calibration_ece": self.calibration_ece,
+            "outlier_threshold": self.threshold,
         }
+
+
+def recorded_ece(path: Path) -> float | None:
+    """The expected calibration error of a model's temperature-scaled probabilities on its validation split, as
+    its model file records it (`calibration.after.ece`); None where it records none (an ensemble, an older file)."""
+    _, _, description = read_description(path)
+    calibration = description.get("calibration")
+    after = calibration.get("after") if isinstance(calibration, dict) else None
+    ece = after.get("ece") if isinstance(after, dict) else None
+    finite = isinstance(ece, (int, float)) and not isinstance(ece, bool) and math.isfinite(ece)
+    return float(ece) if finite else None
 
 
 def architecture(configs: list[ModelConfig]) -> str:
@@ -83,15 +111,17 @@ def model_name(path: Path) -> str:
 
 
 class TorchNetwork:
-    """A model run by PyTorch: for_inference's copy (BatchNorm folded, channels-last)."""
+    """A model run by PyTorch: for_inference's copy of its `answering()` module (BatchNorm folded,
+    channels-last)."""
 
     def __init__(self, loaded: LoadedModel):
-        self.network, self.to_probabilities = for_inference(loaded.model), loaded.probabilities_of
+        self.network = for_inference(loaded.answering())
         self.device = next(loaded.model.parameters()).device
 
     @torch.inference_mode()
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.to_probabilities(self.network(batch.to(self.device))).float().cpu()
+    def __call__(self, batch: torch.Tensor) -> Answers:
+        probabilities, scores = self.network(batch.to(self.device))
+        return probabilities.float().cpu(), scores.float().cpu()
 
 
 class OnnxNetwork:
@@ -109,16 +139,17 @@ class OnnxNetwork:
         options.log_severity_level = 3  # errors only
         self.session = onnxruntime.InferenceSession(onnx_bytes(loaded), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor) -> Answers:
         images = np.ascontiguousarray(batch.cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(["probabilities"], {"images": images})[0])
+        probabilities, scores = self.session.run(["probabilities", "outlier_score"], {"images": images})
+        return torch.from_numpy(probabilities), torch.from_numpy(scores)
 
 
-def _engine(loaded: LoadedModel, engine: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
-    """The model's probabilities by `engine` ("auto": onnxruntime where it is installed and the model is on
-    the CPU), and the engine's name. An ONNX copy is used only if it agrees with PyTorch (probabilities
-    within 1e-4) on a drawing and 31 random images; under "auto" a copy that cannot be
-    made or does not agree leaves the model to PyTorch, with a warning."""
+def _engine(loaded: LoadedModel, engine: str) -> tuple[Callable[[torch.Tensor], Answers], str]:
+    """The model's answers by `engine` ("auto": onnxruntime where it is installed and the model is on the
+    CPU), and the engine's name. An ONNX copy is used only if it agrees with PyTorch on a drawing and 31 random
+    images (probabilities within 1e-4, outlier scores within a relative 1e-3: `export.agree`); under "auto" a
+    copy that cannot be made or does not agree leaves the model to PyTorch, with a warning."""
     reference = TorchNetwork(loaded)
     on_cpu = reference.device.type == "cpu"
     if engine == "torch" or (engine == "auto" and not (on_cpu and importlib.util.find_spec("onnxruntime"))):
@@ -126,13 +157,17 @@ def _engine(loaded: LoadedModel, engine: str) -> tuple[Callable[[torch.Tensor], 
     if not on_cpu:
         raise MnistlabError(f"--engine onnxruntime runs on the CPU only, not {reference.device.type}")
     try:
+        from mnistlab.infer.export import agree, differences
+
         onnx = OnnxNetwork(loaded)
         noise = torch.rand(31, 28, 28, generator=torch.Generator().manual_seed(0))
         check = torch.cat([torch.from_numpy(prepare_digit(sample_drawing()))[None], noise])
-        expected, got = reference(check), onnx(check)
-        diff = float((expected - got).abs().max())
-        if not diff < 1e-4:  # `not <`: NaN fails too (no class test: noise may tie two classes)
-            raise MnistlabError(f"its ONNX copy differs from PyTorch (max probability difference {diff:.1e})")
+        diff, score_diff = differences(reference(check), onnx(check))
+        if not agree(diff, score_diff):  # no class test: noise may tie two classes
+            raise MnistlabError(
+                f"its ONNX copy differs from PyTorch (max probability difference {diff:.1e}, max relative outlier "
+                f"score difference {score_diff:.1e})"
+            )
     except ImportError as exc:
         if engine == "auto":
             return reference, "torch"
@@ -164,7 +199,7 @@ def load_served(
             n += 1
             name = f"{base} ({n})"
         names.append(name)
-        served.append(ServedModel(name, loaded, *_engine(loaded, engine)))
+        served.append(ServedModel(name, loaded, *_engine(loaded, engine), recorded_ece(loaded.path)))
     return served
 
 
@@ -172,21 +207,22 @@ def load_served(
 
 
 class Predictor:
-    """Image bytes -> every served model's probabilities, with what the models saw."""
+    """Image bytes -> every served model's probabilities and outlier flag, with what the models saw."""
 
     def __init__(self, models: list[ServedModel]):
         self.models = models
 
-    def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
-        """Probabilities (B, 10) from each model, for preprocessed images (B, 28, 28)."""
-        return [m.probabilities(batch) for m in self.models]
+    def forward(self, batch: torch.Tensor) -> list[Answers]:
+        """Each model's Answers for preprocessed images (B, 28, 28)."""
+        return [m.answers(batch) for m in self.models]
 
-    def answer(self, digit: np.ndarray, probabilities: list[torch.Tensor]) -> dict:
-        """The JSON body for one image, the 28x28 `digit` the models saw: each model's answer (one row of
-        `probabilities` per model)."""
-        predictions = []
-        for served, probs in zip(self.models, probabilities):
+    def answer(self, digit: np.ndarray, answers: list[Answers]) -> dict:
+        """The JSON body for one image, the 28x28 `digit` the models saw: each model's answer (from its
+        probabilities (classes,) and outlier score (), one pair per model)."""
+        predictions, flagged = [], []
+        for served, (probs, score) in zip(self.models, answers):
             label = int(probs.argmax())
+            outlier, outlier_score = verdict(float(score), served.threshold)
             predictions.append(
                 {
                     "model": served.name,
@@ -194,15 +230,19 @@ class Predictor:
                     "class": served.loaded.classes[label],
                     "confidence": round(float(probs[label]), 6),
                     "probabilities": [round(p, 6) for p in probs.tolist()],
+                    "outlier": outlier,
+                    "outlier_score": outlier_score,
                 }
             )
-        answered(served.name for served in self.models)  # counted per model in GET /metrics
+            if outlier:
+                flagged.append(served.name)
+        answered([served.name for served in self.models], flagged)  # counted per model in GET /metrics
         return {"predictions": predictions, "preprocessed": png_base64(digit)}
 
     def predict(self, data: bytes) -> dict:
         """One image, start to end, without batching (scripts, benchmarks)."""
         digit = prepare_digit(data)
-        return self.answer(digit, [p[0] for p in self.forward(torch.from_numpy(digit)[None])])
+        return self.answer(digit, [(p[0], s[0]) for p, s in self.forward(torch.from_numpy(digit)[None])])
 
 
 class MicroBatcher:
@@ -221,8 +261,8 @@ class MicroBatcher:
         # counted and capped by `server.QueueCap`: the queue depth an operator watches.
         self.pending = 0
 
-    async def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Each model's probabilities (10,) for one preprocessed image (28, 28)."""
+    async def __call__(self, image: torch.Tensor) -> list[Answers]:
+        """Each model's probabilities (classes,) and outlier score () for one preprocessed image (28, 28)."""
         future = asyncio.get_running_loop().create_future()
         self._queue.append((image, future))
         if self._task is None:
@@ -244,6 +284,6 @@ class MicroBatcher:
                 self.images, self.passes = self.images + len(taken), self.passes + 1
                 for i, (_, future) in enumerate(taken):
                     if not future.done():  # its client may have gone away
-                        future.set_result([probs[i] for probs in outputs])
+                        future.set_result([(probs[i], scores[i]) for probs, scores in outputs])
         finally:
             self._task = None

@@ -7,7 +7,7 @@ Labels stay bounded whatever clients send: a request is labelled with its route'
 and with its method (unknown methods: "other"). The registry is the app's own, not prometheus_client's global
 one, so several apps in one process (the tests, a script serving two sets of models) count apart.
 
-Outlier flags per model and trainings by status get their metrics once the server has them (issue 25, §4).
+Trainings by status get their metrics once the server runs trainings (issue 25, §4).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Exchange:
     bytes_in: int = 0  # body bytes the app read (none for a body refused from its Content-Length)
     bytes_out: int = 0  # response body bytes
     models: list[str] = field(default_factory=list)  # the models that answered (see `answered`)
+    flagged: list[str] = field(default_factory=list)  # those of them that flagged the image as an outlier
 
 
 # The request at hand, for `answered` (the middleware sets it; the route runs in the same task, or in one that
@@ -49,12 +50,14 @@ class Exchange:
 _EXCHANGE: ContextVar[Exchange | None] = ContextVar("mnistlab_exchange", default=None)
 
 
-def answered(models: Iterable[str]) -> None:
-    """Note that these models each answered one image for the request at hand (`engines.Predictor.answer`);
-    outside a request (scripts, the start-up check) it does nothing."""
+def answered(models: Iterable[str], flagged: Iterable[str] = ()) -> None:
+    """Note that these models each answered one image for the request at hand, and that the `flagged` ones
+    found it unlike their training data (`engines.Predictor.answer`); outside a request (scripts, the start-up
+    check) it does nothing."""
     exchange = _EXCHANGE.get()
     if exchange is not None:
         exchange.models.extend(models)
+        exchange.flagged.extend(flagged)
 
 
 class _StateCollector:
@@ -121,8 +124,16 @@ class Metrics:
         self.predictions = Counter(
             "mnistlab_predictions", "Images classified, by model", ["model"], registry=self.registry
         )
+        self.outliers = Counter(
+            "mnistlab_outliers",
+            'Images flagged as unlike the model\'s training data ("not a digit"), by model',
+            ["model"],
+            registry=self.registry,
+        )
         for model in state.models:  # every model's series exists from the start, at 0
             self.predictions.labels(model.name)
+            if model.threshold is not None:  # a model without a detector flags nothing: no series
+                self.outliers.labels(model.name)
         self.registry.register(_StateCollector(state))
         ProcessCollector(registry=self.registry)  # the server's memory, CPU and open files
 
@@ -132,6 +143,8 @@ class Metrics:
         self.latency.labels(route, method).observe(seconds)
         for model in exchange.models:
             self.predictions.labels(model).inc()
+        for model in exchange.flagged:
+            self.outliers.labels(model).inc()
 
 
 def metrics_of(app: WebApp) -> Metrics:

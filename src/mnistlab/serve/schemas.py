@@ -81,6 +81,14 @@ class Prediction(Answer):
     class_: str = Field(alias="class", description="the most probable class's name")
     confidence: float = Field(description="its probability (6 decimals)")
     probabilities: list[float] = Field(description="every class's probability, by class number (6 decimals)")
+    outlier: bool | None = Field(
+        description="whether the image looks unlike the model's training data (\"doesn't look like a digit\"): its "
+        "outlier_score is above the model's outlier_threshold; null: the model has no outlier detector"
+    )
+    outlier_score: float | None = Field(
+        description="how unlike the training data the image is, by the density of the model's features (higher: "
+        "less alike; 6 significant digits); null: the model has no outlier detector"
+    )
 
 
 class PredictResponse(Answer):
@@ -99,12 +107,21 @@ class ModelInfo(Answer):
     parameters: int
     dataset: str
     classes: list[str] = Field(description="the class names, by class number")
+    item: str = Field(description='what one of its images shows ("digit", "garment"), for "doesn\'t look like a digit"')
     test_accuracy: float | None = Field(description="as its model file records it (none in an older ensemble's)")
     members_test_accuracy: list[float] = Field(description="an ensemble's members' test accuracies")
     calibrated: bool = Field(
         description="whether its probabilities are temperature-scaled on held-out data (an ensemble: each member)"
     )
     temperature: float | None = Field(description="its temperature (none for an ensemble or an uncalibrated model)")
+    calibration_ece: float | None = Field(
+        description="the expected calibration error of its temperature-scaled probabilities on its validation split, "
+        "as its model file records it (none where it records none: an ensemble, an older file)"
+    )
+    outlier_threshold: float | None = Field(
+        description="the outlier score above which an image is flagged (chosen to flag at most 1% of its held-out "
+        "validation images); null: the model has no outlier detector"
+    )
 
 
 class ModelsResponse(Answer):

@@ -18,6 +18,6 @@ router = APIRouter(tags=["operations"])
     responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}, "description": "Prometheus text format"}},
 )
 async def metrics(request: Request) -> Response:
-    """Requests by route and status, their latency, predictions by model, the prediction queue, preprocessing
-    restarts and the server process's memory, CPU and open files."""
+    """Requests by route and status, their latency, predictions and outliers flagged by model, the prediction
+    queue, preprocessing restarts and the server process's memory, CPU and open files."""
     return Response(generate_latest(metrics_of(request.app).registry), media_type=CONTENT_TYPE_LATEST)

@@ -12,7 +12,8 @@ router = APIRouter(tags=["models"])
 
 @router.get("/api/models", summary="The served models")
 async def models_info(state: State) -> ModelsResponse:
-    """Name, engine, architecture, test accuracy and class names of each model, in the order served."""
+    """Name, engine, architecture, test accuracy, class names, calibration and outlier threshold of each model,
+    in the order served."""
     return ModelsResponse.model_validate(
         {"models": [m.describe() for m in state.models], "collect": state.collect is not None}
     )

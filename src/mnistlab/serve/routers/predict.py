@@ -18,7 +18,8 @@ router = APIRouter(tags=["predict"])
     responses=REFUSALS,
 )
 async def predict(upload: ImageUpload, state: State) -> PredictResponse:
-    """One answer per model, in the order served; `preprocessed` is the 28x28 image they saw (base64 PNG).
+    """One answer per model, in the order served, each with its outlier flag ("doesn't look like a digit");
+    `preprocessed` is the 28x28 image they saw (base64 PNG).
     Concurrent requests share forward passes (the micro-batcher)."""
     digit = await state.preparers.digit(upload.data)
     probabilities = await state.batcher(torch.from_numpy(digit))

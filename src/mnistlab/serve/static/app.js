@@ -232,6 +232,8 @@ function column(model) {
   const answer = element("p", "answer");
   const digit = element("span", "digit", "–"), confidence = element("span", "confidence", "");
   answer.append(digit, confidence);
+  // Its line is kept (empty) while nothing is flagged, so that the bars stay put when it fills.
+  const flag = model.outlier_threshold === null ? null : element("p", "flag", "");
   const bars = element("ol", "bars");
   const rows = model.classes.map((name) => {
     const li = element("li"), fill = element("span", "fill"), p = element("span", "p", "");
@@ -241,10 +243,16 @@ function column(model) {
     bars.append(li);
     return { li, fill, p };
   });
-  root.append(answer, bars);
+  root.append(...[answer, flag, bars].filter(Boolean));
   $("models").append(root);
   return {
     show(prediction) {
+      const flagged = prediction !== null && prediction.outlier === true;
+      root.classList.toggle("outlier", flagged);  // the answer stays, greyed
+      if (flag) {
+        flag.textContent = flagged ? `doesn't look like a ${model.item}` : "";
+        flag.title = flagged ? `outlier score ${prediction.outlier_score} (flagged above ${model.outlier_threshold})` : "";
+      }
       digit.textContent = prediction ? model.classes[prediction.label] : "–";
       confidence.textContent = prediction ? percent(prediction.confidence) : "";
       rows.forEach((row, i) => {
@@ -294,9 +302,14 @@ async function start() {
   const info = await (await fetch("/api/models")).json();
   columns = info.models.map(column);
   const uncalibrated = info.models.filter((m) => !m.calibrated).map((m) => m.name);
+  const flagging = info.models.filter((m) => m.outlier_threshold !== null);
+  const unflagging = info.models.filter((m) => m.outlier_threshold === null).map((m) => m.name);
+  const items = [...new Set(flagging.map((m) => m.item))];
   $("meaning").textContent =
     "Percentages are calibrated on held-out images the models never trained on: of the answers given with 90%, about 9 in 10 are right." +
-    (uncalibrated.length ? ` Not calibrated (older model files): ${uncalibrated.join(", ")}.` : "");
+    (uncalibrated.length ? ` Not calibrated (older model files): ${uncalibrated.join(", ")}.` : "") +
+    (flagging.length ? ` “Doesn't look like a ${items.join("/")}” (its answer greyed): the image is unlike what that model was trained on, a flag that at most 1% of held-out ${items.map((i) => `${i}s`).join("/")} get.` : "") +
+    (flagging.length && unflagging.length ? ` No such flag (older model files): ${unflagging.join(", ")}.` : "");
   if (info.collect) {
     info.models[0].classes.forEach((name, i) => {
       const button = element("button", "", name);
