@@ -226,3 +226,18 @@ def test_the_bundled_model_flags_under_one_percent_of_mnist_test_digits_and_fash
     if fashion_dir() is not None:
         items = load_data("fashion-mnist", fashion_dir(), 0, 0).test.images[:2000]
         assert float((_scores(None, items) > 1.0).double().mean()) >= 0.99
+
+
+def test_density_tensors_without_their_block_load_as_a_model_without_a_detector(run, tmp_path):
+    """What `calibrate` leaves if it is stopped between writing the weights and the description: a model that
+    loads and answers as before it was run."""
+    half = tmp_path / "half"
+    shutil.copytree(run, half)
+    description = json.loads((half / "model.json").read_text())
+    del description["outliers"]
+    (half / "model.json").write_text(json.dumps(description))
+    loaded = load_model(half)
+    assert loaded.outliers is None
+    images = torch.rand(4, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.answering()(images)[0], load_model(run).answering()(images)[0])

@@ -109,6 +109,18 @@ def _nan_temperature(run: Path) -> None:
     (run / "model.json").write_text(json.dumps(description))  # Python writes NaN, as a careless tool would
 
 
+def _nan_threshold(run: Path) -> None:
+    description = json.loads((run / "model.json").read_text())
+    description["outliers"]["threshold"] = float("nan")
+    (run / "model.json").write_text(json.dumps(description))
+
+
+def _no_detector(run: Path) -> None:
+    description = json.loads((run / "model.json").read_text())
+    del description["outliers"]
+    (run / "model.json").write_text(json.dumps(description))
+
+
 def _no_validation_split(run: Path) -> None:
     description = json.loads((run / "model.json").read_text())
     description["metadata"]["split"]["val_size"] = 0
@@ -627,6 +639,33 @@ CASES: list[Case] = [
         2,
         "trained without a validation split",
         _run_copy("no-val", _no_validation_split),
+    ),
+    Case(
+        "a model file whose outlier threshold is NaN",
+        ["evaluate", "{tmp}/nan-threshold"],
+        2,
+        "outlier threshold must be a positive finite number",
+        _run_copy("nan-threshold", _nan_threshold),
+    ),
+    Case(
+        "evaluate --outliers on a folder that is not there",
+        ["evaluate", "{run}", "--outliers", "{tmp}/none"],
+        2,
+        "no such folder",
+    ),
+    Case(
+        "evaluate --outliers on a folder of text files",
+        ["evaluate", "{run}", "--outliers", "{tmp}/texts"],
+        2,
+        "no image files in this folder",
+        _write("texts/a.txt", "not an image"),
+    ),
+    Case(
+        "evaluate --outliers with a model file from before outlier detectors",
+        ["evaluate", "{tmp}/no-detector", "--outliers", "{tmp}/no-detector"],
+        2,
+        "has no outlier detector",
+        _run_copy("no-detector", _no_detector),
     ),
     # serving on a network (issue 25)
     Case("serve --port 99999", ["serve", "--port", "99999"], 2, "--port 99999: a port is a number from 0 to 65535"),

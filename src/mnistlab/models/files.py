@@ -363,11 +363,7 @@ def _detector(
     """The outlier detector a model file describes (its `outliers` block, and each network's density tensors
     with, in an ensemble, the member's own `outliers` block), checked; None where it has none."""
     found = [bool(tensors) for _, tensors, _ in members]
-    if block is None:
-        if any(found):
-            raise MnistlabError(
-                f"{source}: the weights hold an outlier density but the description no 'outliers' block"
-            )
+    if block is None:  # (density tensors it does not describe are ignored: see infer/calibrate.py)
         return None
     threshold = _threshold(block, source)
     if not all(found):
