@@ -394,35 +394,7 @@ def _write(result: dict[str, Any], example_images: list[np.ndarray], out: Path) 
         "",
     ]
     if result["corruptions"]:
-        lines += [
-            "## Corruptions",
-            "",
-            _FLAGGED_NOTE
-            if result["outlier_threshold"] is not None
-            else f"Flagged: n/a, as {no_detector(result['model'], 'nothing is flagged')}.",
-            "",
-            "| corruption | accuracy | error | error / clean error | flagged | errors flagged |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, c in result["corruptions"].items():
-            measured = f"{_pct(c['accuracy'])} | {_pct(c['error'])} | {_times(c['relative_error'])}"
-            lines.append(f"| {name} | {measured} | {_pct(c['flagged'])} | {_pct(c['errors_flagged'])} |")
-        mean = result["mean_corruption_accuracy"]
-        measured = f"**{_pct(mean)}** | {_pct(1 - mean)} | {_times(result['mean_relative_error'])}"
-        lines += [
-            f"| **mean** | {measured} | {_pct(result['mean_flagged'])} | |",
-            "",
-            "![accuracy per corruption](corruptions.png)",
-            "",
-            "![the first test image under each corruption](examples.png)",
-            "",
-            "Per class (clean, and the mean over the corruptions):",
-            "",
-            "| class | clean | corrupted (mean) |",
-            "|---|---|---|",
-        ]
-        lines += [f"| {c['class']} | {_pct(c['clean'])} | {_pct(c['corrupted_mean'])} |" for c in result["per_class"]]
-        lines.append("")
+        lines += _corruption_lines(result)
     if "adversarial" in result:
         adv = result["adversarial"]
         lines += [
@@ -439,3 +411,37 @@ def _write(result: dict[str, Any], example_images: list[np.ndarray], out: Path) 
             "",
         ]
     atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def _corruption_lines(result: dict[str, Any]) -> list[str]:
+    """The report's section on the corruptions: accuracy and flagged share of each, and per class."""
+    lines = [
+        "## Corruptions",
+        "",
+        _FLAGGED_NOTE
+        if result["outlier_threshold"] is not None
+        else f"Flagged: n/a, as {no_detector(result['model'], 'nothing is flagged')}.",
+        "",
+        "| corruption | accuracy | error | error / clean error | flagged | errors flagged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, c in result["corruptions"].items():
+        measured = f"{_pct(c['accuracy'])} | {_pct(c['error'])} | {_times(c['relative_error'])}"
+        lines.append(f"| {name} | {measured} | {_pct(c['flagged'])} | {_pct(c['errors_flagged'])} |")
+    mean = result["mean_corruption_accuracy"]
+    measured = f"**{_pct(mean)}** | {_pct(1 - mean)} | {_times(result['mean_relative_error'])}"
+    lines += [
+        f"| **mean** | {measured} | {_pct(result['mean_flagged'])} | |",
+        "",
+        "![accuracy per corruption](corruptions.png)",
+        "",
+        "![the first test image under each corruption](examples.png)",
+        "",
+        "Per class (clean, and the mean over the corruptions):",
+        "",
+        "| class | clean | corrupted (mean) |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {c['class']} | {_pct(c['clean'])} | {_pct(c['corrupted_mean'])} |" for c in result["per_class"]]
+    lines.append("")
+    return lines
