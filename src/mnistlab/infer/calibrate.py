@@ -30,7 +30,7 @@ def calibrate(model_path: str | Path, data_dir: str | Path | None = None, device
     them into its model files; returns what was fitted (an ensemble: the members' temperatures and thresholds)."""
     weights, meta_path, meta = read_description(model_path)
     dev = resolve_device(device)
-    loaded = load_model(model_path, dev)
+    loaded = load_model(model_path, dev, outliers=False)  # a broken detector is replaced, not refused
     with FileLock(meta_path.with_name(meta_path.name + ".lock")):
         state = {k: v for k, v in load_file(str(weights)).items() if "outliers." not in k}
         if "ensemble" in meta:

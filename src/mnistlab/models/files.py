@@ -289,10 +289,13 @@ def _build(description: dict[str, Any], state: dict[str, torch.Tensor], source: 
     return Standardized(network, (float(normalize[0]), float(normalize[1])) if normalize else None), model_config
 
 
-def load_model(path: str | Path | None = None, device: torch.device | str = "cpu") -> LoadedModel:
+def load_model(
+    path: str | Path | None = None, device: torch.device | str = "cpu", outliers: bool = True
+) -> LoadedModel:
     """Load a model (or ensemble) from a run directory or model file; None loads the bundled pretrained model.
 
-    The architecture in the JSON is checked against the weights before anything runs.
+    The architecture in the JSON is checked against the weights before anything runs. `outliers=False` leaves
+    its outlier detector unread (`mnistlab calibrate`, which fits a new one, also mends a broken one).
     """
     if path is None:
         path = bundled_model_path()
@@ -325,8 +328,8 @@ def load_model(path: str | Path | None = None, device: torch.device | str = "cpu
         model: nn.Module = Ensemble([m for m, _ in built], outputs_probs, temperatures)
         configs, probabilities = [c for _, c in built], True
         members_calibrated = all(t is not None for t in temperatures)
-        outliers = _detector(
-            meta.get("outliers"),
+        detector = _detector(
+            meta.get("outliers") if outliers else None,
             [(m, s, e.get("outliers")) for (m, _), (_, s), e in zip(built, states, members)],
             meta_path,
         )
@@ -334,7 +337,7 @@ def load_model(path: str | Path | None = None, device: torch.device | str = "cpu
         kept, found = _without_outliers(state)
         model, config = _build(meta, kept, meta_path)
         configs, probabilities, members_calibrated = [config], config.softmax_output, False
-        outliers = _detector(meta.get("outliers"), [(model, found, None)], meta_path)
+        detector = _detector(meta.get("outliers") if outliers else None, [(model, found, None)], meta_path)
     metadata = meta.get("metadata", {})
     if not isinstance(metadata, dict):
         raise MnistlabError(f"{meta_path}: 'metadata' must be an object")
@@ -347,7 +350,7 @@ def load_model(path: str | Path | None = None, device: torch.device | str = "cpu
         weights,
         temperature,
         members_calibrated,
-        outliers.to(device) if outliers is not None else None,
+        detector.to(device) if detector is not None else None,
     )
 
 
@@ -370,22 +373,31 @@ def _detector(
         raise MnistlabError(f"{source}: 'outliers' is described but the weights hold no outlier density for it")
     densities, scales = [], []
     for network, tensors, member_block in members:
-        centres, whitening = tensors.get("centres"), tensors.get("whitening")
         features = network.network[head_index(network.network)].in_features
-        if (
-            centres is None
-            or whitening is None
-            or set(tensors) != {"centres", "whitening"}
-            or centres.dim() != 2
-            or centres.shape[1] != features
-            or tuple(whitening.shape) != (features, features)
-        ):
-            raise MnistlabError(f"{source}: the outlier density does not fit the network ({features} features)")
-        if not (torch.isfinite(centres).all() and torch.isfinite(whitening).all()):
-            raise MnistlabError(f"{source}: the outlier density is not finite (NaN or infinity)")
-        densities.append(FeatureDensity(centres, whitening))
+        densities.append(_density(tensors, features, source))
         scales.append(_threshold(member_block, source) if len(members) > 1 else 1.0)
     return OutlierDetector(densities, scales, threshold)
+
+
+def _density(tensors: dict[str, torch.Tensor], features: int, source: Path) -> FeatureDensity:
+    """The outlier density of a network with `features` penultimate features, from its tensors, checked."""
+    means, basis = tensors.get("means"), tensors.get("basis")
+    variances, residual = tensors.get("variances"), tensors.get("residual")
+    if (
+        set(tensors) != {"means", "basis", "variances", "residual"}
+        or means.dim() != 2
+        or means.shape[1] != features
+        or basis.dim() != 2
+        or basis.shape[0] != features
+        or tuple(variances.shape) != (basis.shape[1],)
+        or residual.numel() != 1
+    ):
+        raise MnistlabError(f"{source}: the outlier density does not fit the network ({features} features)")
+    if not all(torch.isfinite(t).all() for t in (means, basis, variances, residual)):
+        raise MnistlabError(f"{source}: the outlier density is not finite (NaN or infinity)")
+    if not (variances > 0).all() or not (residual > 0).all():
+        raise MnistlabError(f"{source}: the outlier density's variances must be positive")
+    return FeatureDensity(means, basis, variances, residual)
 
 
 def _threshold(block: Any, source: Path | str) -> float:
