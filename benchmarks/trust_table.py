@@ -116,9 +116,10 @@ def main() -> None:
         print("\n".join(r for r in row if r), flush=True)
     minutes = (time.perf_counter() - start) / 60
 
-    command = "benchmarks/trust_table.py" + "".join(
-        f" {a}" for a in ([] if not args.models else ["--models", *args.models])
+    shown = (["--bundled"] if args.bundled and args.models else []) + (
+        ["--models", *args.models] if args.models else []
     )
+    command = " ".join(["benchmarks/trust_table.py", *shown])
     calibration = f"""Command: `.venv/bin/python {command}` ({minutes:.0f} min). Machine: {machine()}.
 
 Each model's test split, before and after the temperature fitted on its validation split (an ensemble: each
