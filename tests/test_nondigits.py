@@ -98,7 +98,7 @@ def test_real_digits_keep_their_labels(kind: str, tmp_path: Path, request, model
     assert len(set(labels)) >= 6
     # Preprocessing takes every one, and the bundled model reads nearly all as their labels (it makes 1-3% of
     # mistakes on these kinds): the labels are those of the digits shown.
-    predicted = classify(model, [preprocess(path).tensor for path, _ in first]).argmax(dim=1).numpy()
+    predicted = classify(model, [preprocess(path).tensor for path, _ in first])[0].argmax(dim=1).numpy()
     assert np.mean(predicted == np.array(labels)) >= 0.85
 
 
