@@ -94,15 +94,16 @@ class Standardized(nn.Module):
         self.mean, self.std = normalize if normalize else (0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(self._standardized(x))
+        return self.network(self.standardize(x))
 
-    def _standardized(self, x: torch.Tensor) -> torch.Tensor:
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] as the network was trained on them."""
         return (x - self.mean) / self.std if (self.mean, self.std) != (0.0, 1.0) else x
 
     def features_and_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The features the last linear layer reads (B, D) and the network's outputs, in one pass."""
         head = head_index(self.network)
-        features = self.network[:head](self._standardized(x))
+        features = self.network[:head](self.standardize(x))
         return features, self.network[head:](features)
 
 
