@@ -35,6 +35,33 @@ def mnist_data(mnist_path):
 
 
 @pytest.fixture(scope="session")
+def small_mnist(mnist_data):
+    """8,000 real training images with the first 2,000 of the validation and test splits."""
+    return subset(mnist_data, 8000, 2000)
+
+
+@pytest.fixture(scope="session")
+def small_run(small_mnist, tmp_path_factory) -> Path:
+    """seed-b-fixed trained for one epoch on `small_mnist`: a calibrated MLP with its outlier detector. Shared by
+    the session: tests that change a run copy it first."""
+    from mnistlab.config import load_config
+    from mnistlab.train.loop import train
+
+    out = tmp_path_factory.mktemp("small") / "run"
+    train(load_config("seed-b-fixed").with_overrides({"training.epochs": 1}), out_dir=out, data=small_mnist, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fashion_path() -> Path:
+    """The real Fashion-MNIST's folder; skipped where it is missing."""
+    path = fashion_dir()
+    if path is None:
+        pytest.skip("real Fashion-MNIST not found beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
 def fashion_data():
     """The real Fashion-MNIST (500-image validation split), loaded once per session; skipped where it is missing."""
     if fashion_dir() is None:

@@ -28,50 +28,41 @@ from .support.mnist import subset
 from .support.runs import train_small
 
 
-@pytest.fixture(scope="module")
-def small(mnist_data):
-    return subset(mnist_data, 8000, 2000)
-
-
-@pytest.fixture(scope="module")
-def run(small, tmp_path_factory):
-    out = tmp_path_factory.mktemp("calibration") / "run"
-    train(load_config("seed-b-fixed").with_overrides({"training.epochs": 1}), out_dir=out, data=small, quiet=True)
-    return out
-
-
-def _logits(run, split) -> torch.Tensor:
-    return predict_scores(load_model(run).model, split.images)
+def _logits(small_run, split) -> torch.Tensor:
+    return predict_scores(load_model(small_run).model, split.images)
 
 
 # ---------------------------------------------------------------------------------------------- fitting
 
 
 @pytest.mark.parametrize("sharpness", [5.0, 0.2], ids=["over-confident", "under-confident"])
-def test_the_temperature_fitted_on_validation_lowers_the_test_error(run, small, sharpness):
+def test_the_temperature_fitted_on_validation_lowers_the_test_error(small_run, small_mnist, sharpness):
     """A model made over-confident (logits x5) or under-confident (x0.2): the temperature fitted on its validation
     split undoes it, and the ECE on the test split, which chose nothing, falls."""
-    val = (_logits(run, small.val) * sharpness).softmax(1)
-    test = (_logits(run, small.test) * sharpness).softmax(1)
-    temperature = fit_temperature(val, small.val.labels)
+    val = (_logits(small_run, small_mnist.val) * sharpness).softmax(1)
+    test = (_logits(small_run, small_mnist.test) * sharpness).softmax(1)
+    temperature = fit_temperature(val, small_mnist.val.labels)
     assert (temperature > 2) if sharpness > 1 else (temperature < 0.5)
-    before, after = calibration(test, small.test.labels), calibration(temper(test, temperature), small.test.labels)
+    before, after = (
+        calibration(test, small_mnist.test.labels),
+        calibration(temper(test, temperature), small_mnist.test.labels),
+    )
     assert after.ece < before.ece / 2 and after.nll < before.nll
     assert torch.equal(temper(test, temperature).argmax(1), test.argmax(1))  # not one answer changes
 
 
-def test_a_finished_run_is_calibrated_on_its_validation_split_only(run, small):
+def test_a_finished_run_is_calibrated_on_its_validation_split_only(small_run, small_mnist):
     """The stored temperature is the one fitted on the validation split, not on the test split (it would differ)."""
-    stored = json.loads((run / "model.json").read_text())["calibration"]
-    val = as_probabilities(_logits(run, small.val), False)
-    assert stored["temperature"] == pytest.approx(fit_on_split(val, small.val.labels)["temperature"], rel=1e-9)
-    test = as_probabilities(_logits(run, small.test), False)
-    assert abs(fit_temperature(test, small.test.labels) - stored["temperature"]) > 1e-3
-    assert stored["fitted_on"] == f"validation split ({len(small.val)} images)"
-    assert (run / "reliability.png").is_file()
+    stored = json.loads((small_run / "model.json").read_text())["calibration"]
+    val = as_probabilities(_logits(small_run, small_mnist.val), False)
+    assert stored["temperature"] == pytest.approx(fit_on_split(val, small_mnist.val.labels)["temperature"], rel=1e-9)
+    test = as_probabilities(_logits(small_run, small_mnist.test), False)
+    assert abs(fit_temperature(test, small_mnist.test.labels) - stored["temperature"]) > 1e-3
+    assert stored["fitted_on"] == f"validation split ({len(small_mnist.val)} images)"
+    assert (small_run / "reliability.png").is_file()
     # Every probability the model gives is the calibrated one.
-    loaded = load_model(run)
-    x = small.test.images[:50].float() / 255
+    loaded = load_model(small_run)
+    x = small_mnist.test.images[:50].float() / 255
     expected = temper(loaded.model(x).softmax(1), stored["temperature"])
     torch.testing.assert_close(loaded.probabilities_of(loaded.model(x)), expected)
 
@@ -113,9 +104,9 @@ def test_the_measures_of_calibration_on_known_cases():
 # ---------------------------------------------------------------------------------------------- files
 
 
-def test_a_model_file_without_a_temperature_still_loads_and_evaluate_says_so(run, mnist_path, tmp_path):
+def test_a_model_file_without_a_temperature_still_loads_and_evaluate_says_so(small_run, mnist_path, tmp_path):
     old = tmp_path / "old"
-    shutil.copytree(run, old)
+    shutil.copytree(small_run, old)
     description = json.loads((old / "model.json").read_text())
     del description["calibration"]
     (old / "model.json").write_text(json.dumps(description))
@@ -130,7 +121,7 @@ def test_a_model_file_without_a_temperature_still_loads_and_evaluate_says_so(run
     assert load_model(old).calibrated
 
 
-def test_calibrate_refuses_what_it_cannot_calibrate(run, mnist_data, mnist_path, tmp_path):
+def test_calibrate_refuses_what_it_cannot_calibrate(small_run, mnist_data, mnist_path, tmp_path):
     no_val = tmp_path / "no-val"
     config = load_config("seed-b-fixed").with_overrides({"training.epochs": 1, "data.val_size": 0})
     train(config, out_dir=no_val, data=replace(subset(mnist_data, 2000, 500), val=None), quiet=True)
@@ -140,7 +131,7 @@ def test_calibrate_refuses_what_it_cannot_calibrate(run, mnist_data, mnist_path,
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("model.safetensors", "model.json"):
-        shutil.copy(run / name, bare / name)
+        shutil.copy(small_run / name, bare / name)
     description = json.loads((bare / "model.json").read_text())
     del description["metadata"]["split"]
     (bare / "model.json").write_text(json.dumps(description))
@@ -148,9 +139,9 @@ def test_calibrate_refuses_what_it_cannot_calibrate(run, mnist_data, mnist_path,
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "0", "-1", '"warm"'])
-def test_a_temperature_that_is_not_a_positive_number_is_refused_on_load(run, tmp_path, value):
+def test_a_temperature_that_is_not_a_positive_number_is_refused_on_load(small_run, tmp_path, value):
     broken = tmp_path / "broken"
-    shutil.copytree(run, broken)
+    shutil.copytree(small_run, broken)
     text = (broken / "model.json").read_text()
     stored = json.loads(text)["calibration"]["temperature"]
     (broken / "model.json").write_text(text.replace(f'"temperature": {stored!r}', f'"temperature": {value}', 1))
@@ -160,11 +151,11 @@ def test_a_temperature_that_is_not_a_positive_number_is_refused_on_load(run, tmp
 # ---------------------------------------------------------------------------------------------- ensembles
 
 
-def test_an_ensemble_of_calibrated_runs_keeps_each_member_s_temperature(run, mnist_data, mnist_path, tmp_path):
+def test_an_ensemble_of_calibrated_runs_keeps_each_member_s_temperature(small_run, mnist_data, mnist_path, tmp_path):
     other = train_small(tmp_path / "other", mnist_data, 3000)
-    make_ensemble([run, other], tmp_path / "ensemble", mnist_path, device="cpu")
+    make_ensemble([small_run, other], tmp_path / "ensemble", mnist_path, device="cpu")
     members = json.loads((tmp_path / "ensemble" / "model.json").read_text())["ensemble"]
-    stored = [json.loads((r / "model.json").read_text())["calibration"]["temperature"] for r in (run, other)]
+    stored = [json.loads((r / "model.json").read_text())["calibration"]["temperature"] for r in (small_run, other)]
     assert [m["temperature"] for m in members] == stored
     assert load_model(tmp_path / "ensemble").calibrated
 
@@ -177,9 +168,9 @@ def test_the_bundled_model_is_calibrated_to_within_one_percent(mnist_path):
     assert report["after"]["ece"] <= 0.01
 
 
-def test_calibrate_fits_each_member_of_an_ensemble_on_its_own_split(run, mnist_data, mnist_path, tmp_path):
+def test_calibrate_fits_each_member_of_an_ensemble_on_its_own_split(small_run, mnist_data, mnist_path, tmp_path):
     other = train_small(tmp_path / "other", mnist_data, 3000)
-    make_ensemble([run, other], tmp_path / "ensemble", mnist_path, device="cpu")
+    make_ensemble([small_run, other], tmp_path / "ensemble", mnist_path, device="cpu")
     path = tmp_path / "ensemble" / "model.json"
     description = json.loads(path.read_text())
     for member in description["ensemble"]:

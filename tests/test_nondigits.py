@@ -15,16 +15,7 @@ from mnistlab.errors import MnistlabError
 from mnistlab.infer.predict import classify
 from mnistlab.models.files import load_model
 
-from .support.mnist import fashion_dir
 from .support.nondigits import FONTS, NONDIGIT_KINDS, REAL_DIGIT_KINDS, write_nondigits, write_real_digits
-
-
-@pytest.fixture(scope="module")
-def fashion_path() -> Path:
-    path = fashion_dir()
-    if path is None:
-        pytest.skip("real Fashion-MNIST not found beside the checkout")
-    return path
 
 
 def nondigits(kind: str, count: int, folder: Path, seed: int, request: pytest.FixtureRequest) -> list[Path]:

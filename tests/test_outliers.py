@@ -25,20 +25,8 @@ from mnistlab.models.outliers import FLAGGED, FeatureDensity, flagging_threshold
 from mnistlab.train.loop import train
 
 from .support.cli import assert_user_error, mnistlab
-from .support.mnist import fashion_dir, subset
+from .support.mnist import fashion_dir
 from .support.runs import train_small
-
-
-@pytest.fixture(scope="module")
-def small(mnist_data):
-    return subset(mnist_data, 8000, 2000)
-
-
-@pytest.fixture(scope="module")
-def run(small, tmp_path_factory):
-    out = tmp_path_factory.mktemp("outliers") / "run"
-    train(load_config("seed-b-fixed").with_overrides({"training.epochs": 1}), out_dir=out, data=small, quiet=True)
-    return out
 
 
 def _scores(path, images: torch.Tensor) -> torch.Tensor:
@@ -102,37 +90,37 @@ def test_the_threshold_flags_at_most_its_share_and_no_lower_one_would(scores, sh
 # ---------------------------------------------------------------------------------------- fitted when training ends
 
 
-def test_a_finished_run_flags_at_most_one_percent_of_its_validation_split(run, small):
-    stored = json.loads((run / "model.json").read_text())["outliers"]
+def test_a_finished_run_flags_at_most_one_percent_of_its_validation_split(small_run, small_mnist):
+    stored = json.loads((small_run / "model.json").read_text())["outliers"]
     assert stored["method"] == "feature-mahalanobis"
-    assert stored["fitted_on"].startswith(f"training split ({len(small.train)} images)")
-    flagged = float((_scores(run, small.val.images) > stored["threshold"]).double().mean())
-    assert flagged <= FLAGGED and flagged == pytest.approx(stored["validation_flagged"], abs=1 / len(small.val))
-    assert load_model(run).outlier_threshold == stored["threshold"]
+    assert stored["fitted_on"].startswith(f"training split ({len(small_mnist.train)} images)")
+    flagged = float((_scores(small_run, small_mnist.val.images) > stored["threshold"]).double().mean())
+    assert flagged <= FLAGGED and flagged == pytest.approx(stored["validation_flagged"], abs=1 / len(small_mnist.val))
+    assert load_model(small_run).outlier_threshold == stored["threshold"]
 
 
-def test_the_test_split_chooses_nothing(small, tmp_path):
+def test_the_test_split_chooses_nothing(small_mnist, tmp_path):
     """Two runs that differ only in their test split (one of them all noise) store the same density and
     threshold: a fit that looked at the test split would differ."""
     noise = torch.randint(
-        0, 256, small.test.images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+        0, 256, small_mnist.test.images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
     config = load_config("seed-b-fixed").with_overrides({"training.epochs": 1})
-    for name, data in (("a", small), ("b", replace(small, test=Split(noise, small.test.labels)))):
+    for name, data in (("a", small_mnist), ("b", replace(small_mnist, test=Split(noise, small_mnist.test.labels)))):
         train(config, out_dir=tmp_path / name, data=data, quiet=True)
     a, b = (json.loads((tmp_path / n / "model.json").read_text())["outliers"] for n in "ab")
     assert a == b
 
 
-def test_the_flag_separates_real_digits_from_fashion_items(run, small):
+def test_the_flag_separates_real_digits_from_fashion_items(small_run, small_mnist):
     """The one-epoch MLP's detector: about 1% of unseen MNIST test digits flagged, and most Fashion-MNIST items."""
     if fashion_dir() is None:
         pytest.skip("Fashion-MNIST not found")
-    threshold = load_model(run).outlier_threshold
-    test = float((_scores(run, small.test.images) > threshold).double().mean())
+    threshold = load_model(small_run).outlier_threshold
+    test = float((_scores(small_run, small_mnist.test.images) > threshold).double().mean())
     items = load_data("fashion-mnist", fashion_dir(), 0, 0).test.images[:1000]
     assert test <= 0.03
-    assert float((_scores(run, items) > threshold).double().mean()) >= 0.8
+    assert float((_scores(small_run, items) > threshold).double().mean()) >= 0.8
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -150,9 +138,9 @@ def _without_outliers(source, target):
     save_file({k: v for k, v in state.items() if "outliers." not in k}, str(target / "model.safetensors"))
 
 
-def test_calibrate_gives_an_old_model_file_its_detector(run, small, mnist_path, tmp_path):
+def test_calibrate_gives_an_old_model_file_its_detector(small_run, small_mnist, mnist_path, tmp_path):
     old = tmp_path / "old"
-    _without_outliers(run, old)
+    _without_outliers(small_run, old)
     assert load_model(old).outliers is None and load_model(old).outlier_threshold is None
     done = mnistlab("calibrate", str(old), "--data-dir", str(mnist_path))
     assert done.returncode == 0, done.stderr
@@ -171,16 +159,16 @@ def test_calibrate_gives_an_old_model_file_its_detector(run, small, mnist_path, 
     ],
     ids=["nan", "negative", "text"],
 )
-def test_a_broken_outlier_block_is_refused_on_load_in_one_line(run, tmp_path, edit, message):
+def test_a_broken_outlier_block_is_refused_on_load_in_one_line(small_run, tmp_path, edit, message):
     broken = tmp_path / "broken"
-    shutil.copytree(run, broken)
+    shutil.copytree(small_run, broken)
     description = json.loads((broken / "model.json").read_text())
     edit(description)
     (broken / "model.json").write_text(json.dumps(description))  # NaN as Python's json writes it
     assert_user_error(mnistlab("evaluate", str(broken)), message)
 
 
-def test_a_density_that_does_not_fit_the_network_or_is_not_finite_is_refused(run, tmp_path):
+def test_a_density_that_does_not_fit_the_network_or_is_not_finite_is_refused(small_run, tmp_path):
     from safetensors.torch import load_file, save_file
 
     for name, change, message in (
@@ -188,7 +176,7 @@ def test_a_density_that_does_not_fit_the_network_or_is_not_finite_is_refused(run
         ("nan", lambda w: w * float("nan"), "outlier density is not finite"),
     ):
         broken = tmp_path / name
-        shutil.copytree(run, broken)
+        shutil.copytree(small_run, broken)
         state = load_file(str(broken / "model.safetensors"))
         state["outliers.basis"] = change(state["outliers.basis"]).contiguous()
         save_file(state, str(broken / "model.safetensors"))
@@ -198,26 +186,28 @@ def test_a_density_that_does_not_fit_the_network_or_is_not_finite_is_refused(run
 # ---------------------------------------------------------------------------------------------- ensembles
 
 
-def test_an_ensemble_scores_the_mean_of_its_members_scores_over_their_thresholds(run, small, mnist_data, tmp_path):
+def test_an_ensemble_scores_the_mean_of_its_members_scores_over_their_thresholds(
+    small_run, small_mnist, mnist_data, tmp_path
+):
     other = train_small(tmp_path / "other", mnist_data, 3000)
-    make_ensemble([run, other], tmp_path / "ensemble", device="cpu")
+    make_ensemble([small_run, other], tmp_path / "ensemble", device="cpu")
     description = json.loads((tmp_path / "ensemble" / "model.json").read_text())
     assert description["outliers"]["threshold"] == 1.0
-    images = small.test.images[:200]
-    expected = sum(_scores(r, images) / load_model(r).outlier_threshold for r in (run, other)) / 2
+    images = small_mnist.test.images[:200]
+    expected = sum(_scores(r, images) / load_model(r).outlier_threshold for r in (small_run, other)) / 2
     torch.testing.assert_close(_scores(tmp_path / "ensemble", images), expected, rtol=1e-5, atol=1e-6)
 
     # A member without a detector: the ensemble has none (and keeps no density tensors).
     _without_outliers(other, tmp_path / "old-other")
-    make_ensemble([run, tmp_path / "old-other"], tmp_path / "mixed", device="cpu")
+    make_ensemble([small_run, tmp_path / "old-other"], tmp_path / "mixed", device="cpu")
     assert load_model(tmp_path / "mixed").outliers is None
     assert "outliers" not in json.loads((tmp_path / "mixed" / "model.json").read_text())
 
 
-def test_calibrate_fits_each_ensemble_member_s_detector_on_its_own_splits(run, mnist_data, mnist_path, tmp_path):
+def test_calibrate_fits_each_ensemble_member_s_detector_on_its_own_splits(small_run, mnist_data, mnist_path, tmp_path):
     other = train_small(tmp_path / "other", mnist_data, 3000)
     _without_outliers(other, tmp_path / "old-other")
-    make_ensemble([run, tmp_path / "old-other"], tmp_path / "ensemble", device="cpu")
+    make_ensemble([small_run, tmp_path / "old-other"], tmp_path / "ensemble", device="cpu")
     assert load_model(tmp_path / "ensemble").outliers is None
     done = calibrate(tmp_path / "ensemble", mnist_path, "cpu")
     assert len(done["thresholds"]) == 2 and all(t > 0 for t in done["thresholds"])
@@ -237,11 +227,11 @@ def test_the_bundled_model_flags_under_one_percent_of_mnist_test_digits_and_fash
         assert float((_scores(None, items) > 1.0).double().mean()) >= 0.99
 
 
-def test_density_tensors_without_their_block_load_as_a_model_without_a_detector(run, tmp_path):
+def test_density_tensors_without_their_block_load_as_a_model_without_a_detector(small_run, tmp_path):
     """What `calibrate` leaves if it is stopped between writing the weights and the description: a model that
     loads and answers as before it was run."""
     half = tmp_path / "half"
-    shutil.copytree(run, half)
+    shutil.copytree(small_run, half)
     description = json.loads((half / "model.json").read_text())
     del description["outliers"]
     (half / "model.json").write_text(json.dumps(description))
@@ -249,4 +239,4 @@ def test_density_tensors_without_their_block_load_as_a_model_without_a_detector(
     assert loaded.outliers is None
     images = torch.rand(4, 28, 28)
     with torch.inference_mode():
-        torch.testing.assert_close(loaded.answering()(images)[0], load_model(run).answering()(images)[0])
+        torch.testing.assert_close(loaded.answering()(images)[0], load_model(small_run).answering()(images)[0])
