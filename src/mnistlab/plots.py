@@ -28,6 +28,14 @@ def plot_curves(epochs: Sequence[Mapping], path: Path, title: str) -> Path:
     return _save(_figure_curves(epochs, title), path)
 
 
+def plot_lr_find(
+    points: Sequence[tuple[float, float]], raw: Sequence[float], suggested: float, how: str, path: Path, title: str
+) -> Path:
+    """The learning-rate range test: the smoothed loss against the rate (log scale) over each batch's own loss,
+    with the suggested rate marked and `how` it was chosen in its label."""
+    return _save(_figure_lr_find(points, raw, suggested, how, title), path)
+
+
 def plot_overlay(runs: Mapping[str, Sequence[Mapping]], path: Path, split: str = "test") -> Path:
     """One figure with every run's accuracy and loss on `split`, for side-by-side comparison."""
     return _save(_figure_overlay(runs, split), path)
@@ -174,6 +182,32 @@ def _figure_curves(epochs: Sequence[Mapping], title: str) -> Figure:
             acc_ax.plot(xs, [100 * e[f"{split}_accuracy"] for e in epochs], style, marker="o", label=split)
             loss_ax.plot(xs, [e[f"{split}_loss"] for e in epochs], style, marker="o", label=split)
     _finish(fig, acc_ax, loss_ax, title)
+    return fig
+
+
+def _figure_lr_find(
+    points: Sequence[tuple[float, float]], raw: Sequence[float], suggested: float, how: str, title: str
+) -> Figure:
+    import math
+
+    fig, ax = _subplots(figsize=(8, 4.5))
+    lrs = [lr for lr, _ in points]
+    smoothed = [loss for _, loss in points]
+    ax.plot(lrs[: len(raw)], raw[: len(lrs)], color="tab:blue", alpha=0.25, linewidth=0.8, label="batch loss")
+    ax.plot(lrs, smoothed, color="tab:blue", label="smoothed loss")
+    label = _wrap(f"suggested {suggested:.3g}: {how}", 200, "small")
+    ax.axvline(suggested, color="tab:orange", linestyle="--", label=label)
+    if lrs:  # the suggestion lies between two batches' rates: marked on the curve at the nearer one
+        near = min(range(len(lrs)), key=lambda i: abs(math.log(lrs[i] / suggested)))
+        ax.plot([suggested], [smoothed[near]], "o", color="tab:orange")
+        # a blow-up at the end would squash the rest: the axis ends a little above the first half's highest loss
+        low, high = min([*smoothed, *raw[: len(lrs)]]), max(smoothed[: max(1, len(lrs) // 2)])
+        pad = 0.05 * (high - low) or 0.05
+        ax.set_ylim(low - pad, high + 10 * pad)
+    ax.set(xscale="log", xlabel="learning rate (log scale)", ylabel="training loss")
+    ax.grid(alpha=0.3, which="both")
+    _outside_legend(ax)
+    _title(fig, title)
     return fig
 
 

@@ -1,9 +1,10 @@
-"""Training commands: `train`, `reproduce`, `compare` and `configs`."""
+"""Training commands: `train`, `lr-find`, `reproduce`, `compare` and `configs`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from mnistlab.cli.common import Formatter, Subparsers, add_data_dir, add_device
@@ -14,6 +15,7 @@ from mnistlab.errors import MnistlabError
 
 def register(sub: Subparsers) -> None:
     _add_train(sub)
+    _add_lr_find(sub)
     _add_reproduce(sub)
     _add_compare(sub)
     _add_configs(sub)
@@ -114,6 +116,86 @@ def _train(args: argparse.Namespace) -> int | None:
     )
     print(f"outputs in {run.run_dir}/ (curves: {run.run_dir}/curves.png)")
     return None
+
+
+def _add_lr_find(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "lr-find",
+        help="suggest a learning rate for a config (the learning-rate range test)",
+        description="Train a throw-away copy of the config's network while the learning rate rises exponentially "
+        "from --start to --end over at most one epoch, stop when the smoothed loss blows up, and suggest a rate "
+        "(docs/training.md, 'Finding a learning rate'). Nothing is kept but the plot.",
+        formatter_class=Formatter,
+    )
+    p.add_argument("--config", required=True, help="a shipped config name (see `mnistlab configs`) or a TOML file")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, as for `mnistlab train` (repeatable)",
+    )
+    p.add_argument("--start", type=float, default=1e-7, help="the first learning rate")
+    p.add_argument("--end", type=float, default=10.0, help="the last learning rate")
+    p.add_argument(
+        "--max-batches",
+        type=int,
+        default=300,  # lr_find.MAX_BATCHES, not imported here: it loads torch
+        metavar="N",
+        help="at most N batches (fewer when an epoch is shorter)",
+    )
+    p.add_argument("--out", default="lr-find", help="folder for the plot, <config name>.png")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (the plot is still written)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_data_dir(p)
+    add_device(p)
+    p.set_defaults(handler=_lr_find)
+
+
+def _lr_find(args: argparse.Namespace) -> None:
+    from mnistlab.config import load_config, parse_set
+    from mnistlab.files import to_json
+    from mnistlab.plots import plot_lr_find
+    from mnistlab.progress import Progress
+    from mnistlab.train.lr_find import check_range, find_lr
+
+    check_range(args.start, args.end, args.max_batches)  # before the data loads
+    config = load_config(args.config).with_overrides(parse_set(args.set))
+    out = Path(args.out) / f"{config.name}.png"
+    bar = Progress(args.quiet or args.json).bar(args.max_batches, f"lr-find {config.name}")
+
+    def advance(done: int, total: int) -> None:
+        bar.total = total  # fewer than --max-batches where an epoch is shorter
+        bar.update(done - bar.n)
+
+    result = find_lr(
+        config,
+        data_dir=args.data_dir,
+        device=args.device,
+        start=args.start,
+        end=args.end,
+        max_batches=args.max_batches,
+        progress=advance,
+    )
+    bar.close()
+    title = f"learning-rate range test: {config.name} ({config.summary()})"
+    plot_lr_find(result.points, result.raw_losses, result.suggested_lr, result.how, out, title)
+    if args.json:
+        print(to_json({**result.to_dict(), "plot": str(out)}))
+        return
+    ended = {
+        "end of schedule": f"the schedule ended at lr {result.points[-1][0]:.3g}",
+        "diverged": f"stopped early at lr {result.points[-1][0]:.3g}: the smoothed loss passed 4x its minimum",
+        "not finite": f"stopped early at lr {result.points[-1][0]:.3g}: the loss was no longer a number",
+    }[result.stop_reason]
+    print(f"suggested learning rate: {result.suggested_lr:.3g} ({result.how})")
+    print(f"{len(result.points)} batches in {result.seconds:.1f} s; {ended}")
+    print(f"plot: {out}")
+    sets = [*args.set, f"optimizer.lr={result.suggested_lr:.3g}"]
+    print(
+        f"train with: mnistlab train --config {shlex.quote(args.config)} "
+        + " ".join(f"--set {shlex.quote(s)}" for s in sets)
+    )
 
 
 def _add_reproduce(sub: Subparsers) -> None:
