@@ -406,3 +406,110 @@ def _figure_reliability(tables: Mapping[str, Sequence[Mapping]], title: str) -> 
     _outside_legend(ax)
     _title(fig, title)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------- explanations
+
+_TILES = 8  # feature maps (or units' weights) shown per layer
+
+
+def plot_explanation(
+    digit,
+    maps: Sequence[tuple[str, object]],
+    probabilities: Sequence[float],
+    path: Path,
+    title: str,
+    classes: Sequence[str] | None = None,
+    layers: Sequence | None = None,
+    neighbours: Sequence | None = None,
+) -> Path:
+    """Why a model answered as it did: the 28x28 view it saw (`digit`), each (caption, 28x28 map) of `maps` on
+    one diverging scale centred at 0 (red: evidence for the class, blue: against) with the digit's outline over
+    it, and the top-3 probabilities. `layers` (infer/inside.py LayerViews) adds a row per layer: feature maps as
+    greyscale tiles, or a layer's units as bars (with the first layer's most active units' weights as 28x28
+    images); `neighbours` (Neighbours) adds the nearest training images with their labels and distances."""
+    return _save(_figure_explanation(digit, maps, probabilities, title, classes, layers, neighbours), path)
+
+
+def _figure_explanation(digit, maps, probabilities, title, classes, layers, neighbours) -> Figure:
+    import numpy as np
+
+    names = list(classes) if classes else list(DIGITS)
+    rows = 1 + len(layers or ()) + (1 if neighbours else 0)
+    width = max(10.0, 2.2 * (len(maps) + 2))
+    fig = Figure(figsize=(width, 3.2 + 1.9 * (rows - 1)), layout="constrained")
+    parts = fig.subfigures(rows, 1, height_ratios=[3.2] + [1.9] * (rows - 1), squeeze=False)[:, 0]
+    axes = parts[0].subplots(1, len(maps) + 2, width_ratios=[1] * (len(maps) + 1) + [1.3])
+    axes[0].imshow(digit, cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("what the model saw", fontsize="small")
+    values = [np.asarray(m, dtype=float) for _, m in maps]
+    scale = max([1e-12, *(float(np.abs(v).max()) for v in values)])  # one scale: the maps compare
+    image = None
+    for ax, (caption, _), v in zip(axes[1:], maps, values):
+        image = ax.imshow(v, cmap="RdBu_r", vmin=-scale, vmax=scale)
+        ax.contour(np.asarray(digit), levels=[0.5], colors="0.35", linewidths=0.6)
+        ax.set_title(_wrap(caption, 72 * width / (len(maps) + 2) - 10, "small"), fontsize="small")
+    for ax in axes[:-1]:
+        ax.set(xticks=[], yticks=[])
+    if image is not None:
+        bar = parts[0].colorbar(image, ax=list(axes[1:-1]), shrink=0.8, ticks=[-scale, 0, scale])
+        bar.ax.set_yticklabels(["against", "0", "for"], fontsize="small")
+    top = sorted(range(len(names)), key=lambda d: -probabilities[d])[:3]
+    chart = axes[-1]
+    chart.barh(range(3), [probabilities[d] for d in top], color=["tab:orange", "tab:blue", "tab:blue"])
+    chart.set_yticks(range(3), [names[d] for d in top])
+    chart.invert_yaxis()
+    chart.set(xlim=(0, 1), xlabel="probability")
+    for k, d in enumerate(top):
+        chart.text(min(probabilities[d], 0.62) + 0.02, k, f"{100 * probabilities[d]:.1f}%", va="center", fontsize=8)
+    for part, view in zip(parts[1:], layers or ()):
+        _layer_row(part, view)
+    if neighbours:
+        _neighbour_row(parts[-1], neighbours, names)
+    _title(fig, title)
+    return fig
+
+
+def _layer_row(part, view) -> None:
+    """One layer of a network: its feature maps as greyscale tiles, or its units as bars (and, where given, the
+    weights of its most active units as 28x28 images)."""
+    import numpy as np
+
+    values = np.asarray(view.values, dtype=float)
+    weights = getattr(view, "unit_weights", None)
+    if view.kind == "maps":
+        shown = values[:_TILES]
+        axes = np.atleast_1d(part.subplots(1, _TILES))
+        for ax, tile in zip(axes, shown):
+            ax.imshow(tile, cmap="gray")
+        for ax in axes:
+            ax.axis("off")
+        part.suptitle(f"{view.name}: the {len(shown)} most active", fontsize="small")
+        return
+    tiles = 0 if weights is None else min(len(weights), _TILES - 2)
+    axes = np.atleast_1d(part.subplots(1, 1 + tiles, width_ratios=[3] + [1] * tiles))
+    top = list(getattr(view, "top_units", None) or [])
+    axes[0].bar(range(len(values)), values, width=1.0, color="0.5")
+    if top:
+        axes[0].bar(top, values[top], width=1.0, color="tab:orange")
+    axes[0].set(xlabel="unit", ylabel="activation")
+    for ax, unit, w in zip(axes[1:], top, weights[:tiles] if tiles else ()):
+        w = np.asarray(w, dtype=float)
+        limit = max(1e-12, float(np.abs(w).max()))
+        ax.imshow(w, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(f"unit {unit}", fontsize=_CAPTION)
+        ax.axis("off")
+    part.suptitle(f"{view.name}: {len(values)} units (most active in orange)", fontsize="small")
+
+
+def _neighbour_row(part, neighbours: Sequence, names: Sequence[str]) -> None:
+    """The training images nearest the input, each with its label and distance."""
+    import numpy as np
+
+    axes = np.atleast_1d(part.subplots(1, len(neighbours)))
+    for ax, n in zip(axes, neighbours):
+        pixels = np.asarray(n.image, dtype=float)
+        ax.imshow(pixels, cmap="gray", vmin=0, vmax=255 if pixels.max() > 1 else 1)
+        ax.set_title(f"{names[n.label]}, distance {n.distance:.3g}", fontsize=_CAPTION)
+        ax.axis("off")
+    part.suptitle("nearest training images (in the model's penultimate features)", fontsize="small")

@@ -15,13 +15,13 @@ import sys
 from collections.abc import Sequence
 
 from mnistlab import __version__
-from mnistlab.cli import robustness, serve, sweep, train, use
+from mnistlab.cli import explain, robustness, serve, sweep, train, use
 from mnistlab.cli.common import Formatter
 from mnistlab.errors import MnistlabError
 from mnistlab.files import Interrupts, Terminated
 from mnistlab.processes import reports_the_end
 
-GROUPS = (train, use, robustness, sweep, serve)
+GROUPS = (train, use, explain, robustness, sweep, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
