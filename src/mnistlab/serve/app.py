@@ -3,6 +3,8 @@
     POST /api/predict   an image (multipart file field `image`, or JSON {"image": "data:image/png;base64,..."})
                         -> every model's answer and the 28x28 image they saw
     POST /api/collect   the same with a `label`: saved as DIR/<label>/<server-chosen name>.png (with --collect)
+    POST /api/explain   an image and a model's name -> its attribution maps (numbers and red/blue overlays)
+    POST /api/activations, /api/neighbours   what its layers computed; the training images nearest it
     GET  /api/models    name, architecture, test accuracy and class names of each model
     GET  /api/health    {"status": "ok", ...}
     GET  /metrics       Prometheus metrics: requests, latency, predictions per model, queue depth, restarts
@@ -36,6 +38,7 @@ from mnistlab.serve.deps import ServerState
 from mnistlab.serve.images import RequestError
 from mnistlab.serve.metrics import RequestMetrics
 from mnistlab.serve.routers.collect import router as collect_router
+from mnistlab.serve.routers.explain import router as explain_router
 from mnistlab.serve.routers.metrics import router as metrics_router
 from mnistlab.serve.routers.models import router as models_router
 from mnistlab.serve.routers.pages import mount_files
@@ -100,6 +103,7 @@ def create_app(
     app.include_router(predict_router)
     app.include_router(models_router)
     app.include_router(collect_router)
+    app.include_router(explain_router)
     app.include_router(pages_router)
     app.include_router(metrics_router)
     mount_files(app)

@@ -44,7 +44,71 @@ class CollectUpload(PredictUpload):
     label: int = Field(ge=0, le=9, description=LABEL)
 
 
-REQUEST_MODELS: tuple[type[BaseModel], ...] = (PredictRequest, PredictUpload, CollectRequest, CollectUpload)
+MODEL = "a served model's name, as /api/models lists it (default: the first served)"
+
+
+class ExplainRequest(PredictRequest):
+    """An image to explain, as JSON."""
+
+    model: str | None = Field(None, description=MODEL)
+    method: str = Field(
+        "integrated-gradients",
+        description="integrated-gradients (or ig), occlusion, saliency, or grad-cam (convolutional networks only)",
+    )
+    target: int | str | None = Field(
+        None,
+        description="also explain this class (its number, or one of the model's class names), after the answer; "
+        "default: the answer and the runner-up",
+    )
+
+
+class ExplainUpload(PredictUpload):
+    """An image to explain, as a multipart form."""
+
+    model: str | None = Field(None, description=MODEL)
+    method: str = Field("integrated-gradients", description=ExplainRequest.model_fields["method"].description)
+    target: str | None = Field(None, description=ExplainRequest.model_fields["target"].description)
+
+
+class InsideRequest(PredictRequest):
+    """An image whose activations to show, as JSON."""
+
+    model: str | None = Field(None, description=MODEL)
+
+
+class InsideUpload(PredictUpload):
+    """An image whose activations to show, as a multipart form."""
+
+    model: str | None = Field(None, description=MODEL)
+
+
+NEIGHBOURS = "how many training images to return (1 to 20)"
+
+
+class NeighboursRequest(InsideRequest):
+    """An image whose nearest training images to find, as JSON."""
+
+    k: int = Field(5, ge=1, le=20, description=NEIGHBOURS)
+
+
+class NeighboursUpload(InsideUpload):
+    """An image whose nearest training images to find, as a multipart form."""
+
+    k: int = Field(5, ge=1, le=20, description=NEIGHBOURS)
+
+
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    PredictRequest,
+    PredictUpload,
+    CollectRequest,
+    CollectUpload,
+    ExplainRequest,
+    ExplainUpload,
+    InsideRequest,
+    InsideUpload,
+    NeighboursRequest,
+    NeighboursUpload,
+)
 
 
 def image_body(as_json: type[BaseModel], as_form: type[BaseModel]) -> dict[str, Any]:
@@ -160,3 +224,91 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
     415: {"model": Refusal, "description": "Not an image, or a content type other than multipart or JSON"},
     422: {"model": Refusal, "description": "A truncated or corrupt image, or a blank drawing"},
 }
+
+
+# ---------------------------------------------------------------------------------------------- explanations
+
+
+class AttributionMap(Answer):
+    """One class's attribution map: how much each pixel of the 28x28 view counted for or against it."""
+
+    target: int = Field(description="the class explained, by number")
+    class_: str = Field(alias="class", description="its name")
+    role: Literal["answer", "runner-up", "asked"] = Field(description="why it is explained")
+    map: list[list[float]] = Field(
+        description="28 rows of 28 numbers (4 significant digits): > 0 evidence for the class, < 0 against "
+        "(grad-cam: >= 0); in units of the network's score (its output before the softmax)"
+    )
+    scale: float = Field(description="the largest |value| of the map: what the overlay's strongest colour means")
+    overlay: str = Field(
+        description="the map as a 28x28 RGBA PNG (base64) to lay over the view: red for evidence for, blue against, "
+        "opacity by |value| / scale, transparent where it is under 5% of the scale"
+    )
+    completeness_error: float | None = Field(
+        description="integrated gradients: |sum of the map - (score(image) - score(black))| relative to the latter; "
+        "null for the other methods"
+    )
+
+
+class ExplainResponse(Answer):
+    """One model's explanation of one image."""
+
+    model: str
+    method: Literal["integrated-gradients", "occlusion", "saliency", "grad-cam"]
+    members: int = Field(description="1, or the ensemble's size: its maps are the members' mean")
+    label: int = Field(description="the model's answer, by class number")
+    probabilities: list[float] = Field(description="the model's calibrated probabilities, by class number")
+    preprocessed: str = Field(description="the 28x28 image explained, as a base64 PNG (white ink on black)")
+    attributions: list[AttributionMap] = Field(
+        description="the answer's map, then the asked target's (if any), then the runner-up's"
+    )
+
+
+class LayerActivations(Answer):
+    """What one layer of the network computed for the image."""
+
+    name: str = Field(description='the layer, such as "conv 1 (32 maps, 28x28)" or "hidden 1 (512 units)"')
+    kind: Literal["maps", "units"] = Field(description="maps: a convolution's feature maps; units: a hidden layer's")
+    shape: list[int] = Field(description="(channels, height, width) for maps, (units,) for units")
+    maximum: float = Field(description="the largest activation of the layer: what white (or a full bar) means")
+    tiles: list[str] | None = Field(
+        description="maps: one greyscale 28x28 (or smaller) PNG (base64) per channel shown, 0 black to the layer's "
+        "maximum white; else null"
+    )
+    values: list[float] | None = Field(description="units: every unit's activation (6 significant digits); else null")
+    top_units: list[int] = Field(description="units: the most active (at most 16), most active first; maps: none")
+    channels: list[int] = Field(
+        description="maps: the layer's channels the tiles show (at most 16, the most active first); units: none"
+    )
+    member: int | None = Field(
+        description="an ensemble: the member whose layers these are (its first, 0); null for a single network"
+    )
+    unit_weights: list[str] | None = Field(
+        description="an MLP's first layer: the top units' input weights as 28x28 RGBA PNGs (base64; red positive, "
+        "blue negative): what each unit looks for; else null"
+    )
+
+
+class ActivationsResponse(Answer):
+    """What each layer of one model computed for one image."""
+
+    model: str
+    preprocessed: str = Field(description="the 28x28 image, as a base64 PNG")
+    layers: list[LayerActivations]
+
+
+class NeighbourImage(Answer):
+    """A training image near the input in the model's penultimate features."""
+
+    index: int = Field(description="its place in the training file")
+    label: int
+    class_: str = Field(alias="class")
+    distance: float = Field(description="its distance from the input in the model's penultimate features")
+    image: str = Field(description="the training image, as a 28x28 base64 PNG")
+
+
+class NeighboursResponse(Answer):
+    """The training images nearest one image, as one model sees them."""
+
+    model: str
+    neighbours: list[NeighbourImage] = Field(description="nearest first")

@@ -1,5 +1,8 @@
 // The draw-a-digit page: a canvas drawn with Pointer Events, live predictions from POST /api/predict (at most
-// one request in flight, the latest drawing always sent next), one column per served model.
+// one request in flight, the latest drawing always sent next), one column per served model; and, asked for only
+// when the drawing pauses, each model's explanations: "Why?" (its attribution map over the 28x28 view and the
+// nearest training digits) and "Inside" (what its layers computed), from /api/explain, /api/neighbours and
+// /api/activations, one request at a time on a lane of their own, so that they never delay a prediction.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -84,6 +87,7 @@ function changed() {
   file = null;
   version++;
   predictSoon();
+  explainSoon();
 }
 
 function undo() {
@@ -100,6 +104,9 @@ function clear() {
   cleared = ++version;
   redraw();
   showBlank("Draw a digit in the square.");
+  for (const c of columns) c.why.reset();
+  $("layers").replaceChildren();
+  explainSoon();
 }
 
 $("undo").addEventListener("click", undo);
@@ -121,6 +128,7 @@ async function useFile(chosen) {
   file = chosen;
   version++;
   predictSoon();
+  explainSoon();
 }
 
 $("upload").addEventListener("click", () => $("file").click());
@@ -244,8 +252,11 @@ function column(model) {
     return { li, fill, p };
   });
   root.append(...[answer, flag, bars].filter(Boolean));
+  const why = whyParts(model, root);
   $("models").append(root);
   return {
+    model,
+    why,
     show(prediction) {
       const flagged = prediction !== null && prediction.outlier === true;
       root.classList.toggle("outlier", flagged);  // the answer stays, greyed
@@ -298,9 +309,255 @@ async function collect(label) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------- explanations
+// Asked for when the drawing has paused for PAUSE ms, or at once when a control asks: one request at a time (a
+// lane of their own beside the predictions'), each for the drawing as it is when sent; an answer to an older
+// drawing is dropped, and whatever the newest drawing still lacks is asked for next.
+
+const PAUSE = 400;       // ms without a change before explanations are asked for
+const NEIGHBOURS = 5;
+let explainTimer = null, explaining = false;
+let insideModel = null;  // the model whose layers the Inside panel shows, or null: closed
+const explanations = {}; // by model: the last /api/explain answer shown (for tests and the curious)
+
+function explainSoon() {
+  clearTimeout(explainTimer);
+  explainTimer = setTimeout(() => { explainTimer = null; explainNext(); }, PAUSE);
+  for (const c of columns) c.why.stale();
+  $("inside").classList.add("stale");
+}
+
+// What the drawing as it is now still lacks: an explanation and neighbours per "Why?" column, the Inside
+// panel's layers; each a request, the first one not done for this drawing (and method) next.
+function jobs() {
+  const method = $("method").value, list = [];
+  for (const c of columns) {
+    if (!c.why.open) continue;
+    list.push({ path: "/api/explain", model: c.model.name, key: `${version}|${method}`, fields: { method },
+                show: (body) => c.why.showMaps(body), fail: (m) => c.why.failMaps(m), done: c.why.done, part: "maps" });
+  }
+  if (insideModel) {
+    list.push({ path: "/api/activations", model: insideModel, key: `${version}`, fields: {},
+                show: showLayers, fail: failLayers, done: insideDone, part: "layers" });
+  }
+  for (const c of columns) {  // last: a model's first neighbours wait for its index to be built (seconds)
+    if (!c.why.open) continue;
+    list.push({ path: "/api/neighbours", model: c.model.name, key: `${version}`, fields: { k: NEIGHBOURS },
+                show: (body) => c.why.showNeighbours(body), fail: (m) => c.why.failNeighbours(m), done: c.why.done,
+                part: "neighbours" });
+  }
+  const now = performance.now();
+  return list.filter((job) => job.done[job.part] !== job.key && !((notBefore[job.path + job.model] ?? 0) > now));
+}
+const insideDone = {};  // the Inside panel's `done`, as a column's
+// When a request the server asked to come back later (503 with Retry-After: a neighbour index being built) may
+// be sent again, by path and model; meanwhile the other requests go ahead.
+const notBefore = {};
+
+async function explainNext() {
+  if (explaining || explainTimer) return;  // one at a time; while drawing, wait for the pause
+  if (!history.length && !file) return;
+  const job = jobs()[0];
+  if (!job) return;
+  explaining = true;
+  const sent = version;
+  try {
+    const form = new FormData();
+    form.append("image", await image(), "drawing.png");
+    form.append("model", job.model);
+    for (const [name, value] of Object.entries(job.fields)) form.append(name, value);
+    const response = await fetch(job.path, { method: "POST", body: form });
+    const body = await response.json();
+    // Still wanted: the drawing unchanged, the panel still open, the method the same.
+    const wanted = sent === version && jobs().some((j) => j.path === job.path && j.model === job.model && j.key === job.key);
+    const retry = response.status === 503 && Number(response.headers.get("Retry-After"));
+    if (retry) {
+      notBefore[job.path + job.model] = performance.now() + 1000 * retry;
+      setTimeout(explainNext, 1000 * retry + 10);
+    }
+    if (wanted) {
+      if (!retry) job.done[job.part] = job.key;
+      if (response.ok) job.show(body);
+      else job.fail(body.detail || `error ${response.status}`);
+    }
+  } catch (error) {
+    job.done[job.part] = job.key;  // not asked again for this drawing: the next change tries again
+    job.fail(`no answer from the server (${error.message})`);
+  } finally {
+    explaining = false;
+    explainNext();
+  }
+}
+
+function png(base64, className, alt) {
+  const img = element("img", className);
+  img.src = `data:image/png;base64,${base64}`;
+  img.alt = alt;
+  return img;
+}
+
+// The 28x28 view in grey with a map over it, 3 screen pixels per pixel.
+function drawMap(target, view, overlay) {
+  const images = [view, overlay].map((base64) => new Promise((resolve) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.src = `data:image/png;base64,${base64}`;
+  }));
+  Promise.all(images).then(([digit, map]) => {
+    const ctx = target.getContext("2d");
+    ctx.imageSmoothingEnabled = false;
+    ctx.clearRect(0, 0, target.width, target.height);
+    ctx.globalAlpha = 0.45;  // the ink faint, so that the colours read
+    ctx.drawImage(digit, 0, 0, target.width, target.height);
+    ctx.globalAlpha = 1;
+    ctx.drawImage(map, 0, 0, target.width, target.height);
+  });
+}
+
+// A column's "Why?" toggle and what it opens: the answer's and the runner-up's maps, and the nearest training
+// digits.
+function whyParts(model, root) {
+  const tools = element("div", "explain-tools");
+  const toggle = element("button", "why-toggle", "Why?");
+  toggle.type = "button";
+  toggle.setAttribute("aria-pressed", "false");
+  toggle.setAttribute("aria-label", `Why? ${model.name}'s evidence, pixel by pixel`);
+  toggle.title = "Which pixels spoke for the answer (red) and against it (blue); the nearest training digits";
+  const inside = element("button", "inside-toggle", "Inside");
+  inside.type = "button";
+  inside.setAttribute("aria-pressed", "false");
+  inside.setAttribute("aria-label", `Inside ${model.name}: what its layers computed`);
+  inside.title = "What each layer of this model computed for the drawing";
+  tools.append(toggle, inside);
+  const panel = element("div", "why");
+  panel.hidden = true;
+  const maps = element("div", "maps"), note = element("p", "why-note", "");
+  const near = element("div", "neighbours");
+  near.setAttribute("aria-label", `${model.name}'s nearest training digits`);
+  panel.append(maps, note, element("p", "near-title", "Nearest training digits"), near);
+  root.append(tools, panel);
+  const parts = {
+    open: false,
+    insideButton: inside,
+    done: {},
+    stale() { panel.classList.add("stale"); },
+    reset() {
+      maps.replaceChildren();
+      near.replaceChildren();
+      note.textContent = "";
+      delete explanations[model.name];
+      parts.done = {};
+    },
+    showMaps(body) {
+      explanations[model.name] = body;
+      maps.replaceChildren();
+      for (const a of body.attributions.slice(0, 2)) {
+        const figure = element("figure", "map");
+        const canvas = element("canvas");
+        canvas.width = canvas.height = 84;
+        canvas.setAttribute("role", "img");
+        canvas.setAttribute("aria-label", `${body.method} map for ${a.class} (${a.role}): red for, blue against`);
+        drawMap(canvas, body.preprocessed, a.overlay);
+        figure.append(canvas, element("figcaption", "", `${a.role === "answer" ? "for" : a.role} ${a.class}`));
+        maps.append(figure);
+      }
+      const error = body.attributions[0].completeness_error;
+      note.textContent = [
+        "red: for, blue: against",
+        body.members > 1 ? `${body.members} members averaged` : "",
+        error === null ? "" : `sums to the score within ${(100 * error).toPrecision(2)}%`,
+      ].filter(Boolean).join("; ");
+      panel.classList.remove("stale");
+      root.dataset.explained = version;  // for tests: which drawing the maps explain
+    },
+    failMaps(message) {
+      maps.replaceChildren();
+      note.textContent = message;
+      panel.classList.remove("stale");
+    },
+    showNeighbours(body) {
+      near.replaceChildren(...body.neighbours.map((n) => {
+        const figure = element("figure", "neighbour");
+        figure.title = `training image ${n.index}, distance ${n.distance.toPrecision(3)}`;
+        figure.append(png(n.image, "", `a training ${model.item} labelled ${n.class}`),
+                      element("figcaption", "", n.class));
+        return figure;
+      }));
+      root.dataset.neighbours = version;
+    },
+    failNeighbours(message) { near.replaceChildren(element("p", "why-note", message)); },
+  };
+  toggle.addEventListener("click", () => {
+    parts.open = !parts.open;
+    toggle.setAttribute("aria-pressed", String(parts.open));
+    panel.hidden = !parts.open;
+    if (!parts.open) parts.reset();
+    explainNext();
+  });
+  inside.addEventListener("click", () => openInside(insideModel === model.name ? null : model.name));
+  return parts;
+}
+
+// ------------------------------------------------------------------------------------- the Inside panel
+
+function openInside(name) {
+  insideModel = name;
+  for (const c of columns) c.why.insideButton.setAttribute("aria-pressed", String(c.model.name === name));
+  $("inside").hidden = name === null;
+  $("inside-model").textContent = name || "";
+  $("layers").replaceChildren();
+  delete $("inside").dataset.shown;
+  delete insideDone.layers;
+  explainNext();
+}
+
+function failLayers(message) {
+  $("layers").replaceChildren(element("p", "why-note", message));
+  $("inside").classList.remove("stale");
+}
+
+function showLayers(body) {
+  const layers = body.layers.map((layer) => {
+    const figure = element("figure", "layer");
+    figure.dataset.kind = layer.kind;
+    figure.append(element("figcaption", "", layer.name));
+    if (layer.kind === "maps") {
+      const tiles = element("div", "tiles");
+      tiles.append(...layer.tiles.map((tile, i) => png(tile, "tile", `${layer.name}: map ${i + 1}`)));
+      figure.append(tiles);
+    } else {
+      const bars = element("ol", "units");
+      bars.setAttribute("aria-label", `${layer.name}: the most active units`);
+      for (const unit of layer.top_units.slice(0, 12)) {
+        const value = layer.values[unit];
+        const li = element("li"), track = element("span", "track"), fill = element("span", "fill");
+        fill.style.width = `${layer.maximum > 0 ? 100 * Math.max(0, value) / layer.maximum : 0}%`;
+        track.append(fill);
+        li.append(element("span", "label", `#${unit}`), track, element("span", "p", value.toPrecision(3)));
+        bars.append(li);
+      }
+      figure.append(bars);
+      if (layer.unit_weights) {
+        const weights = element("div", "weights");
+        weights.append(element("p", "note", "What the most active units look for (their weights: red +, blue −):"));
+        layer.unit_weights.forEach((w, i) => weights.append(png(w, "weight", `unit ${layer.top_units[i]}'s weights`)));
+        figure.append(weights);
+      }
+    }
+    return figure;
+  });
+  const member = body.layers.find((layer) => layer.member !== null);
+  if (member) layers.unshift(element("p", "note", `An ensemble: the layers of its member ${member.member + 1}.`));
+  $("layers").replaceChildren(...layers);
+  $("inside").classList.remove("stale");
+  $("inside").dataset.shown = version;  // for tests
+}
+
 async function start() {
   const info = await (await fetch("/api/models")).json();
   columns = info.models.map(column);
+  $("method").addEventListener("change", explainNext);
+  $("inside-close").addEventListener("click", () => openInside(null));
   const uncalibrated = info.models.filter((m) => !m.calibrated).map((m) => m.name);
   const flagging = info.models.filter((m) => m.outlier_threshold !== null);
   const unflagging = info.models.filter((m) => m.outlier_threshold === null).map((m) => m.name);
