@@ -6,6 +6,7 @@ The straight line, one subpackage each: data -> models -> train -> infer -> anal
     >>> config = mnistlab.load_config("seed-b-fixed")
     >>> run = mnistlab.train(config, out_dir="runs/b")
     >>> mnistlab.evaluate("runs/b").accuracy
+    >>> mnistlab.find_lr(mnistlab.load_config("seed-a")).suggested_lr
 
 Importing the package is cheap: each name below loads its module (and torch) on first use, so the command
 line answers `--help` at once and a notebook pays only for what it touches.
@@ -30,18 +31,26 @@ _EXPORTS = {
     "save_model": "mnistlab.models.files",
     "train": "mnistlab.train.loop",
     "resume": "mnistlab.train.loop",
+    "find_lr": "mnistlab.train.lr_find",
     "evaluate": "mnistlab.infer.evaluate",
     "predict_images": "mnistlab.infer.predict",
+    "explain": "mnistlab.infer.explain",
+    "layer_views": "mnistlab.infer.inside",
+    "NeighbourIndex": "mnistlab.infer.inside",
     "reproduce": "mnistlab.analysis.reports",
     "compare": "mnistlab.analysis.reports",
 }
 __all__ = [
     "Config",
     "MnistlabError",
+    "NeighbourIndex",
     "build_model",
     "compare",
     "corrupt",
     "evaluate",
+    "explain",
+    "find_lr",
+    "layer_views",
     "load_config",
     "load_data",
     "load_model",
@@ -61,10 +70,13 @@ if TYPE_CHECKING:
     from mnistlab.data.splits import load_data
     from mnistlab.errors import MnistlabError
     from mnistlab.infer.evaluate import evaluate
+    from mnistlab.infer.explain import explain
+    from mnistlab.infer.inside import NeighbourIndex, layer_views
     from mnistlab.infer.predict import predict_images
     from mnistlab.models.files import load_model, save_model
     from mnistlab.models.networks import build_model
     from mnistlab.train.loop import resume, train
+    from mnistlab.train.lr_find import find_lr
 
 
 def __getattr__(name: str) -> Any:
