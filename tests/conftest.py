@@ -47,7 +47,7 @@ def small_run(small_mnist, tmp_path_factory) -> Path:
     from mnistlab.config import load_config
     from mnistlab.train.loop import train
 
-    out = tmp_path_factory.mktemp("small") / "run"
+    out = tmp_path_factory.mktemp("small") / "seed-b-small"
     train(load_config("seed-b-fixed").with_overrides({"training.epochs": 1}), out_dir=out, data=small_mnist, quiet=True)
     return out
 

@@ -38,16 +38,10 @@ from mnistlab.serve.schemas import (
 
 from .support.drawings import drawing, drawn_png, png_bytes
 from .support.idx_files import GZ_NAMES, write_images, write_labels
-from .support.runs import train_small
 from .support.servers import AppServer
 
 SEVEN = drawn_png("7")
 SEVEN_URL = "data:image/png;base64," + base64.b64encode(SEVEN).decode()
-
-
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory, mnist_data):
-    return train_small(tmp_path_factory.mktemp("runs") / "seed-b-small", mnist_data, 5000)
 
 
 @pytest.fixture(scope="module")

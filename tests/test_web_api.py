@@ -38,14 +38,7 @@ from mnistlab.serve.schemas import REF, HealthResponse, ModelsResponse, PredictR
 from .support.cli import assert_user_error, mnistlab
 from .support.digit_images import blank_png
 from .support.drawings import STROKES, drawing, drawn_png, png_bytes
-from .support.runs import train_small
 from .support.servers import AppServer, child_pids, command_line, process_gone
-
-
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory, mnist_data):
-    """A second, different model to serve."""
-    return train_small(tmp_path_factory.mktemp("runs") / "seed-b-small", mnist_data, 5000)
 
 
 @pytest.fixture(scope="module")
