@@ -448,7 +448,8 @@ def _figure_explanation(digit, maps, probabilities, title, classes, layers, neig
     for ax, (caption, _), v in zip(axes[1:], maps, values):
         image = ax.imshow(v, cmap="RdBu_r", vmin=-scale, vmax=scale)
         ax.contour(np.asarray(digit), levels=[0.5], colors="0.35", linewidths=0.6)
-        ax.set_title(_wrap(caption, 72 * width / (len(maps) + 2) - 10, "small"), fontsize="small")
+        # each map gets about 1 / (maps + 3) of the width: the view, the probabilities (1.3) and the colour bar
+        ax.set_title(_wrap(caption, 72 * width / (len(maps) + 3) - 10, "small"), fontsize="small")
     for ax in axes[:-1]:
         ax.set(xticks=[], yticks=[])
     if image is not None:

@@ -202,8 +202,8 @@ def _plot(p: Prediction, model: LoadedModel, found: Explanation, path: Path, lay
     maps = []
     for a in found.attributions:
         role = found.role(a.target)
-        error = f", completeness {100 * a.completeness_error:.2g}%" if a.completeness_error is not None else ""
-        maps.append((f"{names[a.target]} ({role}{error})", a.map.numpy()))
+        error = f", completeness error {100 * a.completeness_error:.2g}%" if a.completeness_error is not None else ""
+        maps.append((f"{names[a.target]} ({role}){error}", a.map.numpy()))
     members = f", {found.members} members' maps averaged" if found.members > 1 else ""
     title = f"{p.path}: {p.class_name} ({100 * p.confidence:.1f}%); {found.method}{members}"
     probabilities = found.probabilities.tolist()
