@@ -70,6 +70,18 @@ def _add_train(sub: Subparsers) -> None:
     )
     p.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard (needs tensorboard)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument(
+        "--events",
+        action="store_true",
+        help="print the run's progress on stdout as JSON lines (start, progress about every 512 images, epoch, "
+        "finished) for a program that watches it, such as the web lab; the human lines stay on stderr",
+    )
+    p.add_argument(
+        "--until-stdin-closes",
+        action="store_true",
+        help="stop as Ctrl-C would (resumable) when stdin closes: a program that starts the run and dies, even "
+        "killed, takes its training with it",
+    )
     add_data_dir(p)
     add_device(p)
 
@@ -84,6 +96,8 @@ def _train(args: argparse.Namespace) -> int | None:
     from mnistlab.train.loop import resume, train
 
     if args.nproc is not None:
+        if args.events:
+            raise MnistlabError("--events reports a run of one process; leave out --nproc")
         if distributed.environment_world_size() > 1:
             raise MnistlabError("--nproc starts torchrun itself; under torchrun, leave it out")
         distributed.check_capacity(args.nproc, resolve_device(args.device), args.oversubscribe)
@@ -91,6 +105,11 @@ def _train(args: argparse.Namespace) -> int | None:
     overrides = {key: getattr(args, flag) for key, flag in _TRAIN_FLAGS.items()}
     overrides.update(parse_set(args.set))
     common = {"data_dir": args.data_dir, "device": args.device, "quiet": args.quiet, "tensorboard": args.tensorboard}
+    if args.until_stdin_closes:
+        _stop_when_stdin_closes()
+    events = _Events(Path(args.resume) if args.resume else None) if args.events else None
+    if events is not None:
+        common.update(on_progress=events.emit, on_epoch_end=events.epoch)
     if args.resume:
         changed = [k for k, v in overrides.items() if v is not None and k != "training.epochs"]
         if changed or args.out or args.force:
@@ -102,11 +121,25 @@ def _train(args: argparse.Namespace) -> int | None:
     else:
         config = load_config(args.config).with_overrides(overrides)
         out = Path(args.out or f"runs/{config.name}")
+        if events is not None:
+            events.run_dir = out
         if distributed.restarted() and (out / CHECKPOINT).is_file():
             # torchrun restarted the job after a rank failed (--max-restarts): go on from the last checkpoint.
             run = resume(out, epochs=config.training.epochs, config=config, **common)
         else:
             run = train(config, out_dir=out, force=args.force, **common)
+    if events is not None and run.run_dir is not None:
+        saved = run.saved
+        events.emit(
+            {
+                "event": "finished",
+                "test_accuracy": saved["test_accuracy"],
+                "epoch": saved["epoch"],
+                "stop_reason": run.stop_reason,
+                "run_dir": str(run.run_dir),
+            }
+        )
+        return None
     if args.quiet or run.run_dir is None:  # quiet, or a rank other than 0 of a distributed run
         return None
     saved = run.saved
@@ -116,6 +149,40 @@ def _train(args: argparse.Namespace) -> int | None:
     )
     print(f"outputs in {run.run_dir}/ (curves: {run.run_dir}/curves.png)")
     return None
+
+
+class _Events:
+    """`train --events`: the run's progress as JSON lines on stdout, one object per line, flushed at once."""
+
+    def __init__(self, run_dir: Path | None):
+        self.run_dir = run_dir  # where metrics.json (and its best epoch so far) is written after each epoch
+
+    def emit(self, event: dict) -> None:
+        from mnistlab.files import to_json
+
+        print(to_json(event), flush=True)
+
+    def epoch(self, record: dict) -> None:
+        """An epoch's record as metrics.json holds it, with the best epoch so far (from that file, which the run
+        has just written: the one tracker decides it)."""
+        assert self.run_dir is not None  # set before the run starts
+        metrics = json.loads((self.run_dir / "metrics.json").read_text())
+        self.emit({"event": "epoch", "record": record, "best_epoch": metrics.get("best_epoch")})
+
+
+def _stop_when_stdin_closes() -> None:
+    """Interrupt this process, as Ctrl-C would, once stdin reaches its end (the parent holding it went away)."""
+    import os
+    import signal
+    import sys
+    import threading
+
+    def watch() -> None:
+        while sys.stdin.buffer.read(4096):
+            pass
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
 
 
 def _add_lr_find(sub: Subparsers) -> None:

@@ -42,6 +42,10 @@ from mnistlab.train.state import Run, RunState
 FINISH_TIMEOUT_S = 600.0  # how long the other ranks wait for rank 0 to write the finished run
 
 EpochCallback = Callable[[dict[str, Any]], None]
+ProgressCallback = Callable[[dict[str, Any]], None]
+# How often `on_progress` hears of the epoch under way, in training images: a few times a second for an MLP on a
+# CPU, enough for a live curve; each report reads the running sums (one device sync), so not every batch.
+PROGRESS_IMAGES = 512
 
 
 def train(
@@ -55,14 +59,17 @@ def train(
     quiet: bool = False,
     tensorboard: bool = False,
     on_epoch_end: EpochCallback | None = None,
+    on_progress: ProgressCallback | None = None,
     resume_hint: bool = True,
 ) -> Run:
     """Train `config`; with `out_dir`, write the run directory (and a checkpoint after every epoch) there.
 
     `data` lets callers that train several configs load the dataset once; `on_epoch_end` gets each epoch's
-    metrics (raising KeyboardInterrupt from it stops the run as Ctrl-C would). Interrupted, the run says how to
-    resume it, unless `resume_hint` is off (a sweep continues its trials its own way). Started by torchrun, each
-    process trains its share of every batch (`mnistlab.distributed`) and rank 0 writes the run directory.
+    metrics (raising KeyboardInterrupt from it stops the run as Ctrl-C would); `on_progress` gets a "start"
+    event, then a "progress" event about every PROGRESS_IMAGES training images (what `train --events` prints).
+    Interrupted, the run says how to resume it, unless `resume_hint` is off (a sweep continues its trials its own
+    way). Started by torchrun, each process trains its share of every batch (`mnistlab.distributed`) and rank 0
+    writes the run directory.
     """
     if tensorboard and out_dir is None:
         raise MnistlabError("--tensorboard needs a run directory to write its logs into")
@@ -81,6 +88,7 @@ def train(
             cluster=cluster,
             quiet=quiet,
             on_epoch_end=on_epoch_end,
+            on_progress=on_progress,
             resume_hint=resume_hint,
         )
     except BaseException:
@@ -102,6 +110,7 @@ def resume(
     quiet: bool = False,
     tensorboard: bool = False,
     on_epoch_end: EpochCallback | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> Run:
     """Continue the run in `run_dir` from its last checkpoint, to `epochs` in total when given.
 
@@ -124,6 +133,7 @@ def resume(
             cluster=cluster,
             quiet=quiet,
             on_epoch_end=on_epoch_end,
+            on_progress=on_progress,
         )
     finally:
         distributed.leave(cluster)
@@ -258,8 +268,11 @@ class Steps:
         )
 
 
-def train_epoch(state: RunState, steps: Steps, data: MnistData, bar: tqdm) -> dict[str, float]:
-    """One pass over the training split in a seeded random order; returns its mean loss and accuracy.
+def train_epoch(
+    state: RunState, steps: Steps, data: MnistData, bar: tqdm, on_progress: ProgressCallback | None = None
+) -> dict[str, float]:
+    """One pass over the training split in a seeded random order; returns its mean loss and accuracy, and tells
+    `on_progress` the running means about every PROGRESS_IMAGES images.
 
     In a distributed run each rank takes its share of every batch, and the shares' gradients are combined into
     the batch's before the step (`distributed.BatchGradients`), so every rank takes the step a single process would.
@@ -268,7 +281,9 @@ def train_epoch(state: RunState, steps: Steps, data: MnistData, bar: tqdm) -> di
     state.model.train()
     sums = torch.zeros(2, dtype=torch.float64, device=state.device)  # loss, correct
     order = batch_indices(len(data.train), config.training.batch_size, state.shuffle, state.device)
-    for index in order:
+    every = max(1, PROGRESS_IMAGES // config.training.batch_size) if on_progress is not None else 0
+    seen = mine = 0  # images of the epoch so far: all ranks', this rank's
+    for step, index in enumerate(order, 1):
         rows = cluster.share(len(index))
         batch = take(data.train, index[rows])
         x = to_float(batch.images)
@@ -285,6 +300,19 @@ def train_epoch(state: RunState, steps: Steps, data: MnistData, bar: tqdm) -> di
         sums[0] += loss * len(batch)
         sums[1] += (out.argmax(1) == batch.labels).sum()
         bar.update()
+        seen, mine = seen + len(index), mine + len(batch)
+        if every and step % every == 0 and on_progress is not None:
+            loss_sum, correct = sums.tolist()  # this rank's share: the lab trains in one process
+            on_progress(
+                {
+                    "event": "progress",
+                    "epoch": state.epoch + 1,
+                    "images": seen,
+                    "train_size": len(data.train),
+                    "train_loss": loss_sum / mine,
+                    "train_accuracy": correct / mine,
+                }
+            )
     cluster.broadcast_buffers(state.model)  # BatchNorm's running statistics: rank 0's, before anything evaluates
     if state.ema:
         state.ema.copy_buffers()
@@ -331,6 +359,7 @@ def _fit(
     cluster: distributed.Cluster,
     quiet: bool,
     on_epoch_end: EpochCallback | None,
+    on_progress: ProgressCallback | None = None,
     resume_hint: bool = True,
 ) -> Run:
     log = Progress(quiet or not cluster.main)  # in a distributed run, rank 0 alone prints
@@ -353,6 +382,17 @@ def _fit(
             + f", {count_parameters(state.model):,} parameters"
             + (f", from epoch {state.epoch + 1}" if checkpoint else "")
         )
+        if on_progress is not None:
+            on_progress(
+                {
+                    "event": "start",
+                    "config": config.name,
+                    "epoch": state.epoch,
+                    "epochs": t.epochs,
+                    "train_size": len(data.train),
+                    "steps_per_epoch": steps_per_epoch,
+                }
+            )
         # Subnormal floats are slow on x86 CPUs, and Adam's moments reach them within an epoch: flushing them to
         # zero keeps every epoch as fast as the first, with the same accuracy (docs/benchmarks.md).
         flush_subnormals(True)
@@ -360,7 +400,7 @@ def _fit(
         for epoch in range(state.epoch + 1, last + 1):
             start = time.perf_counter()
             bar = log.bar(steps_per_epoch, f"epoch {epoch}/{t.epochs}")
-            record: dict[str, Any] = {"epoch": epoch, **train_epoch(state, steps, data, bar)}
+            record: dict[str, Any] = {"epoch": epoch, **train_epoch(state, steps, data, bar, on_progress)}
             bar.close()
             record["train_seconds"] = time.perf_counter() - start
             record.update(evaluate_epoch(state, steps, data))
