@@ -402,3 +402,12 @@ def test_explain_maps_the_answer_the_target_and_the_runner_up_each_once(bundled,
 def test_an_empty_batch_gives_no_maps(mlp):
     maps, errors = attribute(mlp, torch.zeros(0, 28, 28), torch.zeros(0, dtype=torch.long), "integrated-gradients")
     assert maps.shape == (0, 28, 28) and errors.shape == (0,)
+
+
+def test_maps_become_short_finite_numbers_or_a_one_line_error():
+    from mnistlab.infer.explain import NotFinite, rounded
+
+    assert rounded(torch.tensor([[1 / 3, 2.0], [-123456.0, 0.0]])) == [[0.3333, 2.0], [-123500.0, 0.0]]
+    assert rounded(np.array([1 / 3]), 6) == [0.333333]
+    with pytest.raises(NotFinite, match="activations of conv1 is not finite"):
+        rounded(torch.tensor([1.0, float("nan")]), what="activations of conv1")

@@ -154,17 +154,9 @@ def _refuse_onnx(path: str | None) -> None:
         )
 
 
-def _rounded(values) -> list:
-    """A map (or a row of numbers as (1, N)) as nested lists of floats with 4 significant digits; a non-finite
-    value is an error, not a number."""
-    import torch
-
-    if not torch.isfinite(values).all():
-        raise MnistlabError("the attribution map is not finite (NaN or infinity): the model's outputs overflowed")
-    return [[float(f"{v:.4g}") for v in row] for row in values.tolist()]
-
-
 def _as_dict(p: Prediction, model: LoadedModel, found: Explanation, layers, neighbours) -> dict:
+    from mnistlab.infer.explain import rounded
+
     report = {
         "path": p.path,
         "label": p.label,
@@ -177,7 +169,7 @@ def _as_dict(p: Prediction, model: LoadedModel, found: Explanation, layers, neig
             {
                 "target": a.target,
                 "class": model.classes[a.target],
-                "map": _rounded(a.map),
+                "map": rounded(a.map),
                 "completeness_error": a.completeness_error,
             }
             for a in found.attributions
@@ -216,11 +208,13 @@ def _plot(p: Prediction, model: LoadedModel, found: Explanation, path: Path, lay
 def _layer_dict(view: LayerView) -> dict:
     """A layer's view as JSON: its feature maps (the most active first, with their channels) or every unit's
     activation and the most active units."""
+    from mnistlab.infer.explain import rounded
+
     report = {"name": view.name, "kind": view.kind, "member": view.member}
     if view.kind == "maps":
         report["channels"] = view.channels
-        report["maps"] = [_rounded(m) for m in view.values]
+        report["maps"] = rounded(view.values, what=f"activations of {view.name}")
     else:
         report["top_units"] = view.top_units
-        report["activations"] = _rounded(view.values[None])[0]
+        report["activations"] = rounded(view.values, what=f"activations of {view.name}")
     return report

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -268,3 +270,24 @@ def _grad_cam(score: _Score, images: torch.Tensor, targets: torch.Tensor) -> tor
         cam = (gradients.mean((2, 3), keepdim=True) * activations).sum(1, keepdim=True).relu()
         maps.append(nn.functional.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0])
     return torch.cat(maps)
+
+
+# ---------------------------------------------------------------------------------------------- as numbers
+# What the CLI's --json and the web API write: maps as lists of short floats, never a NaN.
+
+
+class NotFinite(MnistlabError):
+    """A map or score that is NaN or infinite: the model's outputs overflowed (a bug to report, not a number)."""
+
+
+def finite(values: Any, what: str) -> Any:
+    """`values` (an array, tensor or number), or NotFinite naming `what`."""
+    if not np.isfinite(np.asarray(values)).all():
+        raise NotFinite(f"the {what} is not finite (NaN or infinity): the model's outputs overflowed")
+    return values
+
+
+def rounded(values: Any, digits: int = 4, what: str = "attribution map") -> Any:
+    """An array or tensor as (nested) lists of floats with `digits` significant digits, after `finite`."""
+    array = np.asarray(finite(values, what), dtype=np.float64)
+    return np.vectorize(lambda v: float(f"{v:.{digits}g}"), otypes=[float])(array).tolist()

@@ -28,7 +28,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from PIL import Image
 
 from mnistlab.errors import MnistlabError, plural
-from mnistlab.infer.explain import METHODS, check_method, explain, target_of
+from mnistlab.infer.explain import METHODS, NotFinite, check_method, explain, finite, rounded, target_of
 from mnistlab.infer.inside import NeighbourIndex, layer_views
 from mnistlab.serve.deps import ImageUpload, ServerState, State
 from mnistlab.serve.engines import ServedModel
@@ -101,6 +101,8 @@ class Explaining:
             return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
         except RequestError:
             raise
+        except NotFinite as exc:  # a bug to report, not the request's fault
+            raise RequestError(500, str(exc)) from None
         except MnistlabError as exc:  # what the request asked for cannot be done, in the core's words
             raise RequestError(400, str(exc)) from None
         finally:
@@ -310,7 +312,7 @@ def layers_of(served: ServedModel, digit: np.ndarray) -> dict:
                 "shape": list(values.shape),
                 "maximum": float(f"{high:.6g}"),
                 "tiles": [png_base64((m - low) / (high - low or 1)) for m in values] if maps else None,
-                "values": None if maps else rounded(values, 6),
+                "values": None if maps else rounded(values, 6, f"activations of {view.name}"),
                 "top_units": [int(u) for u in view.top_units],
                 "channels": [int(c) for c in view.channels],
                 "member": view.member,
@@ -348,18 +350,6 @@ def nearest_of(served: ServedModel, index: NeighbourIndex, digit: np.ndarray, k:
 
 
 # ---------------------------------------------------------------------------------------------- numbers, pictures
-
-
-def finite(values: Any, what: str) -> Any:
-    """`values`, refused when any is NaN or infinite: a bug to report, never a number to write into JSON."""
-    if not np.isfinite(values).all():
-        raise RequestError(500, f"the {what} is not finite (NaN or infinity): the model's outputs overflowed")
-    return values
-
-
-def rounded(values: np.ndarray, digits: int) -> list:
-    """An array as (nested) lists of floats with `digits` significant digits."""
-    return np.vectorize(lambda v: float(f"{v:.{digits}g}"), otypes=[float])(values).tolist()
 
 
 def signed_png(values: np.ndarray, scale: float, faint: float = FAINT) -> str:
