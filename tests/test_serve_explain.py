@@ -37,7 +37,7 @@ from mnistlab.serve.schemas import (
 )
 
 from .support.drawings import drawing, drawn_png, png_bytes
-from .support.idx_files import GZ_NAMES, write_images, write_labels
+from .support.mnist import write_mnist_folder
 from .support.servers import AppServer
 
 SEVEN = drawn_png("7")
@@ -53,12 +53,8 @@ def models(small_run):
 def train_files(tmp_path_factory, mnist_data):
     """A data folder whose MNIST training files hold the first 1,000 real training images (the test files: 10),
     so that a neighbour index builds in a moment; and those images and labels."""
-    root = tmp_path_factory.mktemp("data")
+    root = write_mnist_folder(tmp_path_factory.mktemp("data"), mnist_data, 1000, 10)
     images, labels = mnist_data.train.images[:1000].numpy(), mnist_data.train.labels[:1000].numpy()
-    write_images(root / "mnist" / GZ_NAMES[0], images, compress=True)
-    write_labels(root / "mnist" / GZ_NAMES[1], labels, compress=True)
-    write_images(root / "mnist" / GZ_NAMES[2], images[:10], compress=True)
-    write_labels(root / "mnist" / GZ_NAMES[3], labels[:10], compress=True)
     return root, images, labels
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from .support.cli import assert_user_error, mnistlab
-from .support.idx_files import GZ_NAMES, write_images, write_labels
+from .support.mnist import write_mnist_folder
 
 SMALL = ("--set", "data.val_size=200", "--device", "cpu")
 
@@ -19,13 +19,7 @@ SMALL = ("--set", "data.val_size=200", "--device", "cpu")
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, mnist_data) -> Path:
     """A data folder whose MNIST files hold 2,000 real training and 500 real test images."""
-    root = tmp_path_factory.mktemp("data")
-    train, test = mnist_data.train, mnist_data.test
-    write_images(root / "mnist" / GZ_NAMES[0], train.images[:2000].numpy(), compress=True)
-    write_labels(root / "mnist" / GZ_NAMES[1], train.labels[:2000].numpy(), compress=True)
-    write_images(root / "mnist" / GZ_NAMES[2], test.images[:500].numpy(), compress=True)
-    write_labels(root / "mnist" / GZ_NAMES[3], test.labels[:500].numpy(), compress=True)
-    return root
+    return write_mnist_folder(tmp_path_factory.mktemp("data"), mnist_data, 2000, 500)
 
 
 def events_of(stdout: str) -> list[dict]:

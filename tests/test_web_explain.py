@@ -20,8 +20,7 @@ from mnistlab.serve.routers import explain as routes
 
 from .support.browser import TIMEOUT, answer, draw_with_mouse, open_page
 from .support.drawings import STROKES
-from .support.idx_files import GZ_NAMES, write_images, write_labels
-from .support.runs import train_small
+from .support.mnist import write_mnist_folder
 from .support.servers import AppServer
 
 pytestmark = pytest.mark.slow  # a browser and a server
@@ -47,16 +46,12 @@ COUNT_REQUESTS = """() => {
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, mnist_data):
-    """The web app serving the bundled model and a small MLP, its training data 2,000 real MNIST images."""
+def served(tmp_path_factory, mnist_data, small_run):
+    """The web app serving the bundled model and the session's small MLP, its training data 2,000 real MNIST
+    images."""
     root = tmp_path_factory.mktemp("web-explain")
-    run = train_small(root / "small-mlp", mnist_data, 5000)
-    data = root / "data" / "mnist"
-    images, labels = mnist_data.train.images[:2000].numpy(), mnist_data.train.labels[:2000].numpy()
-    write_images(data / GZ_NAMES[0], images, compress=True)
-    write_labels(data / GZ_NAMES[1], labels, compress=True)
-    write_images(data / GZ_NAMES[2], images[:10], compress=True)
-    write_labels(data / GZ_NAMES[3], labels[:10], compress=True)
+    run = small_run
+    write_mnist_folder(root / "data", mnist_data, 2000, 10)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MNISTLAB_DATA", str(root / "data"))
         patch.setattr(routes, "BUILD_WAIT_S", 0)

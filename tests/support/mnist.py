@@ -36,3 +36,17 @@ def subset(data: MnistData, n_train: int, n_eval: int) -> MnistData:
     return MnistData(
         data.name, head(data.train, n_train), head(data.val, n_eval), head(data.test, n_eval), data.mean, data.std
     )
+
+
+def write_mnist_folder(root: Path, data: MnistData, n_train: int, n_test: int) -> Path:
+    """A data folder (`root`, holding `mnist/`) whose IDX files, under the registry's names, hold the first
+    `n_train` training and `n_test` test images of `data`: real digits for a command or server that reads its
+    training data from disk (--data-dir, MNISTLAB_DATA), small enough to train or index in seconds."""
+    from .idx_files import GZ_NAMES, write_images, write_labels
+
+    folder = root / "mnist"
+    write_images(folder / GZ_NAMES[0], data.train.images[:n_train].numpy(), compress=True)
+    write_labels(folder / GZ_NAMES[1], data.train.labels[:n_train].numpy(), compress=True)
+    write_images(folder / GZ_NAMES[2], data.test.images[:n_test].numpy(), compress=True)
+    write_labels(folder / GZ_NAMES[3], data.test.labels[:n_test].numpy(), compress=True)
+    return root
