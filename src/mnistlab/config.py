@@ -180,8 +180,9 @@ class Config:
             data["description"] = f"{self.description} (changed: {', '.join(changed)})".strip()
         return config_from_dict(data, source=f"{self.name} with {', '.join(shown) or 'overrides'}")
 
-    def summary(self) -> str:
-        """One line saying what this config trains, from its values (not its description)."""
+    def summary(self, lr: str | None = None) -> str:
+        """One line saying what this config trains, from its values (not its description); `lr` replaces the
+        learning rate's value (lr-find sweeps it: "1e-07 to 3.2")."""
         m, o, t = self.model, self.optimizer, self.training
         if m.kind == "mlp":
             net = "-".join(map(str, [784, *m.hidden, 10])) + f" MLP ({', '.join(m.activations)})"
@@ -190,7 +191,7 @@ class Config:
         output = "Softmax output into " if m.softmax_output else ""
         momentum = f" momentum {o.momentum:g}{' nesterov' if o.nesterov else ''}" if o.momentum else ""
         schedule = f", {t.scheduler} schedule" if t.scheduler != "none" else ""
-        return f"{net}, {output}{t.loss}, {o.name} lr {o.lr:g}{momentum}{schedule}, batch {t.batch_size}"
+        return f"{net}, {output}{t.loss}, {o.name} lr {lr or f'{o.lr:g}'}{momentum}{schedule}, batch {t.batch_size}"
 
 
 _SECTIONS = {

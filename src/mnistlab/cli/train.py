@@ -245,7 +245,8 @@ def _lr_find(args: argparse.Namespace) -> None:
         progress=advance,
     )
     bar.close()
-    title = f"learning-rate range test: {config.name} ({config.summary()})"
+    swept = f"{result.points[0][0]:.2g} to {result.points[-1][0]:.2g}"
+    title = f"learning-rate range test: {config.name} ({config.summary(lr=swept)})"
     plot_lr_find(result.points, result.raw_losses, result.suggested_lr, result.how, out, title)
     if args.json:
         print(to_json({**result.to_dict(), "plot": str(out)}))
