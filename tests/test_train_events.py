@@ -80,5 +80,20 @@ def test_a_run_stops_resumably_when_stdin_closes_and_resumes_from_its_saved_epoc
     assert (out / "model.safetensors").is_file()
 
 
+def test_a_run_watching_stdin_ends_normally_while_stdin_is_still_open(data_dir, tmp_path):
+    command = [
+        sys.executable, "-m", "mnistlab", "train", "--config", "seed-b-fixed", "--epochs", "1", *SMALL,
+        "--out", str(tmp_path / "run"), "--events", "--until-stdin-closes", "--data-dir", str(data_dir),
+    ]  # fmt: skip
+    child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        events = [json.loads(line) for line in child.stdout]  # to the end of its output, stdin held open
+        assert child.wait(timeout=60) == 0, child.stderr.read()  # not -6: the watching thread does not abort the exit
+    finally:
+        child.kill()
+        child.stdin.close()
+    assert events[-1]["event"] == "finished"
+
+
 def test_events_are_for_one_process():
     assert_user_error(mnistlab("train", "--config", "seed-a", "--nproc", "2", "--events"), "--events", "--nproc")

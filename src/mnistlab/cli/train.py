@@ -174,11 +174,12 @@ def _stop_when_stdin_closes() -> None:
     """Interrupt this process, as Ctrl-C would, once stdin reaches its end (the parent holding it went away)."""
     import os
     import signal
-    import sys
     import threading
 
     def watch() -> None:
-        while sys.stdin.buffer.read(4096):
+        # The descriptor, not sys.stdin: a daemon thread blocked inside a buffered reader aborts the interpreter
+        # at exit ("_enter_buffered_busy"), so a run that ends with stdin still open would exit -6.
+        while os.read(0, 4096):
             pass
         os.kill(os.getpid(), signal.SIGINT)
 

@@ -383,16 +383,7 @@ def _fit(
             + (f", from epoch {state.epoch + 1}" if checkpoint else "")
         )
         if on_progress is not None:
-            on_progress(
-                {
-                    "event": "start",
-                    "config": config.name,
-                    "epoch": state.epoch,
-                    "epochs": t.epochs,
-                    "train_size": len(data.train),
-                    "steps_per_epoch": steps_per_epoch,
-                }
-            )
+            on_progress(_start_event(state, data, steps_per_epoch))
         # Subnormal floats are slow on x86 CPUs, and Adam's moments reach them within an epoch: flushing them to
         # zero keeps every epoch as fast as the first, with the same accuracy (docs/benchmarks.md).
         flush_subnormals(True)
@@ -436,6 +427,18 @@ def _fit(
         flush_subnormals(False)  # PyTorch's default, for whatever the caller does next
         if outputs is not None:
             outputs.close()
+
+
+def _start_event(state: RunState, data: MnistData, steps_per_epoch: int) -> dict[str, Any]:
+    """What `on_progress` hears first: the run's config, the epochs done and to do, and the epoch's size."""
+    return {
+        "event": "start",
+        "config": state.config.name,
+        "epoch": state.epoch,
+        "epochs": state.config.training.epochs,
+        "train_size": len(data.train),
+        "steps_per_epoch": steps_per_epoch,
+    }
 
 
 def _finish(
