@@ -274,6 +274,38 @@ def check_value(value: Any, default: Any, where: str) -> Any:
     return value
 
 
+# The keys whose values are one of a few names, with those names (for a form's choices).
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.kind": ("mlp", "cnn"),
+    "optimizer.name": OPTIMIZERS,
+    "training.loss": LOSSES,
+    "training.scheduler": SCHEDULERS,
+    "training.monitor": MONITORS,
+    "adversarial.method": ADVERSARIAL,
+    "data.dataset": tuple(DATASETS),
+}
+_HELP = {
+    "model.hidden": "mlp: the hidden layers' sizes, such as [512, 256]",
+    "model.layers": "cnn: one layer a line, such as conv 32 3, bn, relu, maxpool 2, dropout 0.25, flatten, linear 10",
+    "model.activations": f"one per hidden layer: {', '.join(ACTIVATIONS)}",
+    "model.softmax_output": "the report's quirk: probabilities into a cross-entropy loss (off: logits, correct)",
+    "training.early_stopping": "patience in epochs (0: off)",
+    "training.ema_decay": "moving average of the weights (0: off; typical 0.999)",
+    "data.val_size": "training images held out for validation (0: none)",
+}
+
+
+def key_schema() -> list[dict[str, Any]]:
+    """Every dotted key a run can set, for a form: its type (float, int, bool, str or list), its choices where it
+    takes one of a few names, and a line of help where the name does not say it all."""
+    kinds = {bool: "bool", int: "int", float: "float", str: "str", list: "list"}
+    return [
+        {"key": key, "type": kinds[type(default)], "choices": list(_CHOICES[key]) if key in _CHOICES else None}
+        | {"help": _HELP.get(key)}
+        for key, default in Config().flat().items()
+    ]
+
+
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     """Build and validate a Config; unknown keys and wrong types raise MnistlabError naming `source`."""
     top = Config()

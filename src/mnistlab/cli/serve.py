@@ -7,7 +7,7 @@ import os
 import re
 from typing import Any
 
-from mnistlab.cli.common import Formatter, Subparsers, add_device
+from mnistlab.cli.common import Formatter, Subparsers, add_data_dir, add_device
 from mnistlab.config import ENGINES
 from mnistlab.errors import MnistlabError, warn
 
@@ -42,6 +42,7 @@ def _add_serve(sub: Subparsers) -> None:
         "one image on a CPU), torch, or auto: onnxruntime where it is installed and the device is the CPU",
     )
     add_device(p)
+    _add_lab(p)
     _add_edge(p)
     _add_connections(p)
     _add_operations(p)
@@ -51,6 +52,37 @@ def _add_serve(sub: Subparsers) -> None:
 
 
 # Each group of the operator's flags, and the ServeSettings fields they fill (serve/settings.py).
+
+
+def _add_lab(p: argparse.ArgumentParser) -> None:
+    """The lab: training from the page."""
+    p.add_argument(
+        "--lab",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train shipped configs from the page, one at a time, into --runs (default: on when listening on "
+        "loopback or with --token; beyond loopback it needs --token)",
+    )
+    p.add_argument(
+        "--runs", default="runs", metavar="DIR", help="the folder the lab's runs are written in and read from"
+    )
+    add_data_dir(p)
+
+
+def _lab(args: argparse.Namespace, token: str | None) -> dict[str, Any]:
+    from mnistlab.serve import is_loopback
+
+    guarded = is_loopback(args.host) or token is not None
+    if args.lab and not guarded:
+        raise MnistlabError(
+            f"--lab on {args.host} (beyond loopback) needs --token or {TOKEN_ENV}: starting trainings is a write"
+        )
+    values: dict[str, Any] = {"lab": guarded if args.lab is None else args.lab, "runs_dir": args.runs}
+    if args.lab is False:
+        values["lab_off"] = "the server was started with --no-lab"
+    elif not guarded:
+        values["lab_off"] = f"the server listens on {args.host} (beyond loopback) without --token"
+    return values | {"data_dir": args.data_dir}
 
 
 def _add_edge(p: argparse.ArgumentParser) -> None:
@@ -116,8 +148,8 @@ def _add_writes(p: argparse.ArgumentParser) -> None:
     default = ServeSettings()
     p.add_argument(
         "--token",
-        help=f"writes (--collect) need 'Authorization: Bearer TOKEN'; required with --collect beyond loopback "
-        f"(default: the {TOKEN_ENV} environment variable, which ps does not show)",
+        help="writes (--collect, the lab) need 'Authorization: Bearer TOKEN'; required with --collect or --lab "
+        f"beyond loopback (default: the {TOKEN_ENV} environment variable, which ps does not show)",
     )
     p.add_argument(
         "--writes-per-minute",
@@ -194,7 +226,10 @@ def _serve(args: argparse.Namespace) -> None:
         raise MnistlabError(f"--workers must be 0 or more, not {args.workers}")
     from mnistlab.serve.settings import ServeSettings
 
-    settings = ServeSettings(**_edge(args), **_connections(args), **_operations(args), **_writes(args))
+    writes = _writes(args)
+    settings = ServeSettings(
+        **_edge(args), **_connections(args), **_operations(args), **writes, **_lab(args, writes["token"])
+    )
     sock = listen(args.host, args.port)  # before the models load, so a taken port is reported at once
     app = create_app([None, *args.models], args.collect, args.device, args.workers, args.engine, settings)
     if not is_loopback(args.host):

@@ -6,6 +6,8 @@
     POST /api/explain   an image and a model's name -> its attribution maps (numbers and red/blue overlays)
     POST /api/activations, /api/neighbours   what its layers computed; the training images nearest it
     GET  /api/models    name, architecture, test accuracy and class names of each model
+    /api/lab, /api/configs, /api/runs..., /api/lr-find
+                        the lab: train shipped configs from the page, watch them (SSE), stop, resume (routers/lab.py)
     GET  /api/health    {"status": "ok", ...}
     GET  /metrics       Prometheus metrics: requests, latency, predictions per model, queue depth, restarts
     GET  /docs          the OpenAPI page (Swagger UI, served from the package: no CDN, works offline)
@@ -39,6 +41,7 @@ from mnistlab.serve.images import RequestError
 from mnistlab.serve.metrics import RequestMetrics
 from mnistlab.serve.routers.collect import router as collect_router
 from mnistlab.serve.routers.explain import router as explain_router
+from mnistlab.serve.routers.lab import router as lab_router
 from mnistlab.serve.routers.metrics import router as metrics_router
 from mnistlab.serve.routers.models import router as models_router
 from mnistlab.serve.routers.pages import mount_files
@@ -104,6 +107,7 @@ def create_app(
     app.include_router(models_router)
     app.include_router(collect_router)
     app.include_router(explain_router)
+    app.include_router(lab_router)
     app.include_router(pages_router)
     app.include_router(metrics_router)
     mount_files(app)

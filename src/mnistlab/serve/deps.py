@@ -1,23 +1,27 @@
 """What the routes share, handed to each through FastAPI's dependencies: the state `create_app` starts (the
-served models, the micro-batcher, the preprocessing processes, the collect folder) and the request's image.
+served models, the micro-batcher, the preprocessing processes, the collect folder, the lab) and the request's image.
 A route asks for them by type: `async def route(upload: ImageUpload, state: State) -> ...`."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
+import torch
 from fastapi import Depends, Request
 
 from mnistlab.devices import resolve_device
+from mnistlab.errors import MnistlabError, warn
 from mnistlab.files import make_dirs
 from mnistlab.models.files import LoadedModel
 from mnistlab.serve.auth import Writes
 from mnistlab.serve.bodies import Upload, read_upload
 from mnistlab.serve.engines import MicroBatcher, Predictor, ServedModel, load_served
 from mnistlab.serve.images import RequestError, sample_drawing
+from mnistlab.serve.lab import Lab
 from mnistlab.serve.settings import ServeSettings
 from mnistlab.serve.workers import Preparers
 
@@ -26,13 +30,22 @@ from mnistlab.serve.workers import Preparers
 class ServerState:
     """Everything the routes share, made once when the app is created."""
 
-    models: list[ServedModel]  # in the order served
-    predictor: Predictor
+    predictor: Predictor  # holds the served models (`models`)
     batcher: MicroBatcher
     preparers: Preparers  # decode and preprocess uploads (in processes of their own, unless workers=0)
     collect: Path | None  # where /api/collect saves drawings; None: collecting is off
     settings: ServeSettings
     writes: Writes  # the token, rate limit and collect quota of write endpoints
+    device: torch.device  # where models that join later are loaded, and by which engine
+    engine: str
+    lab: Lab | None = None  # training from the page (serve/lab.py); None: off, for `lab_off`
+    lab_off: str | None = None
+    _adding: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def models(self) -> list[ServedModel]:
+        """The served models, in the order served (a list that is replaced, never changed, when one joins)."""
+        return self.predictor.models
 
     @classmethod
     def start(
@@ -45,17 +58,36 @@ class ServerState:
         settings: ServeSettings | None = None,
     ) -> ServerState:
         """Load the models, start the preprocessing processes, and pay the first request's one-time costs."""
-        served = load_served(models, resolve_device(device), engine)
+        resolved = resolve_device(device)
+        served = load_served(models, resolved, engine)
         predictor = Predictor(served)
         collect = make_dirs(Path(collect_dir)) if collect_dir is not None else None
         settings = settings or ServeSettings()
         writes = Writes(settings, collect)
-        state = cls(served, predictor, MicroBatcher(predictor), Preparers(workers), collect, settings, writes)
+        state = cls(predictor, MicroBatcher(predictor), Preparers(workers), collect, settings, writes, resolved, engine)
         predictor.predict(sample_drawing())
+        if not settings.lab:
+            state.lab_off = settings.lab_off
+        else:
+            try:
+                state.lab = Lab(settings.runs_dir, settings.data_dir, resolved.type, on_finished=state.add_model)
+            except MnistlabError as exc:  # RUNS is another server's lab: this one serves without
+                state.lab_off = str(exc)
+                warn(f"the lab is off: {exc}")
         return state
 
+    def add_model(self, path: Path) -> ServedModel:
+        """Load a model (a run directory or model file) and serve it from the next prediction on, under a name
+        no served model has. Slow (an ONNX copy is made and checked): call it in a thread."""
+        with self._adding:
+            served = load_served([path], self.device, self.engine, taken=[m.name for m in self.models])[-1]
+            self.predictor.add(served)
+        return served
+
     def close(self) -> None:
-        """Stop the preprocessing processes."""
+        """Stop the lab's processes and the preprocessing processes."""
+        if self.lab is not None:
+            self.lab.close()
         self.preparers.close()
 
 
@@ -76,6 +108,16 @@ def collect_folder(state: State) -> Path:
 
 
 CollectFolder = Annotated[Path, Depends(collect_folder)]
+
+
+def lab_of(state: State) -> Lab:
+    """The server's lab, or a 404 saying why it is off (before the body is read)."""
+    if state.lab is None:
+        raise RequestError(404, f"the lab is off: {state.lab_off}")
+    return state.lab
+
+
+TheLab = Annotated[Lab, Depends(lab_of)]
 
 
 async def writer(request: Request, state: State) -> None:

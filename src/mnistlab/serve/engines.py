@@ -181,16 +181,19 @@ def _engine(loaded: LoadedModel, engine: str) -> tuple[Callable[[torch.Tensor], 
 
 
 def load_served(
-    models: Sequence[str | Path | LoadedModel | None], device: torch.device | str = "cpu", engine: str = "torch"
+    models: Sequence[str | Path | LoadedModel | None],
+    device: torch.device | str = "cpu",
+    engine: str = "torch",
+    taken: Sequence[str] = (),
 ) -> list[ServedModel]:
-    """Load each model (None: the bundled one) and name it; repeated names get " (2)", " (3)". `engine`: one
-    of ENGINES (see `_engine`)."""
+    """Load each model (None: the bundled one) and name it; names repeated, or among `taken` (those served
+    already), get " (2)", " (3)". `engine`: one of ENGINES (see `_engine`)."""
     if not models:
         raise MnistlabError("no model to serve")
     if engine not in ENGINES:
         raise MnistlabError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     served: list[ServedModel] = []
-    names: list[str] = []
+    names: list[str] = list(taken)
     for entry in models:
         loaded = entry if isinstance(entry, LoadedModel) else load_model(entry, device)
         base = model_name(loaded.path)
@@ -206,21 +209,32 @@ def load_served(
 # ---------------------------------------------------------------------------------------------- predicting
 
 
+# Each served model with its Answers, in the order served: a forward pass's models travel with its answers, as a
+# model may join the served ones (`Predictor.add`) while the pass runs.
+Answered = list[tuple[ServedModel, Answers]]
+
+
 class Predictor:
     """Image bytes -> every served model's probabilities and outlier flag, with what the models saw."""
 
     def __init__(self, models: list[ServedModel]):
         self.models = models
 
-    def forward(self, batch: torch.Tensor) -> list[Answers]:
-        """Each model's Answers for preprocessed images (B, 28, 28)."""
-        return [m.answers(batch) for m in self.models]
+    def add(self, served: ServedModel) -> None:
+        """Serve one more model from the next forward pass on. The list is replaced, never changed in place: a
+        pass running in another thread goes on with the list it took."""
+        self.models = [*self.models, served]
 
-    def answer(self, digit: np.ndarray, answers: list[Answers]) -> dict:
+    def forward(self, batch: torch.Tensor) -> Answered:
+        """Each model's Answers for preprocessed images (B, 28, 28)."""
+        return [(m, m.answers(batch)) for m in self.models]
+
+    def answer(self, digit: np.ndarray, answers: Answered) -> dict:
         """The JSON body for one image, the 28x28 `digit` the models saw: each model's answer (from its
         probabilities (classes,) and outlier score (), one pair per model)."""
         predictions, flagged = [], []
-        for served, (probs, score) in zip(self.models, answers):
+        models = [served for served, _ in answers]
+        for served, (probs, score) in answers:
             label = int(probs.argmax())
             outlier, outlier_score = verdict(float(score), served.threshold)
             predictions.append(
@@ -236,13 +250,13 @@ class Predictor:
             )
             if outlier:
                 flagged.append(served.name)
-        answered([served.name for served in self.models], flagged)  # counted per model in GET /metrics
+        answered([served.name for served in models], flagged)  # counted per model in GET /metrics
         return {"predictions": predictions, "preprocessed": png_base64(digit)}
 
     def predict(self, data: bytes) -> dict:
         """One image, start to end, without batching (scripts, benchmarks)."""
         digit = prepare_digit(data)
-        return self.answer(digit, [(p[0], s[0]) for p, s in self.forward(torch.from_numpy(digit)[None])])
+        return self.answer(digit, [(m, (p[0], s[0])) for m, (p, s) in self.forward(torch.from_numpy(digit)[None])])
 
 
 class MicroBatcher:
@@ -261,7 +275,7 @@ class MicroBatcher:
         # counted and capped by `server.QueueCap`: the queue depth an operator watches.
         self.pending = 0
 
-    async def __call__(self, image: torch.Tensor) -> list[Answers]:
+    async def __call__(self, image: torch.Tensor) -> Answered:
         """Each model's probabilities (classes,) and outlier score () for one preprocessed image (28, 28)."""
         future = asyncio.get_running_loop().create_future()
         self._queue.append((image, future))
@@ -284,6 +298,6 @@ class MicroBatcher:
                 self.images, self.passes = self.images + len(taken), self.passes + 1
                 for i, (_, future) in enumerate(taken):
                     if not future.done():  # its client may have gone away
-                        future.set_result([(probs[i], scores[i]) for probs, scores in outputs])
+                        future.set_result([(m, (probs[i], scores[i])) for m, (probs, scores) in outputs])
         finally:
             self._task = None

@@ -97,7 +97,20 @@ class NeighboursUpload(InsideUpload):
     k: int = Field(5, ge=1, le=20, description=NEIGHBOURS)
 
 
+class RunRequest(BaseModel):
+    """A run to start (or a learning rate to find): a shipped config and the values that change in it."""
+
+    config: str = Field(description="a shipped config's name, as GET /api/configs lists it", examples=["seed-b-fixed"])
+    set: dict[str, Any] = Field(
+        default_factory=dict,
+        description="values by dotted key: a string is read as `--set KEY=VALUE` reads it (a TOML value, else the "
+        "text), a number, boolean or list is taken as it is, null keeps the config's",
+        examples=[{"training.epochs": 2, "optimizer.lr": "0.01"}],
+    )
+
+
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    RunRequest,
     PredictRequest,
     PredictUpload,
     CollectRequest,
@@ -312,3 +325,98 @@ class NeighboursResponse(Answer):
 
     model: str
     neighbours: list[NeighbourImage] = Field(description="nearest first")
+
+
+# ---------------------------------------------------------------------------------------------- the lab
+
+RunStatus = Literal["queued", "running", "finished", "stopped", "failed"]
+
+
+class LabResponse(Answer):
+    """Whether the lab (training from the page) is on, and what it is doing."""
+
+    enabled: bool
+    reason: str | None = Field(description="why the lab is off; null when on")
+    token_required: bool = Field(description="whether writes (starting, stopping runs) need the server's token")
+    runs_dir: str = Field(description="the folder the runs are written in (--runs)")
+    running: str | None = Field(description="the run training now, if any")
+    queue: list[str] = Field(description="the runs waiting, first to start first")
+
+
+class ConfigInfo(Answer):
+    """A shipped config."""
+
+    name: str
+    description: str
+    summary: str = Field(description="one line saying what it trains, from its values")
+    values: dict[str, Any] = Field(description="every value by dotted key (optimizer.lr)")
+
+
+class ConfigKey(Answer):
+    """A key a run can set."""
+
+    key: str = Field(description="dotted, such as optimizer.lr")
+    type: Literal["float", "int", "bool", "str", "list"]
+    choices: list[str] | None = Field(description="the names it may take; null: any value of its type")
+    help: str | None
+
+
+class ConfigsResponse(Answer):
+    """The shipped configs and the keys the form can set."""
+
+    configs: list[ConfigInfo]
+    keys: list[ConfigKey]
+
+
+class RunStarted(Answer):
+    """A run queued or started."""
+
+    id: str = Field(description="the run's name: <config>-<n>, its folder under the runs folder")
+    status: Literal["queued", "running"]
+
+
+class RunInfo(Answer):
+    """A run directory under the runs folder (started here or in a terminal), or a run the lab has queued."""
+
+    id: str
+    config: str = Field(description="the shipped config it started from")
+    description: str
+    status: RunStatus
+    reason: str | None = Field(description="why it failed (its error, or its last lines), or why it stopped")
+    epoch: int = Field(description="epochs done")
+    epochs: int | None = Field(description="the epochs it trains to")
+    best_epoch: int | None = Field(description="the epoch early stopping's monitor found best so far")
+    best_val_accuracy: float | None
+    test_accuracy: float | None = Field(description="a finished run's model's (of the epoch it keeps)")
+    created: str = Field(description="when it was made, ISO 8601 (UTC)")
+    seconds: float = Field(description="training time of its epochs, summed")
+    elapsed: float | None = Field(description="a running run: seconds since its process started")
+    eta: float | None = Field(description="a running run: an estimate of the seconds left")
+    served: bool = Field(description="whether its model is served (GET /api/models lists it under the run's id)")
+    resumable: bool = Field(description="stopped or failed with a checkpoint: POST .../resume continues it")
+
+
+class RunDetail(RunInfo):
+    """One run with its config's values and its metrics so far."""
+
+    epochs: list[dict[str, Any]] = Field(  # type: ignore[assignment]
+        description="its epoch records so far, as metrics.json holds them (the target: values['training.epochs'])"
+    )
+    values: dict[str, Any] = Field(description="its fully resolved config by dotted key")
+    progress: list[dict[str, Any]] = Field(
+        description="its progress events (epoch, images, train_size, train_loss, train_accuracy) in this server's life"
+    )
+
+
+class RunsResponse(Answer):
+    """Every run, newest first."""
+
+    runs: list[RunInfo]
+
+
+class LrFindResponse(Answer):
+    """The learning-rate range test's answer (`mnistlab lr-find`)."""
+
+    suggested_lr: float
+    method: str = Field(description="how the rate was chosen")
+    points: list[list[float]] = Field(description="[learning rate, smoothed loss] for each batch")

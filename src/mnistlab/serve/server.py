@@ -313,6 +313,9 @@ class Server(uvicorn.Server):
         print(
             f"stopping ({why}): finishing {plural(busy_now, 'request')} in progress (at most {limit:g} s)", flush=True
         )
+        lab = getattr(getattr(self.config.app, "server_state", None), "lab", None)
+        if lab is not None:  # its training stopped (resumable) and its event streams ended, which would hold the stop
+            await asyncio.to_thread(lab.close)
         await super().shutdown(sockets)
 
     def _protocol(self) -> asyncio.Protocol:

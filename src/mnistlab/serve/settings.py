@@ -57,3 +57,13 @@ class ServeSettings:
     collect_max_mb: float = 200
     # Origins whose pages may call the API from a browser (CORS); none: no CORS headers, same-origin only.
     cors: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ the lab: training from the page
+    # Off unless asked for: `mnistlab serve` turns it on when listening on loopback or with --token
+    # (cli/serve.py), and sets `lab_off` to why when it does not. Runs are written under `runs_dir` (records of
+    # the lab's own in runs_dir/.lab); trainings, lr-find and the neighbour index read `data_dir` (None:
+    # $MNISTLAB_DATA, else the user cache).
+    lab: bool = False
+    lab_off: str = "start the server with mnistlab serve (on loopback, or with --token) or ServeSettings(lab=True)"
+    runs_dir: str = "runs"
+    data_dir: str | None = None

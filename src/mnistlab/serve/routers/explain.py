@@ -85,7 +85,8 @@ class Explaining:
     """What the explanation routes share: the thread that runs them, one at a time, and each model's index of
     training images (its build, while it runs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, data_dir: str | None = None) -> None:
+        self.data_dir = data_dir  # where the training images are (None: $MNISTLAB_DATA, else the user cache)
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain")
         self.waiting = 0  # requests given to the thread, not yet answered
         self.indexes: dict[str, asyncio.Future] = {}  # by model name: the index, or its build in progress
@@ -151,7 +152,7 @@ class Explaining:
             future.set_exception(error)
 
         try:
-            index = NeighbourIndex.build(served.loaded, download=False, progress=progress)
+            index = NeighbourIndex.build(served.loaded, self.data_dir, download=False, progress=progress)
         except Exception as exc:  # handed to the waiting requests: a MnistlabError as 503, anything else as 500
             outcome: dict[str, Any] = {"error": exc}
         else:
@@ -164,7 +165,7 @@ def explaining(request: Request) -> Explaining:
     """The app's `Explaining`, made on the first explanation request (on the event loop: no race)."""
     found = getattr(request.app.state, "explaining", None)
     if found is None:
-        found = request.app.state.explaining = Explaining()
+        found = request.app.state.explaining = Explaining(request.app.server_state.settings.data_dir)
     return found
 
 
