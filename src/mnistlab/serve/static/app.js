@@ -180,7 +180,8 @@ async function predict() {
 function show(body) {
   status("");
   drawSaw(body.preprocessed);
-  body.predictions.forEach((p, i) => columns[i].show(p));
+  // By name: a model that joined while this request was on its way answers the next one.
+  for (const p of body.predictions) columns.find((c) => c.model.name === p.model)?.show(p);
   canvas.dataset.answered = version;  // for tests: which drawing the page shows the answer to
 }
 
@@ -257,6 +258,7 @@ function column(model) {
   return {
     model,
     why,
+    root,
     show(prediction) {
       const flagged = prediction !== null && prediction.outlier === true;
       root.classList.toggle("outlier", flagged);  // the answer stays, greyed
@@ -277,17 +279,20 @@ function column(model) {
 }
 
 // A write (POST): with the token the server asked for, which the page asks the person for once and keeps for
-// the session (sessionStorage: gone when the tab closes); a wrong one is forgotten and asked for again.
+// the session (sessionStorage: gone when the tab closes); a wrong one is forgotten and asked for again. `body` is
+// a form, or anything else to send as JSON (the Train panel's requests).
 const TOKEN = "mnistlab-token";
 
 async function write(url, body) {
+  const json = !(body instanceof FormData);
   for (let asked = false; ; asked = true) {
     const token = sessionStorage.getItem(TOKEN);
     const headers = token ? { Authorization: `Bearer ${token}` } : {};
-    const response = await fetch(url, { method: "POST", body, headers });
+    if (json) headers["Content-Type"] = "application/json";
+    const response = await fetch(url, { method: "POST", body: json ? JSON.stringify(body) : body, headers });
     if (response.status !== 401 || asked) return response;
     sessionStorage.removeItem(TOKEN);
-    const given = prompt("This server needs its token to save drawings (ask whoever runs it):");
+    const given = prompt("This server needs its token for saving drawings and training (ask whoever runs it):");
     if (!given || !/^[!-~]+$/.test(given.trim())) return response;  // no token, or none a header can carry
     sessionStorage.setItem(TOKEN, given.trim());
   }
@@ -553,11 +558,32 @@ function showLayers(body) {
   $("inside").dataset.shown = version;  // for tests
 }
 
-async function start() {
+// The columns, one per served model in the order served: those already shown are kept as they are (their "Why?"
+// panels open), a model that joined (a run the Train panel finished) gets a new column and the drawing is asked
+// about again, so that it answers at once. Returns /api/models' answer. An answer older than one already shown
+// is not shown (it could lack a model that joined meanwhile).
+let modelsAsked = 0, modelsShown = 0;
+
+async function loadModels() {
+  const asked = ++modelsAsked;
   const info = await (await fetch("/api/models")).json();
-  columns = info.models.map(column);
-  $("method").addEventListener("change", explainNext);
-  $("inside-close").addEventListener("click", () => openInside(null));
+  if (asked < modelsShown) return info;
+  modelsShown = asked;
+  const known = new Map(columns.map((c) => [c.model.name, c]));
+  const joined = info.models.some((m) => !known.has(m.name));
+  for (const c of columns) if (!info.models.some((m) => m.name === c.model.name)) c.root.remove();
+  columns = info.models.map((m) => known.get(m.name) ?? column(m));
+  $("models").append(...columns.map((c) => c.root));  // in the order served
+  showMeaning(info);
+  if (joined && (history.length || file)) {
+    version++;
+    predictSoon();
+    explainSoon();
+  }
+  return info;
+}
+
+function showMeaning(info) {
   const uncalibrated = info.models.filter((m) => !m.calibrated).map((m) => m.name);
   const flagging = info.models.filter((m) => m.outlier_threshold !== null);
   const unflagging = info.models.filter((m) => m.outlier_threshold === null).map((m) => m.name);
@@ -567,6 +593,12 @@ async function start() {
     (uncalibrated.length ? ` Not calibrated (older model files): ${uncalibrated.join(", ")}.` : "") +
     (flagging.length ? ` “Doesn't look like a ${items.join("/")}” (its answer greyed): the image is unlike what that model was trained on, a flag that at most 1% of held-out ${items.map((i) => `${i}s`).join("/")} get.` : "") +
     (flagging.length && unflagging.length ? ` No such flag (older model files): ${unflagging.join(", ")}.` : "");
+}
+
+async function start() {
+  const info = await loadModels();
+  $("method").addEventListener("change", explainNext);
+  $("inside-close").addEventListener("click", () => openInside(null));
   if (info.collect) {
     info.models[0].classes.forEach((name, i) => {
       const button = element("button", "", name);
