@@ -334,3 +334,22 @@ def test_writes_need_the_token_when_the_server_has_one(server):
         assert anonymous.get("/api/runs").status_code == 200  # reading is open
         authorised = anonymous.post("/api/runs", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
         assert authorised.status_code == 422
+
+
+def test_one_training_at_a_time_on_the_machine_whichever_server_started_it(tmp_path, data_dir):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # the machine's lock, for these two alone
+    flags = ("--data-dir", str(data_dir), "--workers", "0", *FAST)
+    with (
+        mnistlab_serve("--runs", str(tmp_path / "a"), *flags, env=env) as a,
+        mnistlab_serve("--runs", str(tmp_path / "b"), *flags, env=env) as b,
+        httpx.Client(base_url=a.url, timeout=120) as first_client,
+        httpx.Client(base_url=b.url, timeout=120) as second_client,
+    ):
+        first = start(first_client, ENDLESS)["id"]
+        events_until(first_client, first, first_epoch_after(0))  # it trains
+        waiting = start(second_client, TWO_EPOCHS)
+        assert waiting["status"] == "queued"
+        info = second_client.get(f"/api/runs/{waiting['id']}").json()
+        assert info["status"] == "queued" and "another server's training on this machine" in info["reason"]
+        assert first_client.post(f"/api/runs/{first}/stop").status_code == 200
+        assert all_events(second_client, waiting["id"])[-1][1]["status"] == "finished"  # it went next

@@ -1,4 +1,4 @@
-"""The lab: trainings started from the web page, one at a time per server, each an ordinary run directory.
+"""The lab: trainings started from the web page, one at a time on the machine, each an ordinary run directory.
 
 A run is `mnistlab train ... --events --until-stdin-closes` in a process of its own (a crash or a kill of it never
 takes the server down), at lower priority than serving (niceness +10, one OpenMP thread: with two torch threads
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistlab.config import Config, config_from_dict, load_config, read_value, shipped_configs
+from mnistlab.data.download import cache_dir
 from mnistlab.errors import MnistlabError, warn
 from mnistlab.files import LOCK, FileLock, atomic_write_text, finite_json, is_empty_output, make_dirs, write_json
 from mnistlab.serve.images import RequestError
@@ -52,6 +53,11 @@ NICENESS = 10
 LR_FIND_TIMEOUT_S = 600.0
 KEEP_ALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing a quiet stream
 MODEL_FILE = "model.safetensors"
+# One lab training at a time on this machine, whichever server started it: a lock file in the user's cache folder,
+# held by the server while its training runs (released by the kernel if the server dies); a queue that finds it
+# taken looks again every MACHINE_RETRY_S.
+MACHINE_LOCK = "lab-training.lock"
+MACHINE_RETRY_S = 2.0
 
 Frame = tuple[str, dict[str, Any]]  # an SSE event: its name and its data
 
@@ -231,6 +237,8 @@ class Lab:
         self._lock = threading.RLock()
         self._folder_lock: FileLock | None = None
         self._finding = threading.Lock()  # one lr-find at a time
+        self._machine = FileLock(cache_dir() / MACHINE_LOCK)  # held while this server's training runs
+        self._retry: threading.Timer | None = None  # the next look at a machine lock another server holds
         self._finder: subprocess.Popen | None = None
         if self.folder.is_dir():
             self._hold_folder()
@@ -328,22 +336,46 @@ class Lab:
     def _next(self) -> None:
         """Start the first queued run when nothing trains."""
         with self._lock:
-            if self.closed or self.job is not None or not self.queue:
+            if self.closed or self.job is not None or not self.queue or not self._take_machine():
                 return
             run_id = self.queue.pop(0)
             live = self.lives[run_id]
             try:
                 process = self._spawn(self._command(run_id))
             except OSError as exc:
+                self._machine.release()
                 self._settle(run_id, live, "failed", f"could not start the training process ({exc})")
                 self._next()
                 return
             live.started = live.epoch_began = time.monotonic()
             self.job = Job(run_id, process, live)
-            self.records[run_id].status = "running"
+            self.records[run_id].status, self.records[run_id].reason = "running", None
             self.records[run_id].save(self.folder)
             self.job.thread = threading.Thread(target=self._watch, args=(self.job,), name=f"lab-{run_id}", daemon=True)
             self.job.thread.start()
+
+    def _take_machine(self) -> bool:
+        """Take the machine's training lock; where another server holds it, say so on the first queued run and
+        look again in MACHINE_RETRY_S."""
+        try:
+            make_dirs(self._machine.path.parent)
+            self._machine.acquire()
+        except MnistlabError:
+            holder = "another process"
+            with contextlib.suppress(OSError):
+                holder = self._machine.path.read_text(errors="replace").strip() or holder
+            self.records[self.queue[0]].reason = f"waiting for another server's training on this machine ({holder})"
+            if self._retry is None:
+                self._retry = threading.Timer(MACHINE_RETRY_S, self._look_again)
+                self._retry.daemon = True
+                self._retry.start()
+            return False
+        return True
+
+    def _look_again(self) -> None:
+        with self._lock:
+            self._retry = None
+        self._next()
 
     def _command(self, run_id: str) -> list[str]:
         run_dir = self.runs / run_id
@@ -413,6 +445,7 @@ class Lab:
             status, reason = "failed", self._failure(code, job.stderr)
         with self._lock:
             self.job = None
+            self._machine.release()
             self._settle(job.id, job.live, status, reason)
             self._next()
 
@@ -495,6 +528,8 @@ class Lab:
         STOP_WAIT_S); an lr-find is killed. Every SSE stream ends."""
         with self._lock:
             self.closed = True
+            if self._retry is not None:
+                self._retry.cancel()
             for run_id in self.queue:
                 self._settle(run_id, self.lives[run_id], "stopped", "the server stopped")
             self.queue.clear()

@@ -493,6 +493,9 @@
       scales: { x: { time: false, range: (u, min, max) => [0, Math.max(1, Math.ceil(max))] } },  // from epoch 0
       axes: [{ label: "epoch" }, { label }],
       series,
+      // uPlot's legend (each line's value under the cursor) for one run; with several, its three lines a run
+      // crowd the charts out, and the list below the charts names the runs' colours instead.
+      legend: { show: traces.size <= 1 },
       plugins: [markers(bestMarks)],
     };
   }
