@@ -112,7 +112,7 @@ def test_train_watch_draw_stop_and_resume(browser, lab):
 
     # Stop a longer run after its first epoch (batches of 2: each epoch takes about a second, so it is stopped
     # well before its last), resume it, it finishes.
-    fill(page, {"training.epochs": "4", "data.val_size": "500", "training.batch_size": "2"})
+    fill(page, {"training.epochs": "8", "data.val_size": "500", "training.batch_size": "2"})
     page.click("#lab-start")
     run = "seed-b-fixed-2"
     row(page, run).wait_for(timeout=TIMEOUT)
@@ -129,7 +129,7 @@ def test_train_watch_draw_stop_and_resume(browser, lab):
         f"""() => document.querySelector('#lab-legend li[data-run="{run}"]').dataset.best !== undefined""",
         timeout=TIMEOUT,
     )
-    assert epochs_drawn(page, run) == 4  # the epochs before the stop and after the resume
+    assert epochs_drawn(page, run) == 8  # the epochs before the stop and after the resume
     assert (runs / run / "model.safetensors").is_file()
     assert page.locator("#lab-legend li").count() == 2  # both runs' curves overlaid
     assert page.locator(f'.model[data-model="{run}"]').count() == 1
