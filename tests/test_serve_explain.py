@@ -325,3 +325,20 @@ def test_an_overlay_is_red_for_blue_against_and_clear_where_faint(values):
     assert np.array_equal((overlay[..., 0] > overlay[..., 2])[shown], (values > 0)[shown])
     if scale > 0:
         assert overlay[..., 3].max() == 255  # the strongest pixel in full colour
+
+
+def test_a_stopped_server_leaves_no_explaining_thread_behind(models):
+    import threading
+
+    before = set(threading.enumerate())  # the module's own server has its explaining thread too
+    server = AppServer(create_app(models[:1], device="cpu", workers=0, engine="torch"))
+    try:
+        answered = httpx.post(f"{server.url}/api/explain", files={"image": ("7.png", SEVEN, "image/png")}, timeout=60)
+        assert answered.status_code == 200
+        explaining = [t for t in threading.enumerate() if t not in before and t.name.startswith("explain")]
+        assert explaining
+    finally:
+        server.stop()
+    for thread in explaining:
+        thread.join(10)  # its work done and its executor shut, it ends
+    assert not [t.name for t in explaining if t.is_alive()]

@@ -79,6 +79,9 @@ class WebApp(FastAPI):
 @asynccontextmanager
 async def _lifespan(app: WebApp) -> AsyncIterator[None]:
     yield
+    explaining = getattr(app.state, "explaining", None)  # made on the first explanation request, if any came
+    if explaining is not None:
+        explaining.close()
     app.server_state.close()
 
 

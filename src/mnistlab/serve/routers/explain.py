@@ -92,6 +92,10 @@ class Explaining:
         self.indexes: dict[str, asyncio.Future] = {}  # by model name: the index, or its build in progress
         self.built: dict[str, tuple[int, int]] = {}  # by model name: (training images done, in all) while building
 
+    def close(self) -> None:
+        """The server stops: explanations not begun are dropped, the one under way finishes on its own."""
+        self.thread.shutdown(wait=False, cancel_futures=True)
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in the explaining thread, a MnistlabError it raises answered 400 (grad-cam on an MLP);
         503 while MAX_WAITING requests are already there."""
