@@ -309,6 +309,9 @@ def test_the_lab_is_off_when_asked_and_says_why(tmp_path, data_dir):
 def test_beyond_loopback_the_lab_needs_a_token(tmp_path):
     result = mnistlab("serve", "--host", "0.0.0.0", "--lab", "--port", "0")
     assert_user_error(result, "--lab on 0.0.0.0 (beyond loopback) needs --token")
+    (tmp_path / "a-file").write_text("")
+    assert_user_error(mnistlab("serve", "--runs", str(tmp_path / "a-file")), "--runs", "a file, not a folder")
+    assert_user_error(mnistlab("serve", "--data-dir", str(tmp_path / "nowhere")), "--data-dir", "no such folder")
 
     # Without --lab and without a token, the server runs with the lab off.
     command = [sys.executable, "-m", "mnistlab", "serve", "--host", "0.0.0.0", "--port", "0", "--workers", "0",

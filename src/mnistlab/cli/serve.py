@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 from mnistlab.cli.common import Formatter, Subparsers, add_data_dir, add_device
@@ -72,6 +73,10 @@ def _add_lab(p: argparse.ArgumentParser) -> None:
 def _lab(args: argparse.Namespace, token: str | None) -> dict[str, Any]:
     from mnistlab.serve import is_loopback
 
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise MnistlabError(f"--data-dir {args.data_dir}: no such folder (point it at a folder with the mnist files)")
+    if Path(args.runs).exists() and not Path(args.runs).is_dir():
+        raise MnistlabError(f"--runs {args.runs}: a file, not a folder; give the folder the lab's runs go in")
     guarded = is_loopback(args.host) or token is not None
     if args.lab and not guarded:
         raise MnistlabError(
