@@ -174,6 +174,10 @@ def test_runs_train_one_at_a_time_stream_their_epochs_and_join_the_served_models
     assert one["test_accuracy"] == epochs[-1]["test_accuracy"] and one["best_val_accuracy"] > 0.8
     assert [p["images"] for p in one["progress"]] == [p["images"] for p in progress]
 
+    scraped = client.get("/metrics").text  # what an operator watches: the runs by status, every status named
+    assert 'mnistlab_lab_runs{status="finished"} 2.0' in scraped
+    assert 'mnistlab_lab_runs{status="running"} 0.0' in scraped and 'mnistlab_lab_runs{status="failed"} 0.0' in scraped
+
     assert client.post("/api/runs/seed-b-fixed-1/stop").status_code == 409
     resumed = client.post("/api/runs/seed-b-fixed-1/resume")
     assert resumed.status_code == 409 and "finished all its epochs" in resumed.json()["detail"]

@@ -37,13 +37,14 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from mnistlab.config import Config, config_from_dict, load_config, read_value, shipped_configs
 from mnistlab.data.download import cache_dir
 from mnistlab.errors import MnistlabError, warn
 from mnistlab.files import LOCK, FileLock, atomic_write_text, finite_json, is_empty_output, make_dirs, write_json
 from mnistlab.serve.images import RequestError
+from mnistlab.serve.schemas import RunStatus
 from mnistlab.train.checkpoint import CHECKPOINT
 
 RECORDS = ".lab"  # the lab's own folder under RUNS
@@ -60,6 +61,7 @@ MACHINE_LOCK = "lab-training.lock"
 MACHINE_RETRY_S = 2.0
 
 Frame = tuple[str, dict[str, Any]]  # an SSE event: its name and its data
+STATUSES: tuple[str, ...] = get_args(RunStatus)  # queued, running, finished, stopped, failed
 
 
 def _now() -> str:
@@ -666,6 +668,16 @@ class Lab:
             reason = "trained by another process: this server does not see its events"
         past.finish(self._end(run_id, status, reason, metrics))
         return past
+
+    def counts(self) -> dict[str, int]:
+        """How many runs have each status, every status named (0 where none: a series that vanished would read
+        as a gap in the operator's graph)."""
+        counts = dict.fromkeys(STATUSES, 0)
+        with self._lock:
+            for run_id in self.ids():
+                with contextlib.suppress(RequestError):  # a folder removed meanwhile
+                    counts[self._status(run_id)] += 1
+        return counts
 
     @property
     def running(self) -> str | None:

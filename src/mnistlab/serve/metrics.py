@@ -7,7 +7,7 @@ Labels stay bounded whatever clients send: a request is labelled with its route'
 and with its method (unknown methods: "other"). The registry is the app's own, not prometheus_client's global
 one, so several apps in one process (the tests, a script serving two sets of models) count apart.
 
-Trainings by status get their metrics once the server runs trainings (issue 25, §4).
+The lab's runs are counted by status at scrape time (`mnistlab_lab_runs`).
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def answered(models: Iterable[str], flagged: Iterable[str] = ()) -> None:
 
 
 class _StateCollector:
-    """What is read from the server's state at scrape time: the predictions in the server and the
-    preprocessing processes' restarts (counted by `engines.MicroBatcher` and `workers.Preparers`)."""
+    """What is read from the server's state at scrape time: the predictions in the server, the preprocessing
+    processes' restarts (counted by `engines.MicroBatcher` and `workers.Preparers`) and the lab's runs."""
 
     def __init__(self, state: ServerState):
         self.state = state
@@ -78,6 +78,13 @@ class _StateCollector:
             "Times the pool of preprocessing processes was replaced after one of them died",
             value=self.state.preparers.restarts,
         )
+        if self.state.lab is not None:
+            runs = GaugeMetricFamily(
+                "mnistlab_lab_runs", "The lab's runs under --runs, by status (queued: its queue)", labels=["status"]
+            )
+            for status, count in self.state.lab.counts().items():
+                runs.add_metric([status], count)
+            yield runs
 
 
 class Routes:
