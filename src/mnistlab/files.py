@@ -248,6 +248,14 @@ def clear_dir(out: Path) -> Path:
     return out
 
 
+class Locked(MnistlabError):
+    """A lock refused because another process holds it; `holder` says which (as its lock file does: "pid N")."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
+
+
 class FileLock:
     """An exclusive lock on a file, held for as long as a block must be the only one doing something.
 
@@ -301,8 +309,8 @@ class FileLock:
         os.write(fd, f"pid {os.getpid()}".encode())
         self._fd = fd
 
-    def _refusal(self, holder: str) -> MnistlabError:
-        return MnistlabError(f"{self.path} is locked by {holder}; wait for it to finish")
+    def _refusal(self, holder: str) -> Locked:
+        return Locked(f"{self.path} is locked by {holder}; wait for it to finish", holder)
 
     def release(self) -> None:
         if self._nested:
@@ -344,10 +352,11 @@ class FolderLock(FileLock):
         make_dirs(self.folder)
         super()._lock()
 
-    def _refusal(self, holder: str) -> MnistlabError:
-        return MnistlabError(
+    def _refusal(self, holder: str) -> Locked:
+        return Locked(
             f"{self.folder} is being written by another mnistlab command ({holder}); wait for it to finish, or "
-            "choose another --out"
+            "choose another --out",
+            holder,
         )
 
     def _unlock(self) -> None:

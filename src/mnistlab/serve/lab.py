@@ -42,7 +42,16 @@ from typing import Any, get_args
 from mnistlab.config import Config, config_from_dict, load_config, read_value, shipped_configs
 from mnistlab.data.download import cache_dir
 from mnistlab.errors import MnistlabError, warn
-from mnistlab.files import LOCK, FileLock, atomic_write_text, finite_json, is_empty_output, make_dirs, write_json
+from mnistlab.files import (
+    LOCK,
+    FileLock,
+    Locked,
+    atomic_write_text,
+    finite_json,
+    is_empty_output,
+    make_dirs,
+    write_json,
+)
 from mnistlab.serve.images import RequestError
 from mnistlab.serve.schemas import RunStatus
 from mnistlab.train.checkpoint import CHECKPOINT
@@ -255,12 +264,9 @@ class Lab:
             held = FileLock(self.folder / LOCK)
             try:
                 held.acquire()
-            except MnistlabError:
-                holder = "another process"
-                with contextlib.suppress(OSError):
-                    holder = (self.folder / LOCK).read_text(errors="replace").strip() or holder
+            except Locked as exc:
                 raise MnistlabError(
-                    f"{self.runs} is the lab of another server ({holder}): give this one --runs DIR"
+                    f"{self.runs} is the lab of another server ({exc.holder}): give this one --runs DIR"
                 ) from None
             self._folder_lock = held
 
@@ -362,11 +368,8 @@ class Lab:
         try:
             make_dirs(self._machine.path.parent)
             self._machine.acquire()
-        except MnistlabError:
-            holder = "another process"
-            with contextlib.suppress(OSError):
-                holder = self._machine.path.read_text(errors="replace").strip() or holder
-            self.records[self.queue[0]].reason = f"waiting for another server's training on this machine ({holder})"
+        except Locked as exc:
+            self.records[self.queue[0]].reason = f"waiting for another server's training on this machine ({exc.holder})"
             if self._retry is None:
                 self._retry = threading.Timer(MACHINE_RETRY_S, self._look_again)
                 self._retry.daemon = True
