@@ -63,7 +63,7 @@ def test_train_then_evaluate(mnist_path, tmp_path):
 
     text = mnistlab("evaluate", str(out / "model.safetensors"), "--data-dir", str(mnist_path))
     assert text.returncode == 0 and "confusion matrix" in text.stdout
-    assert f"with its temperature {saved['temperature']:.3g} ECE" in text.stdout
+    assert f"with its temperature {saved['temperature']:.3g} and confidence map ECE" in text.stdout
 
     # An existing run directory is never overwritten without --force.
     again = mnistlab("train", *args)

@@ -120,7 +120,8 @@ def _outlier_lines(report: dict, model: str | None) -> list[str]:
 
 
 def _calibration_line(report: dict, model: str | None) -> str:
-    """The test split's calibration in one line: as trained, and after the temperature fitted on validation."""
+    """The test split's calibration in one line: as trained, and after the temperature (and confidence map)
+    fitted on validation."""
     from mnistlab.infer.predict import calibrate_command
     from mnistlab.models.calibration import ECE_BINS
 
@@ -133,6 +134,8 @@ def _calibration_line(report: dict, model: str | None) -> str:
         how = calibrate_command(model)
         return f"calibration ({ECE_BINS} bins): {shown(before)}; uncalibrated ({how} fits a temperature)"
     scaled = f"temperature {report['temperature']:.3g}" if report["temperature"] else "members' temperatures"
+    if report.get("confidence_map"):
+        scaled += " and confidence map"
     return f"calibration ({ECE_BINS} bins): as trained {shown(before)}; with its {scaled} {shown(after)}"
 
 
@@ -307,7 +310,8 @@ def _export(args: argparse.Namespace) -> None:
 def _add_calibrate(sub: Subparsers) -> None:
     p = sub.add_parser(
         "calibrate",
-        help="fit a model's temperature on its validation split (runs trained now are calibrated already)",
+        help="fit a model's temperature, confidence map and outlier detector on the splits it was trained on "
+        "(runs trained now have them already)",
         formatter_class=Formatter,
     )
     p.add_argument("model", metavar="MODEL", help="run directory or model file (an ensemble: each member)")
@@ -327,7 +331,8 @@ def _calibrate(args: argparse.Namespace) -> None:
         return
     before, after = fitted["before"], fitted["after"]
     print(
-        f"calibrated {args.model}: temperature {fitted['temperature']:.3g}, fitted on its {fitted['fitted_on']}: "
+        f"calibrated {args.model}: temperature {fitted['temperature']:.3g} and confidence map, fitted on its "
+        f"{fitted['fitted_on']}: "
         f"ECE {100 * before['ece']:.2f}% -> {100 * after['ece']:.2f}%, NLL {before['nll']:.4f} -> {after['nll']:.4f}"
     )
 

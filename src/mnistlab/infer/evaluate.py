@@ -17,7 +17,7 @@ from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError, plural
 from mnistlab.files import write_json
 from mnistlab.infer.predict import images_in, no_detector, no_images, predict_images
-from mnistlab.models.calibration import calibration, reliability, temper
+from mnistlab.models.calibration import calibrated, calibration, reliability
 from mnistlab.models.files import LoadedModel, load_model
 from mnistlab.models.losses import make_loss
 from mnistlab.models.metrics import Evaluation, evaluate_scores, predict_answers, predict_scores
@@ -53,12 +53,12 @@ def evaluate(
     scores = predict_scores(network, split.images)
     result = evaluate_scores(scores, split.labels, loss_fn)
     probs = as_probabilities(scores, probabilities)  # an ensemble's: with its members' temperatures
-    calibrated = temper(probs, loaded.temperature) if loaded.temperature is not None else probs
+    final = calibrated(probs, loaded.temperature, loaded.confidence_map)
     raw = probs
     if loaded.members_calibrated:  # "before" is the ensemble as its members were trained
         with members_as_trained(loaded.model):
             raw = as_probabilities(predict_scores(network, split.images), probabilities)
-    report = calibration_report(loaded, raw, calibrated, split.labels)
+    report = calibration_report(loaded, raw, final, split.labels)
     found = outlier_report(loaded, split.images, folders)
     return replace(result, classes=loaded.classes, calibration=report, outliers=found)
 
@@ -117,12 +117,13 @@ def outlier_report(loaded: LoadedModel, test_images: torch.Tensor, folders: dict
 
 
 def calibration_report(loaded: LoadedModel, raw: torch.Tensor, calibrated: torch.Tensor, labels: torch.Tensor) -> dict:
-    """ECE, NLL and Brier score before (as trained) and after the model's temperature scaling, and the bins of
-    both reliability diagrams."""
+    """ECE, NLL and Brier score before (as trained) and after the model's calibration (its temperature, then its
+    confidence map where it has one), and the bins of both reliability diagrams."""
     labels = labels.cpu()
     return {
         "calibrated": loaded.calibrated,
         "temperature": loaded.temperature,
+        "confidence_map": loaded.confidence_map is not None,
         "before": calibration(raw.cpu(), labels).to_dict(),
         "after": calibration(calibrated.cpu(), labels).to_dict(),
         "bins": {"before": reliability(raw.cpu(), labels), "after": reliability(calibrated.cpu(), labels)},

@@ -23,7 +23,7 @@ from mnistlab.config import ModelConfig, config_from_dict
 from mnistlab.datasets import DATASETS, DIGITS
 from mnistlab.errors import MnistlabError
 from mnistlab.files import LOCK, replacing, write_json
-from mnistlab.models.calibration import temper
+from mnistlab.models.calibration import ConfidenceMap, calibrated
 from mnistlab.models.losses import LossFn, make_loss
 from mnistlab.models.networks import Ensemble, Standardized, as_probabilities, build_model
 from mnistlab.models.outliers import METHOD, FeatureDensity, OutlierDetector, head_index
@@ -54,6 +54,9 @@ class LoadedModel:
     members_calibrated: bool = False
     # The outlier score ("not a digit": models/outliers.py) and its threshold; None: the file has none.
     outliers: OutlierDetector | None = None
+    # The top label's confidence map after the temperature (models/calibration.py); None: the temperature alone
+    # (an ensemble, or a file from before the map).
+    confidence_map: ConfidenceMap | None = None
 
     def loss_fn(self) -> LossFn:
         """The loss the model was trained with (an ensemble: cross-entropy of its averaged probabilities)."""
@@ -64,8 +67,7 @@ class LoadedModel:
 
     def probabilities_of(self, outputs: torch.Tensor) -> torch.Tensor:
         """The calibrated probabilities of the network's outputs: what mnistlab prints, returns and shows."""
-        probs = as_probabilities(outputs, self.probabilities)
-        return temper(probs, self.temperature) if self.temperature is not None else probs
+        return calibrated(as_probabilities(outputs, self.probabilities), self.temperature, self.confidence_map)
 
     def answering(self) -> Answering:
         """A module answering float images (B, 28, 28) in [0, 1] with the calibrated probabilities (B, 10) and
@@ -111,12 +113,11 @@ class Answering(nn.Module):
         super().__init__()
         self.model, self.detector = loaded.model, loaded.outliers
         self.softmax_output, self.temperature = loaded.probabilities, loaded.temperature
+        self.confidence_map = loaded.confidence_map
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features, outputs = self.model.features_and_outputs(images)
-        probs = as_probabilities(outputs, self.softmax_output)
-        if self.temperature is not None:
-            probs = temper(probs, self.temperature)
+        probs = calibrated(as_probabilities(outputs, self.softmax_output), self.temperature, self.confidence_map)
         if self.detector is None:  # shape[0], not len(): torch.export would fix len() at its example's batch size
             return probs, torch.zeros(images.shape[0], device=images.device)
         return probs, self.detector(features if isinstance(features, list) else [features])
@@ -341,7 +342,11 @@ def load_model(
     metadata = meta.get("metadata", {})
     if not isinstance(metadata, dict):
         raise MnistlabError(f"{meta_path}: 'metadata' must be an object")
-    temperature = _temperature(meta.get("calibration"), meta_path)
+    calibration = meta.get("calibration")
+    temperature = _temperature(calibration, meta_path)
+    confidence_map = None
+    if isinstance(calibration, dict) and "confidence_map" in calibration:
+        confidence_map = ConfidenceMap.from_dict(calibration["confidence_map"], meta_path).to(device)
     return LoadedModel(
         model.to(device).eval(),
         probabilities,
@@ -351,6 +356,7 @@ def load_model(
         temperature,
         members_calibrated,
         detector.to(device) if detector is not None else None,
+        confidence_map,
     )
 
 

@@ -63,13 +63,14 @@ class ServedModel:
             "item": self.loaded.item,
             "calibrated": self.loaded.calibrated,
             "temperature": self.loaded.temperature,
+            "confidence_map": self.loaded.confidence_map is not None,
             "calibration_ece": self.calibration_ece,
             "outlier_threshold": self.threshold,
         }
 
 
 def recorded_ece(path: Path) -> float | None:
-    """The expected calibration error of a model's temperature-scaled probabilities on its validation split, as
+    """The expected calibration error of a model's calibrated probabilities on its validation split, as
     its model file records it (`calibration.after.ece`); None where it records none (an ensemble, an older file)."""
     _, _, description = read_description(path)
     calibration = description.get("calibration")

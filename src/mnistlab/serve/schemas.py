@@ -191,8 +191,12 @@ class ModelInfo(Answer):
         description="whether its probabilities are temperature-scaled on held-out data (an ensemble: each member)"
     )
     temperature: float | None = Field(description="its temperature (none for an ensemble or an uncalibrated model)")
+    confidence_map: bool = Field(
+        description="whether its top label's probability then goes through a confidence map fitted on held-out data "
+        "(a single model's, trained or calibrated since the map came; never an ensemble's)"
+    )
     calibration_ece: float | None = Field(
-        description="the expected calibration error of its temperature-scaled probabilities on its validation split, "
+        description="the expected calibration error of its calibrated probabilities on its validation split, "
         "as its model file records it (none where it records none: an ensemble, an older file)"
     )
     outlier_threshold: float | None = Field(

@@ -11,7 +11,7 @@ from mnistlab.data.splits import MnistData, Split, to_float
 from mnistlab.datasets import DATASETS
 from mnistlab.errors import MnistlabError
 from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, clear_dir, signals_held, write_json
-from mnistlab.models.calibration import fit_on_split, reliability, temper
+from mnistlab.models.calibration import ConfidenceMap, calibrated, fit_on_split, reliability
 from mnistlab.models.files import save_model
 from mnistlab.models.metrics import predict_scores
 from mnistlab.models.networks import Standardized, as_probabilities, for_inference
@@ -111,11 +111,11 @@ class RunDirectory:
         written = ["model.safetensors", "model.json", "metrics.json", "curves.png", "config.toml"]
         if calibration is not None:
             test, labels = probabilities(data.test), data.test.labels.cpu()
+            confidence_map = ConfidenceMap.from_dict(calibration["confidence_map"], self.path)
+            tempered = calibrated(test.double(), calibration["temperature"], confidence_map)
             tables = {
                 "as trained": reliability(test, labels),
-                f"temperature {calibration['temperature']:.3g}": reliability(
-                    temper(test, calibration["temperature"]), labels
-                ),
+                f"temperature {calibration['temperature']:.3g} + confidence map": reliability(tempered, labels),
             }
             plot_reliability(tables, self.path / "reliability.png", f"{config.name}: test split")
             written.append("reliability.png")
