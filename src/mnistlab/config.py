@@ -83,6 +83,10 @@ class TrainingConfig:
     channels_last: bool = False
     # bfloat16 autocast where the device computes bf16 natively (CUDA, recent Xeons); float32 elsewhere.
     amp: bool = False
+    # Outlier exposure (Hendrycks et al. 2019): the weight of a cross-entropy towards the uniform answer on
+    # generated non-digits trained beside the digits (data/exposure.py; 0 = off). A model trained so flags
+    # non-digits by its calibrated confidence, not by the density of its features (models/outliers.py).
+    outlier_exposure: float = 0.0
 
 
 @dataclass
@@ -97,6 +101,10 @@ class AugmentConfig:
     elastic_alpha: float = 0.0  # elastic distortion strength in pixels (Simard et al. 2003); 0 = off
     elastic_sigma: float = 4.0  # smoothness of the elastic field in pixels
     flip: bool = False  # mirror left-right with probability 1/2 (for clothes, never for digits or characters)
+    # The share of each batch drawn thicker, thinner, at low resolution, blurred or at another contrast, as
+    # scanned digits are (data/exposure.py; 0 = off), and how many digits typeset in fonts join each batch.
+    strokes: float = 0.0
+    typeset_digits: int = 0
 
 
 @dataclass
@@ -291,6 +299,9 @@ _HELP = {
     "model.softmax_output": "the report's quirk: probabilities into a cross-entropy loss (off: logits, correct)",
     "training.early_stopping": "patience in epochs (0: off)",
     "training.ema_decay": "moving average of the weights (0: off; typical 0.999)",
+    "training.outlier_exposure": "weight of the uniform answer on generated non-digits (0: off; typical 1)",
+    "augment.strokes": "share of each batch with thicker, thinner, blurred or low-resolution strokes (0: off)",
+    "augment.typeset_digits": "digits typeset in fonts added to each batch (0: none)",
     "data.val_size": "training images held out for validation (0: none)",
 }
 
@@ -338,7 +349,7 @@ def _validate(config: Config, source: str) -> None:
         *_model_problems(config.model),
         *_optimizer_problems(config.optimizer),
         *_training_problems(config),
-        *_augment_problems(config.augment),
+        *_augment_problems(config.augment, config.data.dataset),
         *_adversarial_problems(config.adversarial, config.training),
         *_data_problems(config.data),
     ]
@@ -402,14 +413,24 @@ def _training_problems(config: Config) -> list[str]:
         problems.append("training.epochs and training.batch_size must be at least 1")
     if not 0 <= t.ema_decay < 1:
         problems.append("training.ema_decay must be in [0, 1)")
+    if t.outlier_exposure < 0:
+        problems.append("training.outlier_exposure must be 0 or more")
+    if t.outlier_exposure and config.data.dataset != "mnist":
+        problems.append("training.outlier_exposure trains beside generated non-digits: for digit models only")
+    if t.outlier_exposure and config.adversarial.method != "none":
+        problems.append("training.outlier_exposure and adversarial training ([adversarial] method) go one at a time")
     if t.min_delta < 0 or t.gamma <= 0 or t.step_size < 1:
         problems.append("training.min_delta must be 0 or more, training.gamma positive, training.step_size at least 1")
     return problems
 
 
-def _augment_problems(a: AugmentConfig) -> list[str]:
+def _augment_problems(a: AugmentConfig, dataset: str) -> list[str]:
     if min(a.rotate, a.scale, a.shear, a.translate, a.elastic_alpha) < 0 or a.elastic_sigma <= 0 or a.scale >= 1:
         return ["augment values must be 0 or more (scale below 1, elastic_sigma positive)"]
+    if not 0 <= a.strokes <= 1 or a.typeset_digits < 0:
+        return ["augment.strokes must be in [0, 1] and augment.typeset_digits 0 or more"]
+    if a.typeset_digits and dataset != "mnist":
+        return ["augment.typeset_digits adds digits typeset in fonts: for digit models only"]
     return []
 
 

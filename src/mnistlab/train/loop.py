@@ -19,16 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from mnistlab import devices
 from mnistlab.config import Config, config_from_dict, load_config
 from mnistlab.data.augment import augment_batch, is_active
+from mnistlab.data.exposure import Exposure
 from mnistlab.data.splits import MnistData, batch_indices, load_data, standardize_, take, to_float
 from mnistlab.errors import MnistlabError, plural
 from mnistlab.models.attacks import TrainingAttack, make_training_attack
-from mnistlab.models.gradients import bypasses_autograd, make_gradient_fn
-from mnistlab.models.losses import LossFn, make_loss
+from mnistlab.models.gradients import GradientFn, autograd_gradients, bypasses_autograd, make_gradient_fn
+from mnistlab.models.losses import LossFn, log_probabilities_of, make_loss
 from mnistlab.models.metrics import loss_and_correct
 from mnistlab.models.networks import count_parameters
 from mnistlab.models.optimizers import make_step
@@ -237,21 +239,26 @@ class Steps:
     autocast: contextlib.AbstractContextManager
     augmenting: bool
     adversary: TrainingAttack | None  # adversarial training ([adversarial] in the config), else None
+    exposure: Exposure | None  # typeset digits, stroke variations, non-digits (data/exposure.py), else None
 
     @classmethod
-    def for_state(cls, state: RunState, data: MnistData) -> Steps:
+    def for_state(cls, state: RunState, data: MnistData, log: Progress | None = None) -> Steps:
         config, t = state.config, state.config.training
         loss_fn = make_loss(t.loss, config.model.softmax_output, t.label_smoothing)
         autocast = devices.autocast(state.device, t.amp)
         normalize = (data.mean, data.std) if config.data.normalize else None
         steps_per_epoch = (len(data.train) + t.batch_size - 1) // t.batch_size
+
+        def gradient_fn(model: nn.Module) -> GradientFn:
+            if t.outlier_exposure:  # through autograd: the hand-derived MLP gradients know the digits' loss only
+                exposed = _with_exposure(loss_fn, t.outlier_exposure, config.model.softmax_output)
+                return autograd_gradients(model, exposed, autocast)
+            return make_gradient_fn(model, config, loss_fn, autocast)
+
         return cls(
             loss_fn=loss_fn,
             gradients=distributed.BatchGradients(
-                state.cluster,
-                state.model,
-                lambda model: make_gradient_fn(model, config, loss_fn, autocast),
-                by_hand=bypasses_autograd(config),
+                state.cluster, state.model, gradient_fn, by_hand=bypasses_autograd(config) and not t.outlier_exposure
             ),
             step=make_step(state.optimizer),
             normalize=normalize,
@@ -265,7 +272,20 @@ class Steps:
                 steps_per_epoch,
                 state.epoch + 1,
             ),
+            exposure=Exposure(config, len(data.train), state.device, log) if Exposure.wanted(config) else None,
         )
+
+
+def _with_exposure(loss_fn: LossFn, weight: float, probabilities: bool) -> LossFn:
+    """Outlier exposure's loss: `loss_fn` on the rows that have labels (the digits) plus `weight` times the
+    cross-entropy to the uniform answer on the rows after them (the non-digits), i.e. their mean negative
+    log-probability over the classes (Hendrycks et al. 2019)."""
+
+    def loss(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n = len(labels)
+        return loss_fn(out[:n], labels) + weight * -log_probabilities_of(out[n:], probabilities).mean()
+
+    return loss
 
 
 def train_epoch(
@@ -286,17 +306,25 @@ def train_epoch(
     for step, index in enumerate(order, 1):
         rows = cluster.share(len(index))
         batch = take(data.train, index[rows])
-        x = to_float(batch.images)
+        x, labels = to_float(batch.images), batch.labels
+        share = (rows.start, len(index))
+        if steps.exposure is not None:  # typeset digits and non-digits join the batch (in one process: `_fit`)
+            x, labels = steps.exposure(x, labels, state.warp)
+            share = None
         if steps.augmenting:
-            x = augment_batch(x, config.augment, state.warp, (rows.start, len(index)))
+            x = augment_batch(x, config.augment, state.warp, share)
         if steps.adversary is not None:  # adversarial training: attacks on the current model join or replace the batch
-            x = steps.adversary(x, batch.labels)
-        loss, out = steps.gradients(standardize_(x, steps.normalize), batch.labels, len(batch), len(index))
+            x = steps.adversary(x, labels)
+        loss, out = steps.gradients(standardize_(x, steps.normalize), labels, len(batch), len(index))
         steps.step()
         if state.scheduler:
             state.scheduler.step()
         if state.ema:
             state.ema.update()
+        if len(out) > len(batch):  # the metrics are the training split's: its digits' loss, not the added rows'
+            out = out[: len(batch)]
+            with torch.no_grad():
+                loss = steps.loss_fn(out, batch.labels)
         sums[0] += loss * len(batch)
         sums[1] += (out.argmax(1) == batch.labels).sum()
         bar.update()
@@ -348,6 +376,16 @@ def _check_finite(record: dict[str, Any], config: Config, epoch: int) -> None:
         )
 
 
+def _refuse_exposure_across_processes(config: Config, cluster: distributed.Cluster) -> None:
+    """Each rank would add its own typeset digits and non-digits and pair digits only within its share: not the
+    step one process takes, which is what distributed training promises. So exposure trains in one process."""
+    if cluster.active and Exposure.wanted(config):
+        raise MnistlabError(
+            "training.outlier_exposure, augment.strokes and augment.typeset_digits train in one process; "
+            "leave out --nproc (or torchrun)"
+        )
+
+
 def _fit(
     config: Config,
     *,
@@ -366,6 +404,7 @@ def _fit(
     dev = device
     try:
         t = config.training
+        _refuse_exposure_across_processes(config, cluster)
         if data is None:
             data = _load_data_once_per_machine(config, data_dir, dev, cluster)
         data = data.to(dev)
@@ -374,7 +413,7 @@ def _fit(
             state = RunState(config, dev, steps_per_epoch, cluster)
         else:
             state = RunState.from_checkpoint(config, dev, steps_per_epoch, checkpoint, cluster)
-        steps = Steps.for_state(state, data)
+        steps = Steps.for_state(state, data, log)
         log.line(
             f"{'resuming' if checkpoint else 'training'} {config.name} on {data.name} ({len(data.train)} train, "
             f"{len(data.val) if data.val else 0} val, {len(data.test)} test) on {_describe_device(dev, t.amp)}"

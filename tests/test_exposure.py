@@ -1,0 +1,124 @@
+"""Outlier exposure's training material (data/exposure.py) and its training: the generated pool is deterministic,
+cached and looks like `preprocess`'s output; the stroke variations keep shape and range and touch only their
+share; a network trained beside non-digits answers them flatter; bad settings are one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mnistlab.config import load_config
+from mnistlab.data.exposure import from_digits, nondigit_pool, render_nondigits, vary_strokes
+from mnistlab.data.splits import to_float
+from mnistlab.models.networks import Standardized
+from mnistlab.train.loop import train
+
+from .support.cli import assert_user_error, mnistlab
+from .support.mnist import subset
+from .support.runs import interrupted_and_resumed, without_time
+
+
+def _extent(ink: torch.Tensor) -> torch.Tensor:
+    """The number of rows (or columns) from the first inked one to the last, per image, of masks (N, L)."""
+    index = torch.arange(ink.shape[1]).expand_as(ink)
+    return torch.where(ink, index, -1).amax(1) - torch.where(ink, index, ink.shape[1]).amin(1) + 1
+
+
+def test_the_pool_is_deterministic_cached_and_shaped_like_mnist(isolated_env, capsys):
+    pool = nondigit_pool(120, seed=3)
+    assert "making 120 non-digits" in capsys.readouterr().err
+    (cached,) = (isolated_env / "mnistlab" / "exposure").glob("non-digits-*-120-3.npz")
+    written = cached.stat().st_mtime_ns
+    again = nondigit_pool(120, seed=3)
+    assert capsys.readouterr().err == ""  # read back, not drawn again
+    assert cached.stat().st_mtime_ns == written
+    assert torch.equal(pool, again) and torch.equal(pool, render_nondigits(120, 3))
+    assert not torch.equal(pool, render_nondigits(120, 4))
+    assert pool.dtype == torch.uint8 and pool.shape == (120, 28, 28)
+
+    # Scaled into MNIST's 20x20 box as `preprocess` does: the strong ink spans at most 21 pixels each way
+    # (anti-aliasing adds one), and the faint edges reach about the box's side, so none is blank or tiny.
+    def longer_side(ink: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(_extent(ink.any(2)), _extent(ink.any(1)))
+
+    assert int(longer_side(pool >= 128).max()) <= 21
+    assert int(longer_side(pool >= 25).min()) >= 18
+    cached.write_bytes(b"cut short")  # a damaged cache file is drawn again, not trusted
+    assert torch.equal(nondigit_pool(120, seed=3), pool)
+    with np.load(cached, allow_pickle=False) as stored:
+        assert stored["images"].dtype == np.uint8
+
+
+def test_no_generated_non_digit_is_an_mnist_digit(mnist_data):
+    pool = render_nondigits(300, 5)
+    digits = {bytes(image) for image in torch.cat([mnist_data.train.images, mnist_data.test.images]).numpy()}
+    assert not any(bytes(image) in digits for image in pool.numpy())
+
+
+def test_stroke_variations_keep_shape_and_range_and_change_only_their_share(small_mnist):
+    x = to_float(small_mnist.train.images[:1000])
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(vary_strokes(x, 0.0, generator), x)
+    for share in (0.3, 1.0):
+        varied = vary_strokes(x, share, generator)
+        assert varied.shape == x.shape and varied.dtype == x.dtype
+        assert float(varied.min()) >= 0 and float(varied.max()) <= 1
+        changed = (varied != x).flatten(1).any(1).float().mean()
+        # A share is drawn per image; an image may come back unchanged (an erosion that would wipe it out)
+        assert share - 0.06 <= float(changed) <= share + 0.04, (share, float(changed))
+    made, usable = from_digits(x, small_mnist.train.labels[:1000], generator)
+    assert made.shape == x.shape and float(made.min()) >= 0 and float(made.max()) <= 1
+    assert 0.8 < float(usable.float().mean()) < 0.95  # pairs of the same class are marked, about 1 in 10
+
+
+def test_training_beside_non_digits_answers_them_flatter(small_mnist, isolated_env):
+    data = subset(small_mnist, 3000, 500)
+    base = load_config("cnn-fast").with_overrides({"training.epochs": 2})
+    unseen = to_float(render_nondigits(300, 11))  # not the training pool's seed
+
+    def entropy(config) -> float:
+        run = train(config, data=data, device="cpu", quiet=True)
+        model = Standardized(run.model.eval(), (data.mean, data.std))
+        with torch.inference_mode():
+            probs = model(unseen).softmax(1)
+        assert run.final["val_accuracy"] > 0.85
+        return float(-(probs * probs.clamp_min(1e-12).log()).sum(1).mean())
+
+    plain = entropy(base)
+    exposed = entropy(base.with_overrides({"training.outlier_exposure": 1.0, "augment.strokes": 0.5}))
+    assert exposed > plain + 0.3, (plain, exposed)  # in nats, of at most ln 10 = 2.3 (measured: 1.60 -> 2.21)
+
+
+def test_an_interrupted_exposed_run_resumes_to_identical_metrics(small_mnist, isolated_env, tmp_path):
+    """The non-digits, typeset digits and stroke variations are drawn from the run's checkpointed augmentation
+    generator; seed-b's Softmax-output MLP trains through autograd, the exposure loss on its log-probabilities."""
+    data = subset(small_mnist, 2000, 300)
+    config = load_config("seed-b").with_overrides(
+        {
+            "training.epochs": 2,
+            "training.outlier_exposure": 0.5,
+            "augment.strokes": 0.5,
+            "augment.typeset_digits": 8,
+            "augment.rotate": 10.0,
+        }
+    )
+    whole = train(config, out_dir=tmp_path / "whole", quiet=True, data=data, device="cpu")
+    resumed = interrupted_and_resumed(config, tmp_path / "cut", data, after=1)
+    assert without_time(resumed.epochs) == without_time(whole.epochs)
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--config", "cnn-fast", "--set", "training.outlier_exposure=-1"], "training.outlier_exposure"),
+        (["--config", "fashion-cnn", "--set", "training.outlier_exposure=1"], "digit models only"),
+        (["--config", "fashion-cnn", "--set", "augment.typeset_digits=8"], "augment.typeset_digits"),
+        (["--config", "cnn-fast", "--set", "augment.strokes=1.5"], "augment.strokes"),
+        (["--config", "cnn-fast-oe", "--set", "adversarial.method=fgsm-rs"], "one at a time"),
+    ],
+)
+def test_bad_exposure_settings_are_one_line_errors(args, needle, tmp_path):
+    assert_user_error(mnistlab("train", *args, "--out", str(tmp_path / "run")), needle)
