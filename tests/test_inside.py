@@ -225,7 +225,7 @@ def test_an_ensembles_distance_is_one_minus_its_members_mean_cosine(bundled, bun
     training = to_float(bundled_index.images[rows.flatten()])
     cosines = []
     with torch.inference_mode():
-        for member, density in zip(bundled.model.members, bundled.outliers.densities):
+        for member, density in zip(bundled.model.members, bundled.outliers.members):
             q = torch.nn.functional.normalize(member.features_and_outputs(query)[0] @ density.basis, dim=1)
             t = torch.nn.functional.normalize(member.features_and_outputs(training)[0] @ density.basis, dim=1)
             cosines.append((q[:, None, :] * t.view(3, 3, -1)).sum(-1))

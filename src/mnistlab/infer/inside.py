@@ -284,8 +284,8 @@ def _bases(model: LoadedModel, members: list[Standardized], images: torch.Tensor
     """Each member's kept directions (D, k): its outlier density's basis, else the largest principal directions
     (not centred: they keep the dot products) of the first BASIS_IMAGES images' features; None where the
     member has at most RANK features."""
-    if model.outliers is not None:
-        return [density.basis.detach().float().cpu() for density in model.outliers.densities]
+    if model.outliers is not None and not model.outliers.reads_probabilities:  # a density per member: its basis
+        return [density.basis.detach().float().cpu() for density in model.outliers.members]
     bases: list[torch.Tensor | None] = []
     for member in members:
         if _width(member, None) <= RANK:

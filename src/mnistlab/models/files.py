@@ -26,16 +26,19 @@ from mnistlab.files import LOCK, replacing, write_json
 from mnistlab.models.calibration import ConfidenceMap, calibrated
 from mnistlab.models.losses import LossFn, make_loss
 from mnistlab.models.networks import Ensemble, Standardized, as_probabilities, build_model
-from mnistlab.models.outliers import METHOD, FeatureDensity, OutlierDetector, head_index
+from mnistlab.models.outliers import (
+    DENSITY,
+    MAX_PROBABILITY,
+    METHODS,
+    MIXED,
+    FeatureDensity,
+    MaxProbability,
+    OutlierDetector,
+    head_index,
+)
 
 FORMAT = "mnistlab-model"
 FORMAT_VERSION = 1
-# The `outliers` block of an ensemble whose members each have a detector (models/outliers.py, OutlierDetector).
-ENSEMBLE_OUTLIERS = {
-    "method": METHOD,
-    "threshold": 1.0,
-    "combined": "the mean of the members' scores, each divided by its own threshold",
-}
 
 
 @dataclass
@@ -114,13 +117,23 @@ class Answering(nn.Module):
         self.model, self.detector = loaded.model, loaded.outliers
         self.softmax_output, self.temperature = loaded.probabilities, loaded.temperature
         self.confidence_map = loaded.confidence_map
+        # A max-probability score reads the probabilities in float64: in float32, 1 - p of a sure answer is lost to
+        # rounding (1 - 1e-6 is within a few steps of 1), and the ONNX copy's scores would not agree with these.
+        self.precise = loaded.outliers is not None and loaded.outliers.reads_probabilities
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features, outputs = self.model.features_and_outputs(images)
-        probs = calibrated(as_probabilities(outputs, self.softmax_output), self.temperature, self.confidence_map)
+        if isinstance(self.model, Ensemble):  # each member's own probabilities too: a max-probability score reads them
+            features, own = self.model.member_answers(images, self.precise)
+            probs = calibrated(torch.stack(own).mean(0), self.temperature, self.confidence_map)  # as Ensemble averages
+        else:
+            feature, outputs = self.model.features_and_outputs(images)
+            features = [feature]
+            outputs = outputs.double() if self.precise else outputs
+            probs = calibrated(as_probabilities(outputs, self.softmax_output), self.temperature, self.confidence_map)
+            own = [probs]
         if self.detector is None:  # shape[0], not len(): torch.export would fix len() at its example's batch size
             return probs, torch.zeros(images.shape[0], device=images.device)
-        return probs, self.detector(features if isinstance(features, list) else [features])
+        return probs.float(), self.detector(features, own)
 
 
 def _describe(model_config: ModelConfig, normalize: tuple[float, float] | None) -> dict[str, Any]:
@@ -156,17 +169,19 @@ def save_model(
     metadata: dict[str, Any],
     stem: str = "model",
     calibration: dict[str, Any] | None = None,
-    outliers: tuple[FeatureDensity, dict[str, Any]] | None = None,
+    outliers: tuple[FeatureDensity | None, dict[str, Any]] | None = None,
 ) -> Path:
     """Write `<stem>.safetensors` and `<stem>.json` into `folder`; returns the safetensors path. `calibration`:
-    the temperature fitted on validation data and how it was fitted; `outliers`: the feature density and its
-    `outliers` block (models/outliers.fit_detector)."""
+    the temperature fitted on validation data and how it was fitted; `outliers`: the feature density (None for the
+    max-probability method, which has no tensors) and the `outliers` block (models/outliers.fit_detector,
+    fit_max_probability)."""
     description = {**_describe(model_config, normalize), "metadata": metadata}
     tensors = dict(model.state_dict())
     if calibration is not None:
         description["calibration"] = calibration
     if outliers is not None:
-        tensors.update(outliers[0].tensors())
+        if outliers[0] is not None:
+            tensors.update(outliers[0].tensors())
         description["outliers"] = outliers[1]
     return _save(tensors, folder, stem, description)
 
@@ -184,17 +199,38 @@ def save_ensemble(members: list[Path], folder: Path, metadata: dict[str, Any], s
         temperature = _temperature(meta.get("calibration"), member)
         if temperature is not None:  # calibrated on its own validation split, it stays so in the ensemble
             entry["temperature"] = temperature
-        if "outliers" in meta:  # its density came along with its tensors ("m{i}.outliers.*")
-            entry["outliers"] = {"threshold": _threshold(meta["outliers"], member)}
+        if "outliers" in meta:  # a density came along with its tensors ("m{i}.outliers.*")
+            entry["outliers"] = _member_outliers(meta, member)
         described.append(entry)
     description: dict[str, Any] = {"ensemble": described, "metadata": metadata}
     if all("outliers" in entry for entry in described):
-        description["outliers"] = dict(ENSEMBLE_OUTLIERS)
+        description["outliers"] = ensemble_outliers([entry["outliers"]["method"] for entry in described])
     else:  # a member without a density: the ensemble has no score, and keeps no member's tensors for one
         tensors = {k: v for k, v in tensors.items() if ".outliers." not in k}
         for entry in described:
             entry.pop("outliers", None)
     return _save(tensors, folder, stem, description)
+
+
+def ensemble_outliers(methods: list[str]) -> dict[str, Any]:
+    """The `outliers` block of an ensemble whose members have detectors of these methods (OutlierDetector)."""
+    return {
+        "method": methods[0] if len(set(methods)) == 1 else MIXED,
+        "threshold": 1.0,
+        "combined": "the mean of the members' scores, each divided by its own threshold",
+    }
+
+
+def _member_outliers(meta: dict[str, Any], source: Path) -> dict[str, Any]:
+    """A member's `outliers` block in an ensemble: its method and threshold, and for max-probability its
+    confidence map (the ensemble tempers each member's probabilities, and maps none)."""
+    block = meta["outliers"]
+    method = outlier_method(block, source)
+    entry = {"method": method, "threshold": _threshold(block, source, method)}
+    calibration = meta.get("calibration")
+    if method == MAX_PROBABILITY and isinstance(calibration, dict) and "confidence_map" in calibration:
+        entry["confidence_map"] = ConfidenceMap.from_dict(calibration["confidence_map"], source).to_dict()
+    return entry
 
 
 def model_paths(path: str | Path) -> tuple[Path, Path]:
@@ -371,18 +407,43 @@ def _detector(
 ) -> OutlierDetector | None:
     """The outlier detector a model file describes (its `outliers` block, and each network's density tensors
     with, in an ensemble, the member's own `outliers` block), checked; None where it has none."""
-    found = [bool(tensors) for _, tensors, _ in members]
     if block is None:  # (density tensors it does not describe are ignored: see infer/calibrate.py)
         return None
+    if len(members) == 1:
+        method = outlier_method(block, source)
+        network, tensors, _ = members[0]
+        scorer = _scorer(method, network, tensors, None, source)
+        return OutlierDetector([scorer], [1.0], _threshold(block, source, method))
+    outlier_method(block, source, (*METHODS, MIXED))  # checked only: each member's block names its own
     threshold = _threshold(block, source)
-    if not all(found):
-        raise MnistlabError(f"{source}: 'outliers' is described but the weights hold no outlier density for it")
-    densities, scales = [], []
+    scorers, scales = [], []
     for network, tensors, member_block in members:
-        features = network.network[head_index(network.network)].in_features
-        densities.append(_density(tensors, features, source))
-        scales.append(_threshold(member_block, source) if len(members) > 1 else 1.0)
-    return OutlierDetector(densities, scales, threshold)
+        method = outlier_method(member_block, source)
+        scorers.append(_scorer(method, network, tensors, member_block, source))
+        scales.append(_threshold(member_block, source, method))
+    return OutlierDetector(scorers, scales, threshold)
+
+
+def _scorer(
+    method: str, network: nn.Module, tensors: dict[str, torch.Tensor], member_block: Any, source: Path
+) -> FeatureDensity | MaxProbability:
+    """One network's outlier score of `method`: its density (from its tensors), or its max probability (with an
+    ensemble member's own confidence map, where its block has one)."""
+    if method == MAX_PROBABILITY:
+        confidence_map = member_block.get("confidence_map") if isinstance(member_block, dict) else None
+        return MaxProbability(ConfidenceMap.from_dict(confidence_map, source) if confidence_map is not None else None)
+    if not tensors:
+        raise MnistlabError(f"{source}: 'outliers' is described but the weights hold no outlier density for it")
+    return _density(tensors, network.network[head_index(network.network)].in_features, source)
+
+
+def outlier_method(block: Any, source: Path | str, known: tuple[str, ...] = METHODS) -> str:
+    """The method of an `outliers` block, checked: one mnistlab knows (no method: the feature density, as every
+    file had before the method was recorded)."""
+    method = block.get("method", DENSITY) if isinstance(block, dict) else DENSITY
+    if method not in known:
+        raise MnistlabError(f"{source}: unknown outlier method {method!r} (this mnistlab knows {', '.join(known)})")
+    return method
 
 
 def _density(tensors: dict[str, torch.Tensor], features: int, source: Path) -> FeatureDensity:
@@ -406,11 +467,14 @@ def _density(tensors: dict[str, torch.Tensor], features: int, source: Path) -> F
     return FeatureDensity(means, basis, variances, residual)
 
 
-def _threshold(block: Any, source: Path | str) -> float:
-    """The threshold of an `outliers` block, checked: a positive finite number."""
+def _threshold(block: Any, source: Path | str, method: str = DENSITY) -> float:
+    """The threshold of an `outliers` block, checked: a positive finite number, at most 1 for max-probability
+    (a score of 1 - a probability)."""
     value = block.get("threshold") if isinstance(block, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise MnistlabError(f"{source}: the outlier threshold must be a positive finite number, got {value!r}")
+    if method == MAX_PROBABILITY and value > 1:
+        raise MnistlabError(f"{source}: a max-probability outlier threshold must be in (0, 1], got {value!r}")
     return float(value)
 
 

@@ -124,18 +124,17 @@ class Ensemble(nn.Module):
         self.temperatures = temperatures
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._average([m(x) for m in self.members])
+        return torch.stack(self.member_answers(x)[1]).mean(0)
 
-    def _average(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        outs = [
-            temper(as_probabilities(o, p), t or 1.0) for o, p, t in zip(outputs, self.probabilities, self.temperatures)
-        ]
-        return torch.stack(outs).mean(0)
-
-    def features_and_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Each member's penultimate features, and the averaged probabilities, in one pass."""
+    def member_answers(self, x: torch.Tensor, precise: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each member's penultimate features and its own probabilities (at its own temperature), in one pass;
+        `precise`: the probabilities in float64."""
         answers = [m.features_and_outputs(x) for m in self.members]
-        return [f for f, _ in answers], self._average([o for _, o in answers])
+        probabilities = [
+            temper(as_probabilities(o.double() if precise else o, p), t or 1.0)
+            for (_, o), p, t in zip(answers, self.probabilities, self.temperatures)
+        ]
+        return [f for f, _ in answers], probabilities
 
 
 @contextlib.contextmanager

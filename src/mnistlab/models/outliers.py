@@ -15,6 +15,13 @@ model's first member, energy and max-probability flag 33-83% of Fashion-MNIST te
 the feature distance 100%; earlier layers' features (pooled) did worse on letters, and adding confidence to the
 distance did not help either by more than a few letters in a hundred.
 
+A network trained with outlier exposure (`training.outlier_exposure`: the cross-entropy to the uniform answer on
+generated non-digits) learns to be unsure of what is not a digit, and its features no longer set them apart
+(docs/outliers.md, "Outlier exposure, second try": the density flags 1-12% of most non-digit kinds after it, the
+confidence 83-96%). Such a run gets the method "max-probability" instead: the score is 1 - the top calibrated
+probability (after temperature and confidence map: the probabilities the user sees), thresholded on the
+validation split as the density is; it stores no tensors.
+
 An ensemble's score is the mean over its members of each member's score divided by its own threshold (each
 member is fitted on its own training split and thresholded on its own validation split), flagged above 1.
 """
@@ -27,7 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-METHOD = "feature-mahalanobis"
+from mnistlab.models.calibration import ConfidenceMap
+
+DENSITY = "feature-mahalanobis"
+MAX_PROBABILITY = "max-probability"
+METHODS = (DENSITY, MAX_PROBABILITY)
+MIXED = "mixed"  # the method of an ensemble whose members use different ones
 FLAGGED = 0.01  # the share of validation images a threshold may flag
 SHRINK = 1e-2  # covariance + SHRINK * its mean variance * I: keeps directions no training image varies in finite
 # Directions of the covariance kept one by one (the rest share one variance): for the bundled model's members, 256
@@ -128,18 +140,42 @@ def auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float | None:
     return pairs_won / (n * m)
 
 
-class OutlierDetector(nn.Module):
-    """The outlier score of a model (one density) or an ensemble (one per member): each member's score over its
-    `scale` (1 for a single model, the member's threshold in an ensemble), averaged; flagged above `threshold`."""
+class MaxProbability(nn.Module):
+    """The max-probability score: 1 - the top calibrated probability. It reads the probabilities `Answering` gives
+    it; an ensemble member's are its temperature's alone, so it brings the member's own confidence map, if any."""
 
-    def __init__(self, densities: list[FeatureDensity], scales: list[float], threshold: float):
+    def __init__(self, confidence_map: ConfidenceMap | None = None):
         super().__init__()
-        self.densities = nn.ModuleList(densities)
+        self.confidence_map = confidence_map
+
+    def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
+        if self.confidence_map is not None:
+            probabilities = self.confidence_map(probabilities)
+        return 1 - probabilities.max(1).values
+
+
+class OutlierDetector(nn.Module):
+    """The outlier score of a model (one scorer: a density or the max probability) or an ensemble (one per member):
+    each member's score over its `scale` (1 for a single model, the member's threshold in an ensemble), averaged;
+    flagged above `threshold`."""
+
+    def __init__(self, members: list[FeatureDensity | MaxProbability], scales: list[float], threshold: float):
+        super().__init__()
+        self.members = nn.ModuleList(members)
         self.scales = scales
         self.threshold = threshold
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        scores = [d(f) / s for d, f, s in zip(self.densities, features, self.scales)]
+    @property
+    def reads_probabilities(self) -> bool:
+        """Whether a member's score is its calibrated probabilities' (max-probability) rather than its features'."""
+        return any(isinstance(m, MaxProbability) for m in self.members)
+
+    def forward(self, features: list[torch.Tensor], probabilities: list[torch.Tensor]) -> torch.Tensor:
+        """Scores (N,) from each member's penultimate features and its own calibrated probabilities."""
+        scores = [
+            (m(p) if isinstance(m, MaxProbability) else m(f)).float() / s
+            for m, f, p, s in zip(self.members, features, probabilities, self.scales)
+        ]
         return torch.stack(scores).mean(0)
 
 
@@ -162,8 +198,21 @@ def fit_detector(
         scores = density(features_of(network, val))
     threshold = flagging_threshold(scores)
     return density, {
-        "method": METHOD,
+        "method": DENSITY,
         "threshold": threshold,
         "fitted_on": f"training split ({len(train[1])} images); threshold on the validation split ({len(val)} images)",
+        "validation_flagged": float(flagged(scores, threshold).double().mean()),
+    }
+
+
+def fit_max_probability(probabilities: torch.Tensor) -> dict[str, Any]:
+    """The `outliers` block of the max-probability method for the calibrated probabilities (N, C) of the
+    validation images (float64, as `Answering` computes them): the threshold that flags at most FLAGGED of them."""
+    scores = MaxProbability()(probabilities).float()
+    threshold = flagging_threshold(scores)
+    return {
+        "method": MAX_PROBABILITY,
+        "threshold": threshold,
+        "fitted_on": f"validation split ({len(scores)} images): 1 - the top calibrated probability",
         "validation_flagged": float(flagged(scores, threshold).double().mean()),
     }

@@ -15,7 +15,7 @@ from mnistlab.models.calibration import ConfidenceMap, calibrated, fit_on_split,
 from mnistlab.models.files import save_model
 from mnistlab.models.metrics import predict_scores
 from mnistlab.models.networks import Standardized, as_probabilities, for_inference
-from mnistlab.models.outliers import fit_detector
+from mnistlab.models.outliers import fit_detector, fit_max_probability
 from mnistlab.train.checkpoint import CHECKPOINT
 from mnistlab.train.state import Run, RunState
 
@@ -74,19 +74,28 @@ class RunDirectory:
 
         config = run.config
 
-        def probabilities(split: Split) -> torch.Tensor:
-            scores = predict_scores(run.model, split.images, normalize)
-            return as_probabilities(scores.float(), config.model.softmax_output).cpu()
+        def outputs(split: Split) -> torch.Tensor:
+            return predict_scores(run.model, split.images, normalize).cpu()
+
+        def probabilities(outputs: torch.Tensor) -> torch.Tensor:
+            return as_probabilities(outputs, config.model.softmax_output)
 
         # The temperature and the outlier threshold are chosen on the validation split (the outlier density is
         # fitted on the training split); the test split only shows how well they hold.
         calibration = outliers = None
         if data.val is not None:
-            calibration = fit_on_split(probabilities(data.val), data.val.labels.cpu())
-            network = Standardized(for_inference(run.model), normalize)
-            outliers = fit_detector(
-                network, (to_float(data.train.images), data.train.labels), to_float(data.val.images)
-            )
+            val = outputs(data.val)
+            calibration = fit_on_split(probabilities(val.float()), data.val.labels.cpu())
+            if config.training.outlier_exposure > 0:  # trained to be unsure of non-digits: its confidence is the score
+                confidence_map = ConfidenceMap.from_dict(calibration["confidence_map"], self.path)
+                # in float64, as LoadedModel.answering() computes them for this method
+                val_probs = calibrated(probabilities(val.double()), calibration["temperature"], confidence_map)
+                outliers = (None, fit_max_probability(val_probs))
+            else:
+                network = Standardized(for_inference(run.model), normalize)
+                outliers = fit_detector(
+                    network, (to_float(data.train.images), data.train.labels), to_float(data.val.images)
+                )
         atomic_write_text(self.path / "config.toml", config.to_toml())
         saved = run.saved
         save_model(
@@ -110,7 +119,7 @@ class RunDirectory:
         plot_curves(run.epochs, self.path / "curves.png", f"{config.name}: {config.summary()}")
         written = ["model.safetensors", "model.json", "metrics.json", "curves.png", "config.toml"]
         if calibration is not None:
-            test, labels = probabilities(data.test), data.test.labels.cpu()
+            test, labels = probabilities(outputs(data.test).float()), data.test.labels.cpu()
             confidence_map = ConfidenceMap.from_dict(calibration["confidence_map"], self.path)
             tempered = calibrated(test.double(), calibration["temperature"], confidence_map)
             tables = {
