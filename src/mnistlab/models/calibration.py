@@ -162,7 +162,9 @@ def fit_confidence_map(probs: torch.Tensor, labels: torch.Tensor, pieces: int = 
         return loss
 
     optimizer.step(closure)
-    fitted = values().detach()
+    # The map's floor is 1 / classes anyway (the answer stays on top), and a sigmoid far out rounds to exactly 0
+    # (a split with no right answer at low confidence), which a model file may not hold.
+    fitted = values().detach().clamp(1 / probs.shape[1], 1)
     fitted = torch.cummax(fitted, 0).values  # exact non-decrease against rounding
     return ConfidenceMap(knots.tolist(), fitted.tolist())
 
