@@ -12,7 +12,7 @@ preprocessing `mnistlab predict` uses; one that preprocessing refuses ("no digit
 The sets are generated with `--seed` (default 1); the score and its settings were chosen looking at seed 0 only.
 
 Run: .venv/bin/python benchmarks/trust_table.py [--models RUN_DIR ...] [--bundled] [--count 300] [--seed 1]
-     [--data-dir DIR] [--fashion-dir DIR] [--no-write]
+     [--data-dir DIR] [--fashion-dir DIR] [--no-write] [--sections PREFIX]
 """
 
 from __future__ import annotations
@@ -98,6 +98,9 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="MNIST's folder")
     parser.add_argument("--fashion-dir", default=None, help="Fashion-MNIST's folder (its test items are a kind)")
     parser.add_argument("--no-write", action="store_true", help="print the tables without writing docs/outliers.md")
+    parser.add_argument(
+        "--sections", default="", help="a prefix of the two sections written (default: calibration, outlier-flags)"
+    )
     args = parser.parse_args()
     models: list[str | None] = ([None] if args.bundled or not args.models else []) + args.models
 
@@ -116,14 +119,17 @@ def main() -> None:
         print("\n".join(r for r in row if r), flush=True)
     minutes = (time.perf_counter() - start) / 60
 
-    shown = (["--bundled"] if args.bundled and args.models else []) + (
-        ["--models", *args.models] if args.models else []
+    shown = (
+        (["--bundled"] if args.bundled and args.models else [])
+        + (["--models", *args.models] if args.models else [])
+        + (["--sections", args.sections] if args.sections else [])
+        + (["--fashion-dir", args.fashion_dir] if args.fashion_dir else [])
     )
     command = " ".join(["benchmarks/trust_table.py", *shown])
     calibration = f"""Command: `.venv/bin/python {command}` ({minutes:.0f} min). Machine: {machine()}.
 
-Each model's test split, before and after the temperature fitted on its validation split (an ensemble: each
-member's on its own). ECE over {ECE_BINS} equal-width bins of the top label's confidence.
+Each model's test split, before and after the temperature and confidence map fitted on its validation split (an
+ensemble: each member's temperature on its own). ECE over {ECE_BINS} equal-width bins of the top label's confidence.
 
 | model | data | test accuracy | ECE before | ECE after | NLL before | NLL after | Brier after |
 |---|---|---|---|---|---|---|---|
@@ -141,8 +147,8 @@ digits and 3% of real digit images flagged, at least 95% of each non-digit kind.
 """ + "\n".join(r[1] for r in rows if r[1])
     print(calibration, "\n\n", flags)
     if not args.no_write:
-        write_section("calibration", calibration, DOC)
-        write_section("outlier-flags", flags, DOC)
+        write_section(f"{args.sections}calibration", calibration, DOC)
+        write_section(f"{args.sections}outlier-flags", flags, DOC)
 
 
 if __name__ == "__main__":
