@@ -13,9 +13,10 @@ from mnistlab.config import AugmentConfig, ModelConfig, load_config
 from mnistlab.data.augment import augment_batch
 from mnistlab.data.splits import to_float
 from mnistlab.infer.ensemble import make_ensemble
+from mnistlab.models.calibration import temper
 from mnistlab.models.files import bundled_model_path, load_model
 from mnistlab.models.metrics import evaluate_model, predict_scores
-from mnistlab.models.networks import ShiftAveraged, build_model, count_parameters
+from mnistlab.models.networks import ShiftAveraged, as_probabilities, build_model, count_parameters
 from mnistlab.train.loop import train
 
 from .support.cli import assert_user_error, mnistlab
@@ -132,9 +133,12 @@ def test_ensemble_averages_member_probabilities(mnist_data, mnist_path, tmp_path
     assert ensemble.probabilities and len(ensemble.configs) == 2
 
     images = mnist_data.test.images[:500]
-    expected = torch.stack(
-        [load_model(m).probabilities_of(predict_scores(load_model(m).model, images)) for m in members]
-    ).mean(0)
+
+    def tempered(member) -> torch.Tensor:  # each member at its own temperature (an ensemble uses no member's map)
+        loaded = load_model(member)
+        return temper(as_probabilities(predict_scores(loaded.model, images), loaded.probabilities), loaded.temperature)
+
+    expected = torch.stack([tempered(m) for m in members]).mean(0)
     got = predict_scores(ensemble.model, images)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got.sum(1), torch.ones(500))

@@ -114,8 +114,7 @@ def _draw(kind: str, rng: np.random.Generator, fonts: list[Path]) -> Image.Image
             draw.line(_curve(rng, 3 if strokes > 1 else 5), fill=255, width=width, joint="curve")
     elif kind == "polygons":
         corners = int(rng.integers(3, 9))
-        star = rng.random() < 0.4
-        filled = rng.random() < 0.4
+        star, filled = rng.random() < 0.4, rng.random() < 0.4
         if not (star or filled):  # an outline of many corners is a circle, a 0 as people draw it
             corners = min(corners, 5)
         points = _star(rng, corners, rng.uniform(0.3, 0.6) if star else 1.0)
