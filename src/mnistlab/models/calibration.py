@@ -75,6 +75,13 @@ def fit_temperature(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(10 ** -((low + high) / 2))
 
 
+def _piecewise(x: torch.Tensor, knots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The piecewise-linear curve through (knots, values) at `x` (N,): values[0] plus each piece's rise times how
+    far along it x is (0 to 1). Plain tensor arithmetic, so that ONNX and torch.export carry it."""
+    along = ((x[:, None] - knots[:-1]) / (knots[1:] - knots[:-1])).clamp(0, 1)
+    return values[0] + (along * (values[1:] - values[:-1])).sum(1)
+
+
 class ConfidenceMap(nn.Module):
     """The top label's probability c mapped to f(c), f piecewise linear through (knots, values) and
     non-decreasing; the other classes move so that their order stays: towards uniform where f(c) < c (a mix
@@ -91,9 +98,7 @@ class ConfidenceMap(nn.Module):
         knots, values = self.knots.to(probs.dtype), self.values.to(probs.dtype)
         classes = probs.shape[1]
         top, answer = probs.max(1)
-        # f(c) = values[0] + sum over pieces of the piece's rise times how far along it c is (0 to 1)
-        along = ((top[:, None] - knots[:-1]) / (knots[1:] - knots[:-1])).clamp(0, 1)
-        mapped = values[0] + (along * (values[1:] - values[:-1])).sum(1)
+        mapped = _piecewise(top, knots, values)
         mapped = torch.maximum(mapped, torch.full_like(mapped, 1 / classes + 1e-6))
         share = ((mapped - 1 / classes) / (top - 1 / classes).clamp_min(_TINY))[:, None]
         mixed = share * probs + (1 - share) / classes
@@ -150,8 +155,7 @@ def fit_confidence_map(probs: torch.Tensor, labels: torch.Tensor, pieces: int = 
         return torch.cat([first, first + nn.functional.softplus(rises).cumsum(0)]).sigmoid()
 
     def curve(v: torch.Tensor) -> torch.Tensor:
-        along = ((top[:, None] - knots[:-1]) / (knots[1:] - knots[:-1])).clamp(0, 1)
-        return (v[0] + (along * (v[1:] - v[:-1])).sum(1)).clamp(_TINY, 1 - _TINY)
+        return _piecewise(top, knots, v).clamp(_TINY, 1 - _TINY)
 
     optimizer = torch.optim.LBFGS([first, rises], max_iter=500, line_search_fn="strong_wolfe")
 
