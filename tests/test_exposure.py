@@ -131,6 +131,15 @@ def test_bad_exposure_settings_are_one_line_errors(args, needle, tmp_path):
     assert_user_error(mnistlab("train", *args, "--out", str(tmp_path / "run")), needle)
 
 
+@pytest.mark.parametrize("config", [["cnn-fast-oe"], ["cnn-fast", "--set", "augment.typeset_digits=8"]])
+def test_nproc_refuses_exposure_once_before_torchrun_starts(config, tmp_path):
+    """Refused by `train --nproc` itself (the config with its overrides), not by each rank torchrun started."""
+    out = tmp_path / "run"
+    result = mnistlab("train", "--config", *config, "--nproc", "2", "--out", str(out), timeout=60)
+    assert_user_error(result, "train in one process", "leave out --nproc")  # one line: not one per rank
+    assert not out.exists()  # no rank got as far as the run directory
+
+
 def _drawings(folder) -> dict[str, str]:
     """What people draw on a 280x280 white canvas: 1s as plain strokes (thin to wide, upright to slanted, with
     and without a flag), a star and a scribble; file name -> what it is."""

@@ -93,17 +93,19 @@ def _train(args: argparse.Namespace) -> int | None:
     from mnistlab.devices import resolve_device
     from mnistlab.train import distributed
     from mnistlab.train.checkpoint import CHECKPOINT
-    from mnistlab.train.loop import resume, train
+    from mnistlab.train.loop import refuse_exposure_across_processes, resume, train
 
+    overrides = {key: getattr(args, flag) for key, flag in _TRAIN_FLAGS.items()}
+    overrides.update(parse_set(args.set))
     if args.nproc is not None:
         if args.events:
             raise MnistlabError("--events reports a run of one process; leave out --nproc")
         if distributed.environment_world_size() > 1:
             raise MnistlabError("--nproc starts torchrun itself; under torchrun, leave it out")
+        if args.config and not args.resume:  # here, once, rather than in each rank after torchrun has started
+            refuse_exposure_across_processes(load_config(args.config).with_overrides(overrides), args.nproc)
         distributed.check_capacity(args.nproc, resolve_device(args.device), args.oversubscribe)
         return distributed.launch(args.nproc, _without_nproc(args.argv))
-    overrides = {key: getattr(args, flag) for key, flag in _TRAIN_FLAGS.items()}
-    overrides.update(parse_set(args.set))
     common = {"data_dir": args.data_dir, "device": args.device, "quiet": args.quiet, "tensorboard": args.tensorboard}
     if args.until_stdin_closes:
         _stop_when_stdin_closes()

@@ -19,7 +19,7 @@ from mnistlab.data.splits import MnistData, load_data, to_float
 from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError
 from mnistlab.files import FileLock, write_json
-from mnistlab.models.calibration import ConfidenceMap, calibrated, fit_on_split
+from mnistlab.models.calibration import ConfidenceMap, calibrated, fit_on_split, fit_temperature
 from mnistlab.models.files import (
     FORMAT,
     ensemble_outliers,
@@ -50,7 +50,8 @@ def calibrate(model_path: str | Path, data_dir: str | Path | None = None, device
                 data = _splits(entry.get("split"), source, f"member {i}", loaded.dataset, data_dir)
                 outputs = predict_scores(member, data.val.images.to(dev)).cpu()
                 probs = as_probabilities(outputs, config.softmax_output)
-                entry["temperature"] = fit_on_split(probs, data.val.labels.cpu())["temperature"]
+                # The temperature alone: an ensemble uses its members' temperatures, never a confidence map
+                entry["temperature"] = fit_temperature(probs, data.val.labels.cpu())
                 if method == MAX_PROBABILITY:  # the member's own probabilities in the ensemble: its temperature's
                     own = as_probabilities(outputs.double(), config.softmax_output)
                     block = fit_max_probability(calibrated(own, entry["temperature"], None))

@@ -376,10 +376,12 @@ def _check_finite(record: dict[str, Any], config: Config, epoch: int) -> None:
         )
 
 
-def _refuse_exposure_across_processes(config: Config, cluster: distributed.Cluster) -> None:
-    """Each rank would add its own typeset digits and non-digits and pair digits only within its share: not the
-    step one process takes, which is what distributed training promises. So exposure trains in one process."""
-    if cluster.active and Exposure.wanted(config):
+def refuse_exposure_across_processes(config: Config, processes: int) -> None:
+    """Refuse a run of `config` in more than one process if it turns exposure on: each rank would add its own
+    typeset digits and non-digits and pair digits only within its share, not the step one process takes, which is
+    what distributed training promises. `train --nproc` asks before torchrun starts, each rank again (for a
+    torchrun started by hand)."""
+    if processes > 1 and Exposure.wanted(config):
         raise MnistlabError(
             "training.outlier_exposure, augment.strokes and augment.typeset_digits train in one process; "
             "leave out --nproc (or torchrun)"
@@ -404,7 +406,7 @@ def _fit(
     dev = device
     try:
         t = config.training
-        _refuse_exposure_across_processes(config, cluster)
+        refuse_exposure_across_processes(config, cluster.world_size)
         if data is None:
             data = _load_data_once_per_machine(config, data_dir, dev, cluster)
         data = data.to(dev)

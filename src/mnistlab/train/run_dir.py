@@ -82,12 +82,12 @@ class RunDirectory:
 
         # The temperature and the outlier threshold are chosen on the validation split (the outlier density is
         # fitted on the training split); the test split only shows how well they hold.
-        calibration = outliers = None
+        calibration = outliers = confidence_map = None
         if data.val is not None:
             val = outputs(data.val)
             calibration = fit_on_split(probabilities(val.float()), data.val.labels.cpu())
+            confidence_map = ConfidenceMap.from_dict(calibration["confidence_map"], self.path)
             if config.training.outlier_exposure > 0:  # trained to be unsure of non-digits: its confidence is the score
-                confidence_map = ConfidenceMap.from_dict(calibration["confidence_map"], self.path)
                 # in float64, as LoadedModel.answering() computes them for this method
                 val_probs = calibrated(probabilities(val.double()), calibration["temperature"], confidence_map)
                 outliers = (None, fit_max_probability(val_probs))
@@ -120,7 +120,6 @@ class RunDirectory:
         written = ["model.safetensors", "model.json", "metrics.json", "curves.png", "config.toml"]
         if calibration is not None:
             test, labels = probabilities(outputs(data.test).float()), data.test.labels.cpu()
-            confidence_map = ConfidenceMap.from_dict(calibration["confidence_map"], self.path)
             tempered = calibrated(test.double(), calibration["temperature"], confidence_map)
             tables = {
                 "as trained": reliability(test, labels),
