@@ -86,10 +86,12 @@ def measuring_sets(count: int, seed: int, data_dir: Path | None) -> dict[str, tu
     sets = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in NONDIGIT_KINDS:
-            sets[kind] = preprocessed(write_nondigits(kind, count, Path(tmp) / kind, seed, None))
+            views, kept = preprocessed(write_nondigits(kind, count, Path(tmp) / kind, seed, None))
+            sets[kind] = (views, int((~kept).sum()))
         for kind in REAL_DIGIT_KINDS:
             written = write_real_digits(kind, count, Path(tmp) / f"real-{kind}", seed, data_dir)
-            sets[kind] = preprocessed([p for p, _ in written])
+            views, kept = preprocessed([p for p, _ in written])
+            sets[kind] = (views, int((~kept).sum()))
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(sets, path)
     return sets

@@ -45,15 +45,27 @@ def answers(model: LoadedModel, images: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts])
 
 
-def preprocessed(paths: list[Path]) -> tuple[torch.Tensor, int]:
-    """The 28x28 views of image files as `predict` makes them, and how many preprocessing refused."""
-    views, refused = [], 0
+def preprocessed(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 28x28 views of image files as `predict` makes them, and which files they are of (a boolean mask:
+    False where preprocessing refused the file, "no digit found")."""
+    views, kept = [], []
     for path in paths:
         try:
             views.append(preprocess(path).tensor)
+            kept.append(True)
         except MnistlabError:
-            refused += 1
-    return (torch.stack(views) if views else torch.empty(0, 28, 28)), refused
+            kept.append(False)
+    return (torch.stack(views) if views else torch.empty(0, 28, 28)), torch.tensor(kept, dtype=torch.bool)
+
+
+def flagged(model: LoadedModel, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each file: whether the model flags it (a file preprocessing refuses counts as flagged), and the
+    calibrated probabilities and outlier scores of the files preprocessing kept."""
+    views, kept = preprocessed(paths)
+    probs, scores = answers(model, views)
+    flags = torch.ones(len(paths), dtype=torch.bool)
+    flags[kept] = scores > model.outlier_threshold
+    return flags, probs, scores
 
 
 def measure(
@@ -76,13 +88,11 @@ def measure(
     test_probs, test_scores = answers(model, to_float(test))
     cells = [name, f"{100 * float((test_scores > threshold).double().mean()):.2f}%"]
     for kind in REAL_DIGIT_KINDS:
-        views, refused = preprocessed(sets[f"real-{kind}"])
-        _, scores = answers(model, views)
-        cells.append(f"{100 * (int((scores > threshold).sum()) + refused) / len(sets[f'real-{kind}']):.1f}%")
+        flags, _, _ = flagged(model, sets[f"real-{kind}"])
+        cells.append(f"{100 * float(flags.double().mean()):.1f}%")
     for kind in NONDIGIT_KINDS:
-        views, refused = preprocessed(sets[kind])
-        probs, scores = answers(model, views)
-        share = (int((scores > threshold).sum()) + refused) / len(sets[kind])
+        flags, probs, scores = flagged(model, sets[kind])
+        share = float(flags.double().mean())
         by_score = auroc(test_scores, scores)
         by_confidence = auroc(1 - test_probs.max(1).values, 1 - probs.max(1).values)
         cells.append(f"{100 * share:.1f}% ({by_score:.3f} / {by_confidence:.3f})")

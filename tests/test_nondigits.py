@@ -15,6 +15,7 @@ from mnistlab.errors import MnistlabError
 from mnistlab.infer.predict import classify
 from mnistlab.models.files import load_model
 
+from .support import nondigits as nd
 from .support.nondigits import FONTS, NONDIGIT_KINDS, REAL_DIGIT_KINDS, write_nondigits, write_real_digits
 
 
@@ -97,3 +98,40 @@ def test_real_digits_keep_their_labels(kind: str, tmp_path: Path, request, model
 def test_unknown_kinds_are_refused(write, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown kind 'digits'"):
         write("digits", 1, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["letters", "scribbles", "shapes"])
+def test_figure_names_name_what_each_file_draws(kind: str, tmp_path: Path, monkeypatch) -> None:
+    """figure_names replays each file's first draw; the figure its maker then draws (the doodle or outline, the
+    letter's skeleton or typeset text) is the one named, for every file of a seed."""
+    names = nd.figure_names(kind, 60, seed=5)
+    assert names != nd.figure_names(kind, 60, seed=6)
+    drawn: dict[int, str] = {}
+    current = [-1]
+    real = {f: getattr(nd, f) for f in ("_generator", "_doodle", "_outline", "_typeset", "_draw")}
+    skeletons = {id(strokes): letter for letter, strokes in nd.LETTERS.items()}
+
+    def generator(name: str, seed: int, i: int) -> np.random.Generator:
+        current[0] = i
+        return real["_generator"](name, seed, i)
+
+    def naming(function: str):
+        def wrapped(name, *args, **kwargs):
+            drawn.setdefault(current[0], name)
+            return real[function](name, *args, **kwargs)
+
+        return wrapped
+
+    def draw(strokes, *args, **kwargs):  # a letter drawn by hand: its skeleton's identity names it
+        if id(strokes) in skeletons:
+            drawn.setdefault(current[0], skeletons[id(strokes)])
+        return real["_draw"](strokes, *args, **kwargs)
+
+    monkeypatch.setattr(nd, "_generator", generator)
+    monkeypatch.setattr(nd, "_draw", draw)
+    for function in ("_doodle", "_outline", "_typeset"):
+        monkeypatch.setattr(nd, function, naming(function))
+    nd.write_nondigits(kind, 60, tmp_path, seed=5)
+    assert {i: names[i] for i in drawn} == drawn
+    assert all(names[i] in ("checkmark", "cross") for i in range(60) if i not in drawn)  # bare strokes: unnamed
+    assert len(drawn) >= 50

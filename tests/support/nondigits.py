@@ -329,7 +329,7 @@ LETTERS = _skeletons()
 
 def _letter(rng: np.random.Generator, stem: Path) -> Path:
     """One letter, handwritten-like (jittered, slanted strokes of a random pen) or, half the time, typeset."""
-    letter = _pick(rng, tuple(LETTERS))
+    letter = _pick(rng, FIGURES["letters"])
     if FONTS and rng.random() < 0.5:
         figure = _typeset(letter, rng)
     else:
@@ -419,7 +419,7 @@ DOODLES += ("cloud", "sun", "heart", "wave", "crossed box")
 
 
 def _scribble(rng: np.random.Generator, stem: Path) -> Path:
-    strokes = _doodle(_pick(rng, DOODLES), rng)
+    strokes = _doodle(_pick(rng, FIGURES["scribbles"]), rng)
     figure = _draw(strokes, rng, rng.uniform(0.015, 0.07), rng.uniform(0, 0.03), rng.uniform(-0.1, 0.1))
     return _save(_figure_file(figure, 25, NONDIGIT_STYLES, rng), stem, rng)
 
@@ -470,11 +470,21 @@ def _outline(name: str, rng: np.random.Generator) -> np.ndarray:
 
 SHAPES = ("square", "rectangle", "triangle", "diamond", "hexagon", "pentagon", "star-5", "star-6", "circle")
 SHAPES += ("ellipse", "ring", "arrow", "plus", "cross", "checkmark")
+# The figures each named kind draws from (the first draw of each file's generator picks one: figure_names).
+FIGURES = {"letters": tuple(LETTERS), "scribbles": DOODLES, "shapes": SHAPES}
+# Figures that are written as a digit is: the letters of the usual OCR confusions (O and 0, l and 1, Z and 2, S and
+# 5, G and 6, B and 8, g and 9, ...) and the round shapes (a 0). Chosen by their glyphs, not by any model's answers:
+# a reader cannot tell them from digits either, so a detector that flags them would flag those digits too.
+DIGIT_LOOKALIKES = {
+    "letters": frozenset("ODoIliZzSsGbBgq"),
+    "shapes": frozenset({"circle", "ellipse", "ring"}),
+    "scribbles": frozenset(),
+}
 
 
 def _shape(rng: np.random.Generator, stem: Path) -> Path:
     """A geometric shape, outlined or filled, drawn exactly or a little by hand, at any angle."""
-    name = _pick(rng, SHAPES)
+    name = _pick(rng, FIGURES["shapes"])
     wobble = 0.0 if rng.random() < 0.6 else rng.uniform(0.005, 0.03)
     if name == "checkmark":
         strokes, fills, pen = [[(0, 0.55), (0.35, 1), (1, 0)]], [], rng.uniform(0.04, 0.14)
@@ -699,11 +709,21 @@ def _blank(rng: np.random.Generator, stem: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def _generator(name: str, seed: int, i: int) -> np.random.Generator:
+    """The generator of file `name`-<i> of the sets made with `seed`: its own, whatever else is written."""
+    return np.random.default_rng([seed, (*NONDIGIT_KINDS, *REAL_DIGIT_KINDS).index(name), i])
+
+
 def _write(make: Callable[[np.random.Generator, Path], T], name: str, count: int, folder: Path, seed: int) -> list[T]:
     """`make` called for each file `name`-<i> in `folder` (created), with a generator of its own for each."""
     folder.mkdir(parents=True, exist_ok=True)
-    salt = (*NONDIGIT_KINDS, *REAL_DIGIT_KINDS).index(name)
-    return [make(np.random.default_rng([seed, salt, i]), folder / f"{name}-{i:04d}") for i in range(count)]
+    return [make(_generator(name, seed, i), folder / f"{name}-{i:04d}") for i in range(count)]
+
+
+def figure_names(kind: str, count: int, seed: int = 0) -> list[str]:
+    """What each file of `write_nondigits(kind, count, folder, seed)` shows, for the kinds in FIGURES: the letter,
+    doodle or shape, which each maker picks with its generator's first draw (so replaying that draw names it)."""
+    return [_pick(_generator(kind, seed, i), FIGURES[kind]) for i in range(count)]
 
 
 def write_nondigits(kind: str, count: int, folder: Path, seed: int = 0, fashion_dir: Path | None = None) -> list[Path]:
