@@ -280,3 +280,22 @@ def test_calibrate_fits_each_member_of_an_ensemble_on_its_own_split(small_run, m
     assert not load_model(tmp_path / "ensemble").calibrated
     done = calibrate(tmp_path / "ensemble", mnist_path, "cpu")
     assert len(done["members"]) == 2 and load_model(tmp_path / "ensemble").calibrated
+
+
+def test_an_ensemble_file_keeps_its_members_splits_so_it_calibrates_away_from_them(
+    small_run, mnist_data, mnist_path, tmp_path
+):
+    """The bundled model is an ensemble file whose members' run directories are not shipped with it."""
+    other = train_small(tmp_path / "other", mnist_data, 3000)
+    make_ensemble([small_run, other], tmp_path / "ensemble", mnist_path, device="cpu")
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    description = json.loads((tmp_path / "ensemble" / "model.json").read_text())
+    for member, run in zip(description["ensemble"], (small_run, other)):
+        assert member["split"] == json.loads((run / "model.json").read_text())["metadata"]["split"]
+        member["source"] = "runs/gone"  # its run directory is nowhere here
+        del member["temperature"]
+    (moved / "model.json").write_text(json.dumps(description))
+    shutil.copy(tmp_path / "ensemble" / "model.safetensors", moved / "model.safetensors")
+    done = calibrate(moved / "model.safetensors", mnist_path, "cpu")
+    assert len(done["members"]) == 2 and load_model(moved / "model.safetensors").calibrated

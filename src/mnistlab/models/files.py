@@ -196,6 +196,9 @@ def save_ensemble(members: list[Path], folder: Path, metadata: dict[str, Any], s
             raise MnistlabError(f"{member}: is an ensemble already; give its members instead")
         tensors.update({f"m{i}.{k}": v for k, v in load_file(str(weights)).items()})
         entry = {"model": meta["model"], "normalize": meta.get("normalize"), "source": str(member)}
+        split = meta.get("metadata", {}).get("split")
+        if isinstance(split, dict):  # so that `mnistlab calibrate` finds the member's validation split anywhere
+            entry["split"] = split
         temperature = _temperature(meta.get("calibration"), member)
         if temperature is not None:  # calibrated on its own validation split, it stays so in the ensemble
             entry["temperature"] = temperature
