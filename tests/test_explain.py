@@ -319,12 +319,17 @@ def test_nothing_is_attributed_where_no_ink_could_matter(mlp, seed, ink, target)
 
 
 def test_completeness_of_integrated_gradients(bundled, mlp, test_digits):
-    """The map adds up to the score's difference from black. With 32 steps the error of these ReLU networks is a
-    few percent (docs/explain.md has the figures over 1,000 digits); this holds its median under 5% and shows
-    more steps bringing it under 1%."""
+    """The map adds up to the score's difference from black, to within the error of the midpoint sum, which more
+    steps shrink. The bundled CNNs' gradients jump along the path (ReLUs, max-pooling, a stride-2 first layer):
+    over the first 100 test digits the median error is 12.7% at 32 steps, 3.9% at 64, 1.4% at 128, 0.68% at 256
+    and 0.32% at 512. On the 4 digits here the errors are 4-26% at 32 steps (median 8.9%), 1.4-3.2% at 128 and
+    under 0.8% at 512; this holds the median under 25% at 32 steps, falling with more steps and under 1% at 512.
+    The small MLP's error is smaller: its median under 5% at 32 steps and under 1% at 512."""
     images, labels = test_digits[0][:12], test_digits[1][:12]
-    _, coarse = attribute(bundled, images[:4], labels[:4], "integrated-gradients", 32)
-    assert coarse.median() < 0.05, coarse
+    medians = [
+        float(attribute(bundled, images[:4], labels[:4], "integrated-gradients", n)[1].median()) for n in (32, 128, 512)
+    ]
+    assert medians[0] < 0.25 and medians[0] > medians[1] > medians[2] and medians[2] < 0.01, medians
     _, coarse = attribute(mlp, images, labels, "integrated-gradients", 32)
     _, fine = attribute(mlp, images, labels, "integrated-gradients", 512)
     assert coarse.median() < 0.05, coarse

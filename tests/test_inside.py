@@ -87,37 +87,44 @@ def _digit(digits, i: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- layer views
 
 
-def test_a_cnn_shows_each_convolutions_maps_and_its_features(bundled, digits):
+def test_a_cnn_shows_each_convolutions_maps_and_its_hidden_units(bundled, digits):
+    """The bundled members (conv 16 5x5 stride 2, bn, relu; conv 32, maxpool, bn, relu; conv 64, maxpool, bn,
+    relu; linear 128, bn, relu; linear 10): a view per convolution and one for the hidden linear layer, each the
+    output of its layer and of the normalisation and activation right after it. A convolution followed by a max
+    pool has none right after it, so its view is its own output, before the pool."""
     image = _digit(digits, 0)
     views = layer_views(bundled, image)
     assert [v.name for v in views] == [
-        "conv 1 (32 maps, 28x28)",
-        "conv 2 (32 maps, 28x28)",
-        "conv 3 (64 maps, 14x14)",
-        "conv 4 (64 maps, 14x14)",
-        "conv 5 (128 maps, 7x7)",
-        "features (1152 units)",
+        "conv 1 (16 maps, 14x14)",
+        "conv 2 (32 maps, 14x14)",
+        "conv 3 (64 maps, 7x7)",
+        "hidden 1 (128 units)",
     ]
-    assert [tuple(v.values.shape) for v in views[:5]] == [(16, 28, 28)] * 2 + [(16, 14, 14)] * 2 + [(16, 7, 7)]
+    assert [tuple(v.values.shape) for v in views] == [(16, 14, 14), (16, 14, 14), (16, 7, 7), (128,)]
     assert all(v.member == 0 and v.unit_weights is None for v in views)  # an ensemble shows its first member
-    # Each view is the layer's output after its BatchNorm and ReLU, computed here by slicing the network.
     member = bundled.model.members[0]
     network = member.network
-    convolutions = [i for i, layer in enumerate(network) if isinstance(layer, torch.nn.Conv2d)]
+    assert [type(layer).__name__ for layer in network] == [
+        "_Unflatten",
+        *("Conv2d", "BatchNorm2d", "ReLU"),
+        *("Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU") * 2,
+        *("Flatten", "Linear", "BatchNorm1d", "ReLU", "Linear"),
+    ]
+    # Each view is computed here by slicing the network up to the last module it shows: conv 1's ReLU, conv 2
+    # and conv 3 themselves, the hidden layer's ReLU.
     with torch.inference_mode():
         x = member.standardize(image[None])
-        for view, conv in zip(views, convolutions):
-            full = network[: conv + 3](x)[0]  # conv, bn, relu
-            assert view.kind == "maps" and view.top_units == []
-            assert len(set(view.channels)) == 16
-            torch.testing.assert_close(view.values, full[view.channels])
-            means = full.mean((1, 2))
-            hidden = [c for c in range(len(full)) if c not in view.channels]
-            assert float(means[view.channels].min()) >= float(means[hidden].max())  # the most active shown
-            assert means[view.channels].diff().le(0).all()  # most active first
+        outputs = [network[: end + 1](x)[0] for end in (3, 4, 8, 15)]
         features = member.features_and_outputs(image[None])[0][0]
-    assert views[-1].kind == "units"
-    torch.testing.assert_close(views[-1].values, features)
+    for view, full in zip(views[:3], outputs):
+        assert view.kind == "maps" and view.top_units == []
+        assert len(set(view.channels)) == 16
+        torch.testing.assert_close(view.values, full[view.channels])
+        means = full.mean((1, 2))
+        assert torch.equal(means[view.channels], means.sort(descending=True).values[:16])  # most active, first
+    assert views[3].kind == "units" and len(views[3].top_units) == TOP_UNITS
+    torch.testing.assert_close(views[3].values, outputs[3])
+    torch.testing.assert_close(views[3].values, features)  # the hidden layer's output is what the output layer reads
 
 
 def test_an_mlp_shows_its_hidden_units_and_what_the_top_ones_look_for(mlp, digits):
@@ -152,7 +159,7 @@ def test_at_most_max_maps_per_convolution(bundled, max_maps):
     image[6:22, 12:16] = 1.0  # a bar: a 1
     views = layer_views(bundled, image, max_maps=max_maps)
     maps = [v for v in views if v.kind == "maps"]
-    counts = [32, 32, 64, 64, 128]
+    counts = [16, 32, 64]  # the bundled members' convolutions
     assert [len(v.channels) for v in maps] == [min(max_maps, c) for c in counts]
     assert [v.values.shape[0] for v in maps] == [min(max_maps, c) for c in counts]
 
@@ -217,28 +224,31 @@ def test_a_training_image_finds_itself(mlp_index, training_file, row):
 
 
 def test_an_ensembles_distance_is_one_minus_its_members_mean_cosine(bundled, bundled_index, small_test):
-    """Recomputed from the loaded (unfolded) members, their density bases and the training file: the float16
-    index agrees to 1e-2."""
+    """Recomputed from the loaded (unfolded) members and the training file: the float16 index agrees to 1e-2.
+    The bundled members have 128 features each, no more than RANK, so the index keeps them whole (no basis)."""
+    assert bundled_index.bases == [None] * 3
     query = to_float(small_test[0][:3])
     found = [bundled_index.nearest(q, k=3) for q in query]
     rows = torch.tensor([[n.index for n in f] for f in found])
     training = to_float(bundled_index.images[rows.flatten()])
     cosines = []
     with torch.inference_mode():
-        for member, density in zip(bundled.model.members, bundled.outliers.members):
-            q = torch.nn.functional.normalize(member.features_and_outputs(query)[0] @ density.basis, dim=1)
-            t = torch.nn.functional.normalize(member.features_and_outputs(training)[0] @ density.basis, dim=1)
+        for member in bundled.model.members:
+            q = torch.nn.functional.normalize(member.features_and_outputs(query)[0], dim=1)
+            t = torch.nn.functional.normalize(member.features_and_outputs(training)[0], dim=1)
             cosines.append((q[:, None, :] * t.view(3, 3, -1)).sum(-1))
     expected = 1 - torch.stack(cosines).mean(0)
     torch.testing.assert_close(torch.tensor([[n.distance for n in f] for f in found]), expected, atol=1e-2, rtol=0)
 
 
-def test_the_index_of_the_bundled_model_fits_in_150_mb_for_60000_images(bundled_index):
-    assert bundled_index.members == 3 and bundled_index.vectors.shape == (TRAIN_ROWS, 3 * RANK)
-    assert bundled_index.vectors.dtype == torch.float16
-    bases = sum(b.numel() * b.element_size() for b in bundled_index.bases if b is not None)
-    per_image = (bundled_index.nbytes - bases) / len(bundled_index)
-    assert per_image * 60000 + bases < 150e6
+def test_the_index_of_the_bundled_model_fits_in_150_mb_for_60000_images(bundled, bundled_index):
+    """3 members x 128 features (at most RANK: kept whole, no basis) as float16, plus the images and labels."""
+    features = [member.network[-1].in_features for member in bundled.model.members]  # what the output reads
+    assert features == [128] * 3 and max(features) <= RANK
+    assert bundled_index.members == 3 and bundled_index.vectors.shape == (TRAIN_ROWS, sum(features))
+    assert bundled_index.vectors.dtype == torch.float16 and bundled_index.bases == [None] * 3
+    per_image = bundled_index.nbytes / len(bundled_index)
+    assert per_image * 60000 < 150e6
 
 
 @pytest.mark.parametrize("density", [True, False], ids=["density basis", "own principal directions"])

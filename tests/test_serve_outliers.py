@@ -35,7 +35,7 @@ from .support.runs import train_small
 from .support.servers import AppServer
 from .test_serve_operations import Samples, scrape, value
 
-# A five-pointed star in one stroke, in the page's canvas pixels: the bundled model scores it 1.7 (threshold 1).
+# A five-pointed star in one stroke, in the page's canvas pixels: the bundled model scores it 3.4 (threshold 1).
 STAR = [[(140, 30), (205, 229), (35, 106), (245, 106), (75, 229), (140, 30)]]
 NAMES = ["bundled", "seed-b-small", "seed-b-old"]
 GREY = "rgb(160, 160, 160)"  # style.css: a flagged column's answer
@@ -141,7 +141,7 @@ def test_metrics_count_flagged_images_by_model(traffic):
     assert (flagged, frozenset({("model", NAMES[2])})) not in traffic.after  # no detector: no series
 
 
-@pytest.mark.slow  # three ONNX exports, the bundled model's 18 MB among them: 15 s on 2 busy cores
+@pytest.mark.slow  # three ONNX exports (the bundled model among them)
 def test_engines_agree_on_scores_and_flags(server, runs, images, tmp_path, mnist_path):
     """The onnxruntime engine gives PyTorch's scores (within a relative 1e-3; measured: under 1e-6) and flags for
     every image posted above; an ONNX file exported from the small model gives them too, with its threshold."""

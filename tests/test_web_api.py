@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from mnistlab.data.preprocess import preprocess
 from mnistlab.infer.evaluate import evaluate_images
 from mnistlab.infer.predict import classify
-from mnistlab.models.files import load_model
+from mnistlab.models.files import bundled_model_path, load_model
 from mnistlab.serve import MAX_BODY, create_app, is_loopback
 from mnistlab.serve.engines import load_served
 from mnistlab.serve.schemas import REF, HealthResponse, ModelsResponse, PredictResponse, Refusal
@@ -82,8 +82,10 @@ def test_health_models_page_and_openapi(client, small_run):
     assert info["collect"] is True
     bundled, small = info["models"]
     assert (bundled["name"], small["name"]) == ("bundled", "seed-b-small")
-    assert bundled["architecture"].startswith("3 x CNN conv32 conv32 pool")
-    assert bundled["test_accuracy"] == 0.9971 and bundled["members_test_accuracy"] == [0.9965, 0.9968, 0.9965]
+    assert bundled["architecture"] == "3 x CNN conv16 conv32 pool conv64 pool fc128 fc10 (bn, relu)"
+    recorded = json.loads(bundled_model_path().with_suffix(".json").read_text())["metadata"]  # the packaged file's
+    assert bundled["test_accuracy"] == recorded["test_accuracy"]
+    assert bundled["members_test_accuracy"] == list(recorded["members"].values()) and len(recorded["members"]) == 3
     assert bundled["calibrated"] and bundled["temperature"] is None  # each member has its own
     assert small["calibrated"] and small["temperature"] == load_model(small_run).temperature
     assert small["architecture"] == "MLP 784-512-10 relu"
