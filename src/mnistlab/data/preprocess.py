@@ -256,6 +256,11 @@ def _paired(mask: np.ndarray) -> bool:
     return bool((mask[:, 1:] & mask[:, :-1]).any() or (mask[1:] & mask[:-1]).any())
 
 
+def _stands_clear(residual: np.ndarray, peak: float, level: float) -> bool:
+    """Whether ink stands clear of `level`: its peak above it, held by two neighbouring pixels."""
+    return peak >= level and _paired(residual >= level)
+
+
 def _spread(gray: np.ndarray) -> float:
     """How much lighter the lightest level is than the darkest, each held by two neighbouring pixels."""
     darkest, lightest = _extremes(gray)
@@ -547,9 +552,11 @@ def _extract_ink(gray: np.ndarray, inverted: bool, name: str = "image") -> np.nd
         # noise on (what lies below the background surface is then partly ink): try the noise between
         # neighbouring pixels.
         floor, peak = _floor_and_peak(residual, _local_noise(gray))
-    if peak < max(contrast, 2 * floor) and max(gray.shape) <= TINY_SIDE:
+    if max(gray.shape) <= TINY_SIDE and not _stands_clear(residual, peak, max(contrast, 2 * floor)):
         # A digit of a few pixels, nearly all of them part ink and part paper, leaves too few for any
-        # estimate of the noise: the paper is its darkest level, and a clear difference from it is ink.
+        # estimate of the noise: the paper is its darkest level, and a clear difference from it is ink. (On
+        # paper that reads exactly white or black, the noise between neighbours is a tiny digit's own stroke
+        # edges, and can put the level just under its one brightest pixel: as blank as no ink at all.)
         darkest, lightest = _extremes(gray)
         if lightest - darkest >= TINY_CONTRAST:
             residual, floor, contrast = gray - darkest, MIN_FLOOR, MIN_CONTRAST
@@ -559,11 +566,8 @@ def _extract_ink(gray: np.ndarray, inverted: bool, name: str = "image") -> np.nd
     # digit's difference (which keeps the floor, and so the strokes, of the small scans that do). Of 500 runs of
     # test_blank_noisy_images_are_refused (100 images each), 15 found a blank image taken for a digit before
     # these two checks, the passthrough's below and the black paper's above; none after.
-    level = max(contrast, 2 * floor)
-    if (
-        peak < level
-        or not _paired(residual >= level)
-        or (np.count_nonzero(sample <= 0) < MIN_NOISE_PIXELS and _spread(gray) < TINY_CONTRAST)
+    if not _stands_clear(residual, peak, max(contrast, 2 * floor)) or (
+        np.count_nonzero(sample <= 0) < MIN_NOISE_PIXELS and _spread(gray) < TINY_CONTRAST
     ):
         raise MnistlabError(f"{name}: no digit found (the image is blank)")
     mask = residual > max(floor, BLOB_LEVEL * peak)
