@@ -90,17 +90,17 @@ def _digit(digits, i: int) -> torch.Tensor:
 def test_a_cnn_shows_each_convolutions_maps_and_its_hidden_units(bundled, digits):
     """The bundled members (conv 16 5x5 stride 2, bn, relu; conv 32, maxpool, bn, relu; conv 64, maxpool, bn,
     relu; linear 128, bn, relu; linear 10): a view per convolution and one for the hidden linear layer, each the
-    output of its layer and of the normalisation and activation right after it. A convolution followed by a max
-    pool has none right after it, so its view is its own output, before the pool."""
+    output of its layer and of the normalisation and activation after it; a convolution pooled before its
+    BatchNorm is shown after the pool, the BatchNorm and the ReLU (what the next layer reads, never negative)."""
     image = _digit(digits, 0)
     views = layer_views(bundled, image)
     assert [v.name for v in views] == [
         "conv 1 (16 maps, 14x14)",
-        "conv 2 (32 maps, 14x14)",
-        "conv 3 (64 maps, 7x7)",
+        "conv 2 (32 maps, 7x7)",
+        "conv 3 (64 maps, 3x3)",
         "hidden 1 (128 units)",
     ]
-    assert [tuple(v.values.shape) for v in views] == [(16, 14, 14), (16, 14, 14), (16, 7, 7), (128,)]
+    assert [tuple(v.values.shape) for v in views] == [(16, 14, 14), (16, 7, 7), (16, 3, 3), (128,)]
     assert all(v.member == 0 and v.unit_weights is None for v in views)  # an ensemble shows its first member
     member = bundled.model.members[0]
     network = member.network
@@ -110,16 +110,16 @@ def test_a_cnn_shows_each_convolutions_maps_and_its_hidden_units(bundled, digits
         *("Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU") * 2,
         *("Flatten", "Linear", "BatchNorm1d", "ReLU", "Linear"),
     ]
-    # Each view is computed here by slicing the network up to the last module it shows: conv 1's ReLU, conv 2
-    # and conv 3 themselves, the hidden layer's ReLU.
+    # Each view is computed here by slicing the network up to the last module it shows: each layer's ReLU.
     with torch.inference_mode():
         x = member.standardize(image[None])
-        outputs = [network[: end + 1](x)[0] for end in (3, 4, 8, 15)]
+        outputs = [network[: end + 1](x)[0] for end in (3, 7, 11, 15)]
         features = member.features_and_outputs(image[None])[0][0]
     for view, full in zip(views[:3], outputs):
         assert view.kind == "maps" and view.top_units == []
         assert len(set(view.channels)) == 16
         torch.testing.assert_close(view.values, full[view.channels])
+        assert float(full.min()) >= 0  # after the ReLU
         means = full.mean((1, 2))
         assert torch.equal(means[view.channels], means.sort(descending=True).values[:16])  # most active, first
     assert views[3].kind == "units" and len(views[3].top_units) == TOP_UNITS

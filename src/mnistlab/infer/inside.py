@@ -121,14 +121,23 @@ def _shown_network(model: LoadedModel) -> tuple[Standardized, int | None]:
 
 def _view_ends(sequence: nn.Sequential) -> dict[int, int]:
     """{index of the module whose output a view shows: index of its convolution or hidden linear layer}: each
-    layer's output after the normalisation and activation right after it (the output layer has no view)."""
+    layer's output after the normalisation and activation right after it (the output layer has no view). A
+    convolution pooled before its normalisation (conv, maxpool, bn, relu) is shown after all three: its raw
+    output would be a map before BatchNorm, with negative values, not what the next layer reads."""
     head = head_index(sequence)
     ends = {}
     for i, layer in enumerate(sequence):
         if i == head or not isinstance(layer, (nn.Conv2d, nn.Linear)):
             continue
         end = i
-        while end + 1 < len(sequence) and isinstance(sequence[end + 1], _AFTER):
+        while end + 1 < len(sequence) and (
+            isinstance(sequence[end + 1], _AFTER)
+            or (
+                isinstance(sequence[end + 1], nn.MaxPool2d)
+                and end + 2 < len(sequence)
+                and isinstance(sequence[end + 2], _AFTER)
+            )
+        ):
             end += 1
         ends[end] = i
     return ends
