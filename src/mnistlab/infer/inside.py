@@ -9,7 +9,7 @@ images of what each unit looks for.
 `NeighbourIndex` holds the penultimate features (what the last linear layer reads) of every image in the
 dataset's training file, built once per model and kept in memory. Near in that space means alike to the model,
 which is what the nearest training digits should show: for the bundled model, the nearest training digit of a
-test digit carries its label for 99.5% of the first 1,000 test digits (benchmarks/inside_cost.py).
+test digit carries its label for 99.6% of the first 1,000 test digits (benchmarks/inside_cost.py).
 
 - Distance: cosine distance, 1 - cos, on L2-normalised features (0: the same direction, 2: opposite). ReLU
   features grow with the ink, so a thick and a thin 7 differ more in length than in direction; cosine
@@ -21,10 +21,10 @@ test digit carries its label for 99.5% of the first 1,000 test digits (benchmark
 - Memory: each member's features are projected onto at most RANK (256) directions, then stored as float16.
   The directions are the model's outlier density's basis (models/outliers.py: the shared covariance's largest
   directions, fitted on the training split) where it has one, else the largest principal directions (not
-  centred) of the features of the first BASIS_IMAGES training images. For the bundled model (3 members x 1,152
-  features) that is 60,000 x 768 x 2 bytes = 92 MB instead of 829 MB as float32, plus 47 MB for the images
-  shown; the 5 nearest of the projection share 87% of their digits with those of the full features, and the
-  same label agreement.
+  centred) of the features of the first BASIS_IMAGES training images. For the earlier bundled model (3 members
+  x 1,152 features) that was 60,000 x 768 x 2 bytes = 92 MB instead of 829 MB as float32, plus 47 MB for the
+  images shown; the 5 nearest of the projection shared 87% of their digits with those of the full features,
+  and the same label agreement. The bundled model's members have 128 features each, kept whole: 46 MB.
 - Queries: one float16 matrix product over the index picks the 4k + 32 best candidates, whose distances are
   then computed again in float32, so the distances returned are exact to float32 rounding and an image of the
   training file finds itself at distance ~0.
