@@ -28,8 +28,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mnistlab.data.preprocess import preprocess
+from mnistlab.data.splits import to_float
 from mnistlab.infer.evaluate import evaluate_images
 from mnistlab.infer.predict import classify
+from mnistlab.models.calibration import calibration
 from mnistlab.models.files import bundled_model_path, load_model
 from mnistlab.serve import MAX_BODY, create_app, is_loopback
 from mnistlab.serve.engines import load_served
@@ -76,7 +78,7 @@ def data_url(data: bytes) -> str:
 # ---------------------------------------------------------------------------------------------- good requests
 
 
-def test_health_models_page_and_openapi(client, small_run):
+def test_health_models_page_and_openapi(client, small_run, small_mnist):
     assert client.get("/api/health").json()["status"] == "ok"
     info = client.get("/api/models").json()
     assert info["collect"] is True
@@ -86,6 +88,14 @@ def test_health_models_page_and_openapi(client, small_run):
     recorded = json.loads(bundled_model_path().with_suffix(".json").read_text())["metadata"]  # the packaged file's
     assert bundled["test_accuracy"] == recorded["test_accuracy"]
     assert bundled["members_test_accuracy"] == list(recorded["members"].values()) and len(recorded["members"]) == 3
+    # Each model's test ECE as its file records it (`mnistlab ensemble` and training measure it): that of its
+    # calibrated answers on its test split (the run's: the first 2,000 test digits).
+    assert bundled["test_ece"] == recorded["test_ece"] < 0.01
+    small_ece = json.loads((small_run / "model.json").read_text())["metadata"]["test_ece"]
+    assert small["test_ece"] == small_ece
+    with torch.inference_mode():
+        probs = load_model(small_run).answering()(to_float(small_mnist.test.images))[0]
+    assert small_ece == pytest.approx(calibration(probs, small_mnist.test.labels).ece, abs=1e-4)
     assert bundled["calibrated"] and bundled["temperature"] is None  # each member has its own
     assert small["calibrated"] and small["temperature"] == load_model(small_run).temperature
     assert small["architecture"] == "MLP 784-512-10 relu"

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ class ServedModel:
     def describe(self) -> dict:
         meta = self.loaded.metadata
         members = meta.get("members") if isinstance(meta.get("members"), dict) else {}
-        accuracy = meta.get("test_accuracy")
+        accuracy, test_ece = meta.get("test_accuracy"), meta.get("test_ece")
         return {
             "name": self.name,
             "engine": self.engine,
@@ -65,6 +66,7 @@ class ServedModel:
             "temperature": self.loaded.temperature,
             "confidence_map": self.loaded.confidence_map is not None,
             "calibration_ece": self.calibration_ece,
+            "test_ece": float(test_ece) if _finite(test_ece) else None,
             "outlier_threshold": self.threshold,
         }
 
@@ -76,8 +78,12 @@ def recorded_ece(path: Path) -> float | None:
     calibration = description.get("calibration")
     after = calibration.get("after") if isinstance(calibration, dict) else None
     ece = after.get("ece") if isinstance(after, dict) else None
-    finite = isinstance(ece, (int, float)) and not isinstance(ece, bool) and math.isfinite(ece)
-    return float(ece) if finite else None
+    return float(ece) if _finite(ece) else None
+
+
+def _finite(value: Any) -> bool:
+    """Whether a value read from a model file is a finite number (JSON holds nothing non-finite)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def architecture(configs: list[ModelConfig]) -> str:

@@ -199,6 +199,10 @@ class ModelInfo(Answer):
         description="the expected calibration error of its calibrated probabilities on its validation split, "
         "as its model file records it (none where it records none: an ensemble, an older file)"
     )
+    test_ece: float | None = Field(
+        description="the expected calibration error of its calibrated probabilities on its test split, as its model "
+        "file records it (measured when it was trained or averaged; none in an older file)"
+    )
     outlier_threshold: float | None = Field(
         description="the outlier score above which an image is flagged (chosen to flag at most 1% of its held-out "
         "validation images); null: the model has no outlier detector"

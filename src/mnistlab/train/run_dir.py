@@ -12,6 +12,7 @@ from mnistlab.datasets import DATASETS
 from mnistlab.errors import MnistlabError
 from mnistlab.files import FolderLock, atomic_write_text, check_output_dir, clear_dir, signals_held, write_json
 from mnistlab.models.calibration import ConfidenceMap, calibrated, fit_on_split, reliability
+from mnistlab.models.calibration import calibration as calibration_of
 from mnistlab.models.files import save_model
 from mnistlab.models.metrics import predict_scores
 from mnistlab.models.networks import Standardized, as_probabilities, for_inference
@@ -96,6 +97,15 @@ class RunDirectory:
                 outliers = fit_detector(
                     network, (to_float(data.train.images), data.train.labels), to_float(data.val.images)
                 )
+        # The test split measured, as test_accuracy is: the file records how well the calibration held there.
+        tables = {}
+        if calibration is not None:
+            test, labels = probabilities(outputs(data.test).float()), data.test.labels.cpu()
+            tempered = calibrated(test.double(), calibration["temperature"], confidence_map)
+            tables = {
+                "as trained": reliability(test, labels),
+                f"temperature {calibration['temperature']:.3g} + confidence map": reliability(tempered, labels),
+            }
         atomic_write_text(self.path / "config.toml", config.to_toml())
         saved = run.saved
         save_model(
@@ -112,19 +122,14 @@ class RunDirectory:
                 "epoch": saved["epoch"],
                 "test_accuracy": saved["test_accuracy"],
                 "split": {"seed": config.training.seed, "val_size": config.data.val_size},
+                **({"test_ece": calibration_of(tempered, labels).ece} if tables else {}),
             },
             calibration=calibration,
             outliers=outliers,
         )
         plot_curves(run.epochs, self.path / "curves.png", f"{config.name}: {config.summary()}")
         written = ["model.safetensors", "model.json", "metrics.json", "curves.png", "config.toml"]
-        if calibration is not None:
-            test, labels = probabilities(outputs(data.test).float()), data.test.labels.cpu()
-            tempered = calibrated(test.double(), calibration["temperature"], confidence_map)
-            tables = {
-                "as trained": reliability(test, labels),
-                f"temperature {calibration['temperature']:.3g} + confidence map": reliability(tempered, labels),
-            }
+        if tables:
             plot_reliability(tables, self.path / "reliability.png", f"{config.name}: test split")
             written.append("reliability.png")
         return written
