@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from mnistlab.data.splits import Split, load_data, to_float
+from mnistlab.data.splits import load_data
 from mnistlab.devices import resolve_device
 from mnistlab.errors import MnistlabError
 from mnistlab.files import FolderLock, check_output_dir, clear_dir, write_json
 from mnistlab.models.calibration import calibration
-from mnistlab.models.files import LoadedModel, load_model, model_paths, save_ensemble
-from mnistlab.models.metrics import evaluate_model
+from mnistlab.models.files import load_model, model_paths, save_ensemble
+from mnistlab.models.metrics import evaluate_model, evaluate_scores, predict_scores
 
 
 def make_ensemble(
@@ -62,19 +60,13 @@ def _make_ensemble(members: list[str | Path], out: Path, data_dir: str | Path | 
     clear_dir(out)
     save_ensemble([Path(m) for m in members], out, {"dataset": dataset, "members": accuracies})
     ensemble = load_model(out, dev)
-    result = evaluate_model(ensemble.model, data.test, ensemble.loss_fn())
+    scores = predict_scores(ensemble.model, data.test.images)  # one pass for its accuracy and its calibration
+    result = evaluate_scores(scores, data.test.labels, ensemble.loss_fn())
     description = json.loads((out / "model.json").read_text(encoding="utf-8"))
     description["metadata"]["test_accuracy"] = result.accuracy  # the ensemble's own, as a single model's file has
-    description["metadata"]["test_ece"] = _test_ece(ensemble, data.test)  # and how well its calibration held there
+    # and how well its calibration held there, measured as `evaluate` measures it
+    description["metadata"]["test_ece"] = calibration(ensemble.probabilities_of(scores), data.test.labels).ece
     write_json(out / "model.json", description)
     summary = {"accuracy": result.accuracy, "loss": result.loss, "members": accuracies}
     write_json(out / "metrics.json", summary)
     return summary
-
-
-def _test_ece(model: LoadedModel, test: Split) -> float:
-    """The expected calibration error of the model's calibrated probabilities (what it answers) on the test split."""
-    images, module = to_float(test.images), model.answering().eval()
-    with torch.inference_mode():
-        probs = torch.cat([module(images[i : i + 2000])[0] for i in range(0, len(images), 2000)])
-    return calibration(probs, test.labels).ece

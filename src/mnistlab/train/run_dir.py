@@ -98,7 +98,7 @@ class RunDirectory:
                     network, (to_float(data.train.images), data.train.labels), to_float(data.val.images)
                 )
         # The test split measured, as test_accuracy is: the file records how well the calibration held there.
-        tables = {}
+        tables, recorded = {}, {}
         if calibration is not None:
             test, labels = probabilities(outputs(data.test).float()), data.test.labels.cpu()
             tempered = calibrated(test.double(), calibration["temperature"], confidence_map)
@@ -106,6 +106,7 @@ class RunDirectory:
                 "as trained": reliability(test, labels),
                 f"temperature {calibration['temperature']:.3g} + confidence map": reliability(tempered, labels),
             }
+            recorded = {"test_ece": calibration_of(tempered, labels).ece}
         atomic_write_text(self.path / "config.toml", config.to_toml())
         saved = run.saved
         save_model(
@@ -122,7 +123,7 @@ class RunDirectory:
                 "epoch": saved["epoch"],
                 "test_accuracy": saved["test_accuracy"],
                 "split": {"seed": config.training.seed, "val_size": config.data.val_size},
-                **({"test_ece": calibration_of(tempered, labels).ece} if tables else {}),
+                **recorded,
             },
             calibration=calibration,
             outliers=outliers,
