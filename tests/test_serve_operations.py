@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from mnistlab.errors import MnistlabError
 from mnistlab.serve import create_app
 from mnistlab.serve.metrics import Routes
 from mnistlab.serve.settings import ServeSettings
@@ -200,6 +201,20 @@ def test_each_app_counts_its_own_and_default_logs_stay_quiet(apps, capfd):
         for server in servers:
             server.stop()
     assert ServeSettings().log_format == "human"
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"log_format": "xml"}, "log_format"),
+        ({"header_timeout": -1.0}, "header_timeout"),
+        ({"max_queue": float("nan")}, "max_queue"),
+    ],
+)
+def test_settings_refuse_what_no_server_runs_with(change, named):
+    """A notebook's ServeSettings are checked as the CLI's flags are: one line naming the setting."""
+    with pytest.raises(MnistlabError, match=named):
+        ServeSettings(**change)
 
 
 @pytest.mark.slow  # loads the bundled model

@@ -11,6 +11,7 @@ from typing import Any
 from mnistlab.cli.common import Formatter, Subparsers, add_data_dir, add_device
 from mnistlab.config import ENGINES
 from mnistlab.errors import MnistlabError, warn
+from mnistlab.serve.settings import LOG_FORMATS
 
 TOKEN_ENV = "MNISTLAB_TOKEN"  # where --token comes from when not given: the environment is not in `ps`
 
@@ -135,7 +136,7 @@ def _add_operations(p: argparse.ArgumentParser) -> None:
     """Operations: metrics and logs."""
     p.add_argument(
         "--log-format",
-        choices=("human", "json"),
+        choices=LOG_FORMATS,
         default="human",
         help="json: one JSON line per request on stderr (time, route, status, latency, models, bytes; never the "
         "image); human: no access log. GET /metrics serves Prometheus metrics either way",

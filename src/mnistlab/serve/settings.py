@@ -4,7 +4,11 @@ needs; docs/serving.md says why each is what it is."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+from mnistlab.errors import MnistlabError
+
+LOG_FORMATS = ("human", "json")
 
 
 @dataclass(frozen=True)
@@ -67,3 +71,12 @@ class ServeSettings:
     lab_off: str = "start the server with mnistlab serve (on loopback, or with --token) or ServeSettings(lab=True)"
     runs_dir: str = "runs"
     data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse what no server could run with (the CLI's flags are checked before; a notebook's are here)."""
+        if self.log_format not in LOG_FORMATS:
+            raise MnistlabError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
+                raise MnistlabError(f"{f.name} must be a number of at least 0, not {value!r}")
