@@ -55,7 +55,12 @@ def _add_explain(sub: Subparsers) -> None:
         f"top-3 probabilities (default: {DEFAULT_OUT}/; with --json, none unless --out is given)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per image, one per line, maps as numbers")
-    p.add_argument("--steps", type=int, default=32, help="integrated gradients' points between black and the image")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="integrated gradients' points between black and the image (default: infer.explain.STEPS, 128: "
+        "enough for the bundled model's maps to add up to within about 2%%)",
+    )
     p.add_argument("--layers", action="store_true", help="add what each layer saw (feature maps, top units)")
     p.add_argument(
         "--neighbours",
@@ -73,11 +78,12 @@ def _add_explain(sub: Subparsers) -> None:
 def _explain(args: argparse.Namespace) -> int:
     from mnistlab.devices import resolve_device
     from mnistlab.files import make_dirs
-    from mnistlab.infer.explain import check_method, method_of, target_of
+    from mnistlab.infer.explain import STEPS, check_method, method_of, target_of
     from mnistlab.infer.predict import predict_images
     from mnistlab.models.files import load_model
 
     method = method_of(args.method)
+    args.steps = STEPS if args.steps is None else args.steps
     if not 1 <= args.steps <= MAX_STEPS:
         raise MnistlabError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
     if args.neighbours is not None and not 1 <= args.neighbours <= 100:

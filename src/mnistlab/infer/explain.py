@@ -27,6 +27,10 @@ SHORT = {"ig": "integrated-gradients", "gradcam": "grad-cam"}
 PATCH, STRIDE = 4, 2  # occlusion: a 4x4 black patch every 2 pixels (13 x 13 positions, each pixel under 1-4)
 # Images (times IG steps or occlusion positions) per forward pass: bounds memory, big enough to keep the cores busy.
 _CHUNK = 1024
+# Integrated gradients' points between black and the image. The bundled networks' score stays flat along the path
+# and then rises steeply (outlier exposure), so 32 points leave a median completeness error of 13.7% over 1,000
+# test digits and 128 points 1.5% (docs/explain.md); 128 points explain the answer in 32 ms on 2 AVX-512 EPYC cores.
+STEPS = 128
 
 
 @dataclass
@@ -92,7 +96,7 @@ def explain(
     image: torch.Tensor,
     method: str = "integrated-gradients",
     target: int | None = None,
-    steps: int = 32,
+    steps: int = STEPS,
 ) -> Explanation:
     """Explain one preprocessed image (28, 28) in [0, 1]: maps for the model's answer, `target` if given, and the
     runner-up (each class once, in that order)."""
@@ -108,7 +112,7 @@ def explain(
 
 
 def attribute(
-    model: LoadedModel, images: torch.Tensor, targets: torch.Tensor, method: str, steps: int = 32
+    model: LoadedModel, images: torch.Tensor, targets: torch.Tensor, method: str, steps: int = STEPS
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Maps (B, 28, 28) for images (B, 28, 28) in [0, 1] and their targets (B,), on the CPU; with integrated
     gradients also each map's relative completeness error (B,): |sum of the map - (score(image) -
@@ -256,12 +260,39 @@ def _last_convolution(network: nn.Sequential) -> int | None:
     return end
 
 
+# Per-channel maps that never decrease, so that max-pooling before them equals max-pooling after them.
+_MONOTONE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU)
+
+
+def _commutes_with_max(layer: nn.Module) -> bool:
+    """Whether `layer` maps each channel by a non-decreasing function (a BatchNorm's: while its scales are > 0)."""
+    if isinstance(layer, nn.BatchNorm2d):
+        return layer.weight is None or bool((layer.weight > 0).all())
+    return isinstance(layer, _MONOTONE)
+
+
+def _cam_split(network: nn.Sequential) -> tuple[nn.Module, nn.Module]:
+    """(body, head) of a network around its last convolution block, for Grad-CAM. A block pooled before its
+    normalisation and activation (conv, maxpool, bn, relu: the bundled members) is split as (conv, bn, relu |
+    maxpool, ...), the same function while the BatchNorm's scales are positive, since max-pooling commutes with
+    non-decreasing per-channel maps: the maps are then those the next layer reads, at the convolution's 7x7 rather
+    than the raw convolution's output (on the bundled model's first 300 test digits, the deletion area falls from
+    0.88 of a random order's to 0.69)."""
+    end = _last_convolution(network)
+    after = end + 2
+    while after < len(network) and _commutes_with_max(network[after]):
+        after += 1
+    if end + 1 < len(network) and isinstance(network[end + 1], nn.MaxPool2d) and after > end + 2:
+        return nn.Sequential(*network[: end + 1], *network[end + 2 : after]), nn.Sequential(
+            network[end + 1], *network[after:]
+        )
+    return network[: end + 1], network[end + 1 :]
+
+
 def _grad_cam(score: _Score, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al. 2017): the last convolution block's maps weighted by the score's mean
     gradient over each, summed, kept where positive and scaled up to 28 x 28."""
-    network = score.network.network
-    end = _last_convolution(network)
-    body, head = network[: end + 1], network[end + 1 :]
+    body, head = _cam_split(score.network.network)
     maps = []
     for s in _chunks(len(images), 1):
         with torch.enable_grad():

@@ -28,7 +28,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from PIL import Image
 
 from mnistlab.errors import MnistlabError, plural
-from mnistlab.infer.explain import METHODS, NotFinite, check_method, explain, finite, rounded, target_of
+from mnistlab.infer.explain import METHODS, STEPS, NotFinite, check_method, explain, finite, rounded, target_of
 from mnistlab.infer.inside import NeighbourIndex, layer_views
 from mnistlab.serve.deps import ImageUpload, ServerState, State
 from mnistlab.serve.engines import ServedModel
@@ -50,7 +50,6 @@ from mnistlab.serve.schemas import (
 
 router = APIRouter(tags=["explain"])
 
-STEPS = 32  # integrated gradients' points between black and the image (the CLI's default)
 MAX_NEIGHBOURS = 20
 # Explanations waiting for the explaining thread, past which a request is answered 503: a page sends one at a
 # time, so more than this are scripts, and each waits for all before it.
