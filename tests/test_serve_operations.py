@@ -34,6 +34,7 @@ from mnistlab.serve.settings import ServeSettings
 
 from .support.digit_images import on_paper
 from .support.drawings import drawn_png
+from .support.server_cases import send
 from .support.servers import AppServer, Served, mnistlab_serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +124,10 @@ def traffic(served, digits) -> Traffic:
         sent.append(("unmatched", 404, 0))
     assert declared_too_long(url) == 413
     sent.append((PREDICT, 413, 0))
+    host, port = url.split("/")[2].split(":")
+    # answered by the HTTP layer, never by the app: counted apart, not logged
+    assert send(host, int(port), b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n").status == 414
+    assert send(host, int(port), b"\x16\x03\x01\x02\x00 a TLS hello\r\n\r\n").status == 400
     after = scrape(url)
     sent = [("/metrics", 200, 0), *sent, ("/metrics", 200, 0)]  # each scrape is a request too
     log = [lines.get(timeout=30) for _ in sent]
@@ -154,6 +159,13 @@ def test_metrics_count_exactly_what_was_sent(traffic):
     assert value(traffic.after, "mnistlab_preprocessing_restarts_total") == 0
     assert value(traffic.after, "process_open_fds") > 0  # the server process's own figures are there too
     assert not any("page-1234" in v for _, labels in traffic.after for _, v in labels)
+    refused = {
+        status: value(traffic.after, "mnistlab_http_refused_total", status=status)
+        - value(traffic.before, "mnistlab_http_refused_total", status=status)
+        for status in ("400", "408", "414", "431")
+    }
+    assert refused == {"400": 1, "408": 0, "414": 1, "431": 0}
+    assert all(("mnistlab_http_refused_total", frozenset({("status", s)})) in traffic.before for s in refused)
 
 
 @pytest.mark.slow  # starts a real server

@@ -57,6 +57,10 @@ class EdgeProtocol(HttpToolsProtocol):
 
     settings = ServeSettings()
 
+    @staticmethod
+    def refused(status: int) -> None:
+        """Called with the status of each answer given here (`server.run` counts them in /metrics)."""
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.head_bytes: int | None = 0  # bytes of the request head read so far; None while reading a body
@@ -139,6 +143,7 @@ class EdgeProtocol(HttpToolsProtocol):
             self.cycle.disconnected = True
             self.cycle.message_event.set()
         self.pipeline.clear()
+        self.refused(status)
         body = json.dumps({"detail": message}).encode()
         headers = [*self.server_state.default_headers, (b"content-type", b"application/json")]
         headers += [(b"content-length", str(len(body)).encode()), (b"connection", b"close")]

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 # Seconds: a prediction takes a few ms alone and tens under load; past 10 s something is wrong.
+# What the HTTP layer answers itself (serve/edge.py, serve/server.py): malformed, too slow, request line or head
+# over its cap.
+REFUSED = ("400", "408", "414", "431")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -128,6 +131,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.refused = Counter(
+            "mnistlab_http_refused",
+            "Requests the HTTP layer answered itself, never reaching the app (malformed, a request line or head "
+            "over its cap, too slow), by status",
+            ["status"],
+            registry=self.registry,
+        )
+        for status in REFUSED:  # every series exists from the start, at 0
+            self.refused.labels(status)
         self.predictions = Counter(
             "mnistlab_predictions", "Images classified, by model", ["model"], registry=self.registry
         )
@@ -152,6 +164,10 @@ class Metrics:
             self.predictions.labels(model).inc()
         for model in exchange.flagged:
             self.outliers.labels(model).inc()
+
+    def refuse(self, status: int) -> None:
+        """Count an answer the HTTP layer gave itself (`edge.EdgeProtocol.refused`)."""
+        self.refused.labels(str(status)).inc()
 
 
 def metrics_of(app: WebApp) -> Metrics:

@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mnistlab.errors import plural, warn
 from mnistlab.files import STOPPING
 from mnistlab.serve.edge import EdgeProtocol
+from mnistlab.serve.metrics import metrics_of
 from mnistlab.serve.settings import ServeSettings
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def run(app: WebApp, sock: socket.socket, threads: int | None = None, ready: str
     settings = _fit_open_files(app.server_state.settings)
     config = uvicorn.Config(
         app,
-        http=type("Protocol", (Protocol,), {"settings": settings}),
+        http=type("Protocol", (Protocol,), {"settings": settings, "refused": staticmethod(metrics_of(app).refuse)}),
         log_level="warning",
         access_log=False,
         timeout_keep_alive=settings.keep_alive_timeout,
