@@ -57,6 +57,19 @@ def test_the_pool_is_deterministic_cached_and_shaped_like_mnist(isolated_env, ca
         assert stored["images"].dtype == np.uint8
 
 
+def test_an_unwritable_cache_is_a_warning_and_the_pool_is_still_used(isolated_env, capsys):
+    """The pool takes minutes to draw: a cache folder that cannot be made (here a file stands in its way, which
+    holds for root too) warns in one line and the drawn pool is returned, not lost to a traceback."""
+    isolated_env.mkdir(parents=True)
+    (isolated_env / "mnistlab").write_text("a file where the cache folder should be")
+    pool = nondigit_pool(40, seed=3)
+    err = capsys.readouterr().err
+    assert torch.equal(pool, render_nondigits(40, 3))
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "not cached" in warning[0] and str(isolated_env / "mnistlab") in warning[0]
+    assert "Traceback" not in err
+
+
 def test_no_generated_non_digit_is_an_mnist_digit(mnist_data):
     pool = render_nondigits(300, 5)
     digits = {bytes(image) for image in torch.cat([mnist_data.train.images, mnist_data.test.images]).numpy()}

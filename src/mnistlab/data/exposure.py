@@ -35,7 +35,7 @@ from mnistlab.config import Config
 from mnistlab.data.download import cache_dir
 from mnistlab.data.preprocess import preprocess
 from mnistlab.data.splits import to_float
-from mnistlab.errors import MnistlabError
+from mnistlab.errors import MnistlabError, warn
 from mnistlab.files import replacing
 from mnistlab.progress import Progress
 
@@ -257,7 +257,8 @@ def cached_pool(
 ) -> dict[str, np.ndarray]:
     """`make()`'s arrays, kept in mnistlab's cache folder under (name, count, seed, GENERATOR) as one .npz (no
     pickle); `name` says what they are in the progress lines. Written atomically: two trainings making it at
-    once each write a whole file, and the last rename wins. A cache file that cannot be read is made again."""
+    once each write a whole file, and the last rename wins. A cache file that cannot be read is made again; one that
+    cannot be written is a warning."""
     path = cache_dir() / "exposure" / f"{name.replace(' ', '-')}-g{GENERATOR}-{count}-{seed}.npz"
     try:
         with np.load(path, allow_pickle=False) as stored:
@@ -268,9 +269,13 @@ def cached_pool(
     log.line(f"making {count:,} {name} for outlier exposure, once (about {count / 20_000:.1f} min on one core)")
     start = time.perf_counter()
     arrays = make()
-    with replacing(path) as tmp, tmp.open("wb") as f:
-        np.savez(f, **arrays)
-    log.line(f"made {count:,} {name} in {time.perf_counter() - start:.0f} s; cached in {path}")
+    try:
+        with replacing(path) as tmp, tmp.open("wb") as f:
+            np.savez(f, **arrays)
+    except MnistlabError as exc:  # an unwritable cache costs the next run the drawing, never this one its work
+        warn(f"{exc}: the {name} are not cached, and will be made again next time")
+    else:
+        log.line(f"made {count:,} {name} in {time.perf_counter() - start:.0f} s; cached in {path}")
     return arrays
 
 
