@@ -61,6 +61,27 @@ def held_back_prefix(suffix: str) -> str:
     return "".join(f"{k}={v} " for k, v in AVX2.items()) if suffix else ""
 
 
+def busy_seconds() -> float:
+    """CPU seconds this machine's cores have been busy since boot (all processes: /proc/stat)."""
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def own_seconds() -> float:
+    """CPU seconds of this process and of every process it started and has waited for (with theirs)."""
+    return sum(os.times()[:4])
+
+
+def others_while(fn: Callable[[], object]) -> tuple[object, float, float]:
+    """(fn(), CPU seconds other processes on the machine used meanwhile, wall seconds): the cores' busy time
+    less this process's and its waited-for children's, so every process `fn` starts must be waited for by its
+    end."""
+    began, busy, own = time.perf_counter(), busy_seconds(), own_seconds()
+    result = fn()
+    # The two clocks count ticks apart: a quiet machine can come out a few seconds below zero.
+    return result, max(0.0, (busy_seconds() - busy) - (own_seconds() - own)), time.perf_counter() - began
+
+
 def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(repeats):

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from common import AVX2, ROOT, machine, write_section
+from common import AVX2, ROOT, machine, others_while, write_section
 from web_speed import BOUNDARY, multipart
 
 from mnistlab.devices import cpu_model
@@ -261,17 +261,6 @@ def cpu_kernels(env: dict) -> str:
     return found.stdout.strip()
 
 
-def busy_seconds() -> float:
-    """CPU seconds this machine's cores have been busy since boot (all processes: /proc/stat)."""
-    user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def own_seconds() -> float:
-    """CPU seconds of this process and of every process it started and has waited for (with theirs)."""
-    return sum(os.times()[:4])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300, help="drawings sent in each phase")
@@ -282,12 +271,9 @@ def main() -> None:
     for env in (native, {**native, **AVX2}):
         kernels = cpu_kernels(env)
         print(kernels, flush=True)
-        began, busy, own = time.perf_counter(), busy_seconds(), own_seconds()
-        phases = one_kind(env, args.requests, args.warmup)
-        # Other people's work on the same cores: the machine's busy time less ours (everything started here is
-        # waited for by now, so its CPU time is in os.times()).
-        elsewhere = (busy_seconds() - busy) - (own_seconds() - own)
-        results.append((kernels, phases, elsewhere, time.perf_counter() - began))
+        # Other people's work on the same cores (everything started here is waited for by its end).
+        phases, elsewhere, seconds = others_while(lambda env=env: one_kind(env, args.requests, args.warmup))
+        results.append((kernels, phases, elsewhere, seconds))
 
     cpu = cpu_model()
     what = {

@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import ROOT, machine, write_section
+from common import ROOT, machine, others_while, write_section
 from prometheus_client.parser import text_string_to_metric_families
 
 from mnistlab.data.idx import read_images
@@ -258,12 +258,14 @@ def section(figures: dict, command: str) -> str:
     statuses = ", ".join(f"{k}: {v:,}" for k, v in figures["statuses"].items())
     server = f"{figures['rss_warm_mb']:.1f} | {figures['rss_end_mb']:.1f} ({100 * figures['growth']:+.1f}%)"
     workers = f"{figures['workers_rss_warm_mb']:.1f} | {figures['workers_rss_end_mb']:.1f}"
+    others = figures["others_cpu_seconds"] / max(1, figures["wall_seconds"])
     return f"""### Soak: {figures["requests"]:,} predictions
 
 Command: `{command}`
 Machine: {machine()}
-Taken on a machine busy with other work at the same time (other builds and tests shared its 2 cores): the rate
-and latencies are low and noisy; the memory, file-descriptor and restart figures do not depend on it.
+Other processes on the machine while it ran (its cores' busy time less this benchmark's):
+{figures["others_cpu_seconds"]:,} CPU s in {figures["wall_seconds"]:,} s ({others:.2f} of {os.cpu_count()} cores);
+the rate and latencies depend on that, the memory, file-descriptor and restart figures do not.
 
 {figures["clients"]} client threads on keep-alive connections sent {figures["requests"]:,} posts to `/api/predict`
 against `mnistlab serve --device cpu` (defaults otherwise) on loopback in {figures["seconds"]:,.0f} s
@@ -296,7 +298,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.requests < 1 or args.clients < 1:
         parser.error("--requests and --clients must be 1 or more")
-    figures = soak(args.requests, args.clients)
+    figures, elsewhere, seconds = others_while(lambda: soak(args.requests, args.clients))
+    figures["others_cpu_seconds"], figures["wall_seconds"] = round(elsewhere), round(seconds)
     options = "" if args.requests == 50_000 else f" --requests {args.requests}"
     options += "" if args.clients == 4 else f" --clients {args.clients}"
     write_section("soak", section(figures, f".venv/bin/python benchmarks/soak.py{options}"), args.doc)
