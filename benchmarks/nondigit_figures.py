@@ -12,7 +12,6 @@ Run: .venv/bin/python benchmarks/nondigit_figures.py [--models RUN_DIR ...] [--b
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from collections import defaultdict
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 from common import machine, write_section
-from trust_table import DOC, flagged
+from trust_table import DOC, flagged, model_parser, models_of
 
 from mnistlab.models.files import load_model
 from tests.support.nondigits import DIGIT_LOOKALIKES, FIGURES, figure_names, write_nondigits
@@ -53,15 +52,10 @@ def measure(path: str | None, sets: dict[str, tuple[list[Path], list[str]]]) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=[], help="run directories or model files")
-    parser.add_argument("--bundled", action="store_true", help="the bundled model too (the default without --models)")
-    parser.add_argument("--count", type=int, default=1040, help="images per kind (1040: 20 of each letter)")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--no-write", action="store_true", help="print the table without writing docs/outliers.md")
+    parser = model_parser(__doc__, 1040, "images per kind (1040: 20 of each letter)")
     parser.add_argument("--section", default="nondigit-figures", help="the section of docs/outliers.md written")
     args = parser.parse_args()
-    models: list[str | None] = ([None] if args.bundled or not args.models else []) + args.models
+    models, shown = models_of(args)
 
     start = time.perf_counter()
     torch.set_grad_enabled(False)
@@ -75,11 +69,7 @@ def main() -> None:
         }
         measured = [measure(path, sets) for path in models]
     minutes = (time.perf_counter() - start) / 60
-    shown = (
-        (["--bundled"] if args.bundled and args.models else [])
-        + (["--models", *args.models] if args.models else [])
-        + ([f"--count {args.count}"] if args.count != 1040 else [])
-    )
+    shown = shown + ([f"--count {args.count}"] if args.count != 1040 else [])
     text = f"""Command: `.venv/bin/python {" ".join(["benchmarks/nondigit_figures.py", *shown])}` ({minutes:.0f} min;
 {args.count} images of each kind, generated with seed {args.seed}). Machine: {machine()}.
 

@@ -13,7 +13,6 @@ Run: .venv/bin/python benchmarks/real_digit_flags.py [--models RUN_DIR ...] [--b
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import machine, write_section
-from trust_table import DOC, answers, preprocessed
+from trust_table import DOC, answers, model_parser, models_of, preprocessed
 
 from mnistlab.data.splits import load_data
 from mnistlab.models.files import LoadedModel, load_model
@@ -73,15 +72,10 @@ def row(name: str, model_name: str, model: LoadedModel, written: list[tuple[Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=[], help="run directories or model files")
-    parser.add_argument("--bundled", action="store_true", help="the bundled model too (the default without --models)")
-    parser.add_argument("--count", type=int, default=300, help="images of each kind and of each kind of scan")
-    parser.add_argument("--seed", type=int, default=1)
+    parser = model_parser(__doc__, 300, "images of each kind and of each kind of scan")
     parser.add_argument("--data-dir", default=None, help="MNIST's folder")
-    parser.add_argument("--no-write", action="store_true", help="print the table without writing docs/outliers.md")
     args = parser.parse_args()
-    models: list[str | None] = ([None] if args.bundled or not args.models else []) + args.models
+    models, shown = models_of(args)
 
     start = time.perf_counter()
     lines = [
@@ -102,9 +96,6 @@ def main() -> None:
                 line, _ = row(kind, name, model, written)
                 lines.append(line)
                 print(line, flush=True)
-    shown = (["--bundled"] if args.bundled and args.models else []) + (
-        ["--models", *args.models] if args.models else []
-    )
     command = " ".join(["benchmarks/real_digit_flags.py", *shown, "--count", str(args.count), "--seed", str(args.seed)])
     minutes = (time.perf_counter() - start) / 60
     section = "\n".join(

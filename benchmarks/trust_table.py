@@ -99,20 +99,36 @@ def measure(
     return calibration_row, "| " + " | ".join(cells) + " |"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_parser(description: str, count: int, count_help: str) -> argparse.ArgumentParser:
+    """The arguments the outlier benchmarks share (this one, nondigit_figures.py, real_digit_flags.py): which
+    models, how many images of each kind, their seed, and whether to write the docs."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=[], help="run directories or model files")
     parser.add_argument("--bundled", action="store_true", help="the bundled model too (the default without --models)")
-    parser.add_argument("--count", type=int, default=300, help="images per kind")
+    parser.add_argument("--count", type=int, default=count, help=count_help)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true", help="print the tables without writing docs/outliers.md")
+    return parser
+
+
+def models_of(args: argparse.Namespace) -> tuple[list[str | None], list[str]]:
+    """The models to measure (None: the bundled one) and how the command line named them."""
+    models: list[str | None] = ([None] if args.bundled or not args.models else []) + args.models
+    shown = (["--bundled"] if args.bundled and args.models else []) + (
+        ["--models", *args.models] if args.models else []
+    )
+    return models, shown
+
+
+def main() -> None:
+    parser = model_parser(__doc__, 300, "images per kind")
     parser.add_argument("--data-dir", default=None, help="MNIST's folder")
     parser.add_argument("--fashion-dir", default=None, help="Fashion-MNIST's folder (its test items are a kind)")
-    parser.add_argument("--no-write", action="store_true", help="print the tables without writing docs/outliers.md")
     parser.add_argument(
         "--sections", default="", help="a prefix of the two sections written (default: calibration, outlier-flags)"
     )
     args = parser.parse_args()
-    models: list[str | None] = ([None] if args.bundled or not args.models else []) + args.models
+    models, shown = models_of(args)
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,8 +146,7 @@ def main() -> None:
     minutes = (time.perf_counter() - start) / 60
 
     shown = (
-        (["--bundled"] if args.bundled and args.models else [])
-        + (["--models", *args.models] if args.models else [])
+        shown
         + (["--sections", args.sections] if args.sections else [])
         + (["--fashion-dir", args.fashion_dir] if args.fashion_dir else [])
     )
