@@ -177,6 +177,9 @@ def test_the_page_says_a_star_does_not_look_like_a_digit(browser, server, tmp_pa
     assert "at most 1% of held-out digits" in meaning and "No such flag (older model files): seed-b-old." in meaning
     bundled = page.locator('.model[data-model="bundled"]')
     assert page.locator('.model[data-model="seed-b-old"] .flag').count() == 0  # no detector, no flag line
+    for model in httpx.get(server.url + "/api/models").json()["models"]:  # each column gives its test ECE
+        text = page.locator(f'.model[data-model="{model["name"]}"] .acc').text_content()
+        assert text.endswith(f" · calibration error {100 * model['test_ece']:.2f}%"), text
 
     draw_with_mouse(page, STAR)
     assert answer(page) != "–"  # the top class stays, greyed

@@ -228,9 +228,11 @@ function element(tag, className, text) {
 function percent(x) { return `${(100 * x).toFixed(1)}%`; }
 
 function accuracy(model) {
-  if (model.test_accuracy !== null) return `test accuracy ${percent(model.test_accuracy)}`;
-  if (model.members_test_accuracy.length) return `members' test accuracy ${model.members_test_accuracy.map(percent).join(", ")}`;
-  return "test accuracy not recorded";
+  // The calibration error says how far its percentages are from how often it is right (on its test split).
+  const ece = model.test_ece === null ? "" : ` · calibration error ${(100 * model.test_ece).toFixed(2)}%`;
+  if (model.test_accuracy !== null) return `test accuracy ${percent(model.test_accuracy)}${ece}`;
+  if (model.members_test_accuracy.length) return `members' test accuracy ${model.members_test_accuracy.map(percent).join(", ")}${ece}`;
+  return `test accuracy not recorded${ece}`;
 }
 
 function column(model) {
