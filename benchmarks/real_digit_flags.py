@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import machine, write_section
-from trust_table import DOC, answers, model_parser, models_of, preprocessed
+from trust_table import DOC, flagged, model_parser, models_of
 
 from mnistlab.data.splits import load_data
 from mnistlab.models.files import LoadedModel, load_model
@@ -48,11 +48,8 @@ def scans_by_kind(count: int, seed: int, folder: Path, data_dir: str | None) -> 
 def row(name: str, model_name: str, model: LoadedModel, written: list[tuple[Path, int]]) -> tuple[str, dict]:
     """One table row (markdown) and its figures: images, flagged, wrong, wrong and flagged, accuracy let through."""
     paths, labels = [p for p, _ in written], torch.tensor([label for _, label in written])
-    views, kept = preprocessed(paths)
-    probabilities, scores = answers(model, views)
-    flags = torch.ones(len(paths), dtype=torch.bool)  # a file preprocessing refuses: flagged, and no answer
-    flags[kept] = scores > model.outlier_threshold
-    said = torch.full((len(paths),), -1)
+    flags, probabilities, _, kept = flagged(model, paths)
+    said = torch.full((len(paths),), -1)  # a file preprocessing refuses: flagged, and no answer
     said[kept] = probabilities.argmax(1)
     wrong = said != labels
     passed = ~flags
@@ -79,7 +76,7 @@ def main() -> None:
 
     start = time.perf_counter()
     lines = [
-        "| model | images | count | flagged | wrong answers | wrong and flagged | accuracy of the rest |",
+        "| model | kind | images | flagged | wrong answers | wrong and flagged | accuracy of the rest |",
         "|---|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp:

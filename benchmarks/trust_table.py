@@ -58,14 +58,14 @@ def preprocessed(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.stack(views) if views else torch.empty(0, 28, 28)), torch.tensor(kept, dtype=torch.bool)
 
 
-def flagged(model: LoadedModel, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For each file: whether the model flags it (a file preprocessing refuses counts as flagged), and the
-    calibrated probabilities and outlier scores of the files preprocessing kept."""
+def flagged(model: LoadedModel, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each file: whether the model flags it (a file preprocessing refuses counts as flagged); the
+    calibrated probabilities and outlier scores of the files preprocessing kept; and which files those are."""
     views, kept = preprocessed(paths)
     probs, scores = answers(model, views)
     flags = torch.ones(len(paths), dtype=torch.bool)
     flags[kept] = scores > model.outlier_threshold
-    return flags, probs, scores
+    return flags, probs, scores, kept
 
 
 def measure(
@@ -88,10 +88,10 @@ def measure(
     test_probs, test_scores = answers(model, to_float(test))
     cells = [name, f"{100 * float((test_scores > threshold).double().mean()):.2f}%"]
     for kind in REAL_DIGIT_KINDS:
-        flags, _, _ = flagged(model, sets[f"real-{kind}"])
+        flags = flagged(model, sets[f"real-{kind}"])[0]
         cells.append(f"{100 * float(flags.double().mean()):.1f}%")
     for kind in NONDIGIT_KINDS:
-        flags, probs, scores = flagged(model, sets[kind])
+        flags, probs, scores, _ = flagged(model, sets[kind])
         share = float(flags.double().mean())
         by_score = auroc(test_scores, scores)
         by_confidence = auroc(1 - test_probs.max(1).values, 1 - probs.max(1).values)

@@ -30,10 +30,10 @@ if TYPE_CHECKING:
     from mnistlab.serve.deps import ServerState
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-# Seconds: a prediction takes a few ms alone and tens under load; past 10 s something is wrong.
 # What the HTTP layer answers itself (serve/edge.py, serve/server.py): malformed, too slow, request line or head
 # over its cap.
 REFUSED = ("400", "408", "414", "431")
+# Seconds: a prediction takes a few ms alone and tens under load; past 10 s something is wrong.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
